@@ -1,0 +1,583 @@
+# %% [markdown]
+# # Fine-tune PaliGemma 2 to read photographed documents into JSON
+#
+# The flow of Roboflow's guide "How to Fine-tune PaliGemma 2" (pallet load manifests → JSON), with
+# its bugs fixed: download the Roboflow JSONL export, load it as `JSONLDataset`, batch it with
+# `collate_fn`, load the model with LoRA / QLoRA / a frozen vision tower, train with the Hugging Face
+# `Trainer`, predict the test set and score the predictions.
+#
+#     pip install torch && pip install -r requirements.txt
+#     python finetune_paligemma2.py --demo          # offline: synthetic manifests, tiny random model
+#     ROBOFLOW_API_KEY=... python finetune_paligemma2.py --model-id google/paligemma2-3b-pt-448
+#
+# Every constant in step 1 is also a flag (`--help` lists them). In Colab, run the cells in order;
+# edit the constants in place of flags.
+
+# %% [markdown]
+# ## 0. In Colab: fetch this repository and its requirements
+# Nothing happens here outside Colab.
+
+# %%
+import os
+import subprocess
+import sys
+
+REPO_URL = "https://github.com/YOUR-NAME/paligemma2-json.git"  # your fork or copy of this repository
+
+if __name__ == "__main__" and "google.colab" in sys.modules and not os.path.exists("finetune_paligemma2.py"):
+    subprocess.run(["git", "clone", "--depth", "1", REPO_URL, "paligemma2-json"], check=True)
+    os.chdir("paligemma2-json")
+    sys.path.insert(0, os.getcwd())
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-r", "requirements.txt"], check=True)
+
+# %% [markdown]
+# ## 1. Settings
+# Every constant below can be overridden: `--learning-rate 1e-4`, `--no-use-lora`, `--demo`.
+
+# %%
+import argparse
+import functools
+import json
+import re
+import shutil
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+# Data
+ROBOFLOW_WORKSPACE = "roboflow-jvuqo"  # the tutorial's pallet-manifest dataset on Roboflow Universe
+ROBOFLOW_PROJECT = "pallet-load-manifest-json"
+ROBOFLOW_VERSION = 2  # v2 is the JSONL export with `<JSON>` prefixes
+DATASET_DIR = "pallet-load-manifest-json-2"  # a Roboflow JSONL export; downloaded here if absent
+PROMPT = "extract data in JSON format"  # replaces each row's prefix (v2's is `<JSON>`); "" keeps it
+
+# Model
+MODEL_ID = "google/paligemma2-3b-pt-224"  # the tutorial's; for documents 448 px reads far better
+USE_LORA = True  # train small adapters, not the 3B weights
+USE_QLORA = False  # LoRA on a 4-bit (nf4) base: least memory, needs bitsandbytes
+FREEZE_VISION = False  # keep SigLIP and the projector as they are, in every mode
+LORA_RANK = 8  # the tutorial's
+LORA_TARGET_MODULES = ["q_proj", "o_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]
+
+# Training: the measured pallet-manifest run (effective batch 8, 20 epochs ≈ 360 steps on 150
+# images, lr 2e-5). The tutorial's 3 epochs at an effective batch of 48 give only ~9 steps here.
+EPOCHS = 20  # passes over the training split
+MAX_STEPS = -1  # > 0 stops after this many optimizer steps (short runs, smoke tests)
+BATCH_SIZE = 2  # images per device per step
+GRAD_ACCUM = 4  # batches per optimizer step: BATCH_SIZE × GRAD_ACCUM = effective batch 8
+LEARNING_RATE = 2e-5
+LR_SCHEDULER = "linear"  # any transformers scheduler name
+WARMUP_STEPS = 2  # the tutorial's
+WEIGHT_DECAY = 1e-6  # the tutorial's
+SAVE_STEPS = 0  # 0: evaluate and checkpoint every epoch; N: every N steps
+LOGGING_STEPS = 5  # frequent enough to see a loss curve on a 150-image run
+SEED = 42  # fixed before the adapters are created, so runs repeat
+OUTPUT_DIR = "paligemma2_json_extraction"  # checkpoints, final model, predictions, metrics, TensorBoard
+OVERWRITE = False  # replace a finished run in OUTPUT_DIR instead of refusing
+
+# Inference
+MAX_NEW_TOKENS = 1024  # must exceed the longest label: the tutorial's 256 cuts manifests off
+NUM_BEAMS = 1  # greedy; beams multiply the KV cache over hundreds of image tokens
+EVAL_BATCH_SIZE = 8  # test images generated together
+
+DEMO = False  # offline: synthetic manifests and a tiny random PaliGemma 2, then the same flow
+
+DEFAULTS = {name: value for name, value in dict(globals()).items() if name.isupper() and name != "REPO_URL"}
+SPLITS = ("train", "valid", "test")
+
+
+class FlowError(Exception):
+    """A problem the user can fix; reported as one line, never a traceback."""
+
+
+def report_flow_errors(kind, error, traceback):
+    if issubclass(kind, FlowError):
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    sys.__excepthook__(kind, error, traceback)
+
+
+def setting_help() -> dict:
+    """Each constant's trailing comment, read from this file, so the why is written once."""
+    with open(__file__, encoding="utf-8") as source:
+        pairs = re.findall(r"^([A-Z_]+) = .*?#\s*(.+)$", source.read(), flags=re.MULTILINE)
+    return dict(pairs)
+
+
+def parse_overrides(argv: list[str]) -> dict:
+    """`--some-name value` for every constant SOME_NAME; returns only the flags given."""
+    parser = argparse.ArgumentParser(description="Fine-tune PaliGemma 2 to extract JSON from document photos.")
+    notes = setting_help()
+    for name, default in DEFAULTS.items():
+        flag = "--" + name.lower().replace("_", "-")
+        text = f"{notes.get(name, '')} (default: {default})"
+        if isinstance(default, bool):
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, help=text,
+                                default=argparse.SUPPRESS)
+        elif isinstance(default, list):
+            parser.add_argument(flag, dest=name, nargs="+", help=text, default=argparse.SUPPRESS)
+        else:
+            parser.add_argument(flag, dest=name, type=type(default), help=text, default=argparse.SUPPRESS)
+    return vars(parser.parse_args(argv))
+
+
+def in_notebook() -> bool:
+    """Colab and Jupyter pass their own kernel arguments (`-f ...json`): those are not ours."""
+    return "ipykernel" in sys.modules
+
+
+def resolve_settings(argv: list[str]) -> dict:
+    """Defaults, then the demo's overrides, then the flags given: the later wins."""
+    given = {} if in_notebook() else parse_overrides(argv)
+    settings = dict(DEFAULTS)
+    if given.get("DEMO", DEMO):
+        from paligemma_json.demo import DEMO_OVERRIDES
+        print("demo: overriding " + ", ".join(f"{k}={v}" for k, v in DEMO_OVERRIDES.items() if k not in given))
+        settings.update(DEMO_OVERRIDES)
+    settings.update(given)
+    if settings["USE_QLORA"]:
+        settings["USE_LORA"] = True  # QLoRA is LoRA on a quantized base
+    return settings
+
+
+def is_demo_output(output_dir: str) -> bool:
+    return os.path.isdir(os.path.join(output_dir, "demo-model"))
+
+
+def prepare_output_dir(output_dir: str, overwrite: bool, demo: bool) -> None:
+    """Refuse to mix a new run with a finished or cut-off one, unless asked to replace it."""
+    earlier = [name for name in sorted(os.listdir(output_dir)) if name in ("final", "metrics.json",
+               "predictions.jsonl", "runs") or name.startswith("checkpoint-")] if os.path.isdir(output_dir) else []
+    if not earlier:
+        return
+    if not (overwrite or (demo and is_demo_output(output_dir))):
+        raise FlowError(f"{output_dir} already holds a run ({', '.join(earlier[:3])}): "
+                        "pass --overwrite to replace it, or choose another --output-dir")
+    print(f"replacing the earlier {'demo ' if demo else ''}run in {output_dir}")
+    for name in earlier + (["demo-dataset", "demo-model"] if demo else []):
+        path = os.path.join(output_dir, name)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path) if os.path.exists(path) else None
+
+
+if __name__ == "__main__":
+    sys.excepthook = report_flow_errors
+    globals().update(resolve_settings(sys.argv[1:]))
+    prepare_output_dir(OUTPUT_DIR, OVERWRITE, DEMO)
+    os.makedirs(OUTPUT_DIR, exist_ok=True)
+    print("settings: " + ", ".join(f"{name}={globals()[name]}" for name in DEFAULTS))
+
+# %% [markdown]
+# ## 2. Download the dataset from Roboflow (or build the offline demo's)
+# The export has `train/ valid/ test/`, each with its images and `annotations.jsonl` rows
+# `{"image", "prefix", "suffix"}`. The API key comes from `ROBOFLOW_API_KEY` or a Colab secret of
+# that name, and is never printed.
+
+# %%
+
+
+def find_roboflow_api_key() -> str | None:
+    key = os.environ.get("ROBOFLOW_API_KEY")
+    if not key and "google.colab" in sys.modules:
+        try:
+            from google.colab import userdata
+            key = userdata.get("ROBOFLOW_API_KEY")
+        except Exception:  # no such secret, or access not granted
+            key = None
+    return key or None
+
+
+def download_dataset(dataset_dir: str, workspace: str, project: str, version: int) -> str:
+    """Uses `dataset_dir` as it is when it holds anything; downloads the JSONL export otherwise."""
+    if os.path.isdir(dataset_dir) and os.listdir(dataset_dir):
+        print(f"dataset: using {dataset_dir}")
+        return dataset_dir
+    key = find_roboflow_api_key()
+    if not key:
+        raise FlowError(f"no dataset in {dataset_dir} and no ROBOFLOW_API_KEY: set ROBOFLOW_API_KEY (or a "
+                        "Colab secret of that name) to download it, or point --dataset-dir at a JSONL export")
+    from roboflow import Roboflow
+    if os.path.isdir(dataset_dir):
+        os.rmdir(dataset_dir)  # empty; roboflow skips the download into an existing folder
+    try:
+        rf = Roboflow(api_key=key)
+        rf.workspace(workspace).project(project).version(version).download("jsonl", location=dataset_dir)
+    except Exception as error:  # roboflow's own messages can carry the key in a URL: mask it
+        raise FlowError(f"Roboflow download of {workspace}/{project}/{version} failed "
+                        f"({type(error).__name__}: {str(error).replace(key, '***')[:300]})") from None
+    return dataset_dir
+
+
+if __name__ == "__main__":
+    if DEMO:
+        from paligemma_json.demo import build_demo
+        DATASET_DIR, MODEL_ID, longest_label = build_demo(OUTPUT_DIR, SEED)
+        MAX_NEW_TOKENS = longest_label + 16  # the demo's budget comes from its labels
+        print(f"demo: dataset in {DATASET_DIR}, tiny model in {MODEL_ID}, MAX_NEW_TOKENS={MAX_NEW_TOKENS}")
+    else:
+        DATASET_DIR = download_dataset(DATASET_DIR, ROBOFLOW_WORKSPACE, ROBOFLOW_PROJECT, ROBOFLOW_VERSION)
+
+# %% [markdown]
+# ## 3. Load the splits as `JSONLDataset`
+# Every row and every image is checked when the dataset is built, so a broken export stops the run
+# here, before any model is loaded, with the file and line to fix.
+
+# %%
+
+
+class JSONLDataset(Dataset):
+    """`dataset[i] -> (image, entry)`: an RGB image and its `{"image", "prefix", "suffix"}` row."""
+
+    def __init__(self, jsonl_file_path: str, image_directory_path: str, prompt: str = ""):
+        self.jsonl_file_path = jsonl_file_path
+        self.image_directory_path = image_directory_path
+        self.entries = self._load_entries(prompt)
+
+    def _load_entries(self, prompt: str) -> list[dict]:
+        if not os.path.isfile(self.jsonl_file_path):
+            raise FlowError(f"{self.jsonl_file_path}: missing; each split needs its annotations.jsonl")
+        entries = []
+        with open(self.jsonl_file_path, encoding="utf-8") as file:
+            for line_number, line in enumerate(file, start=1):
+                if line.strip():
+                    entry = self._check_row(line, f"{self.jsonl_file_path} line {line_number}")
+                    entries.append({**entry, "prefix": prompt or entry["prefix"]})
+        if not entries:
+            raise FlowError(f"{self.jsonl_file_path}: no rows; the split must hold at least one labelled image")
+        return entries
+
+    def _check_row(self, line: str, where: str) -> dict:
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise FlowError(f"{where}: not valid JSON ({error.msg}); fix or remove the line") from None
+        if not isinstance(entry, dict):
+            raise FlowError(f"{where}: expected an object with image, prefix and suffix")
+        for key in ("image", "prefix", "suffix"):
+            if not isinstance(entry.get(key), str):
+                problem = "missing" if key not in entry else f"not a string ({type(entry[key]).__name__})"
+                raise FlowError(f"{where}: '{key}' is {problem}; every row needs string image, prefix and suffix")
+        check_image(os.path.join(self.image_directory_path, entry["image"]), where)
+        return entry
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, idx: int):
+        if idx < 0 or idx >= len(self.entries):
+            raise IndexError("Index out of range")
+        entry = self.entries[idx]
+        image = Image.open(os.path.join(self.image_directory_path, entry["image"])).convert("RGB")
+        return image, entry
+
+
+def check_image(path: str, where: str) -> None:
+    """Decodes the whole file (JPEGs at 1/8 scale, which is fast) so truncation is caught now."""
+    if not os.path.isfile(path):
+        raise FlowError(f"{where}: image {path} is missing; restore it or remove the row")
+    if os.path.getsize(path) == 0:
+        raise FlowError(f"{where}: image {path} is empty; re-export it or remove the row")
+    try:
+        with Image.open(path) as image:
+            image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
+            image.load()
+    except Exception as error:
+        raise FlowError(f"{where}: image {path} cannot be read ({error}); re-export it or remove the row") from None
+
+
+def load_splits(dataset_dir: str, prompt: str) -> dict[str, JSONLDataset]:
+    splits = {}
+    for split in SPLITS:
+        folder = os.path.join(dataset_dir, split)
+        if not os.path.isdir(folder):
+            raise FlowError(f"{folder}: split '{split}' is missing; a Roboflow export has train, valid and test")
+        splits[split] = JSONLDataset(os.path.join(folder, "annotations.jsonl"), folder, prompt)
+    return splits
+
+
+def count_non_json_labels(dataset: JSONLDataset) -> int:
+    from paligemma_json.metrics import parse_json
+    return sum(parse_json(entry["suffix"]) is None for entry in dataset.entries)
+
+
+if __name__ == "__main__":
+    splits = load_splits(DATASET_DIR, PROMPT)
+    train_dataset, valid_dataset, test_dataset = splits["train"], splits["valid"], splits["test"]
+    print("dataset: " + ", ".join(f"{split} {len(data)} rows" for split, data in splits.items()))
+    non_json = sum(count_non_json_labels(data) for data in splits.values())
+    if non_json:
+        print(f"warning: {non_json} labels are not JSON objects or arrays; the JSON metrics leave them out")
+
+# %% [markdown]
+# ## 4. Load PaliGemma 2 with LoRA, QLoRA or a frozen vision tower
+# bf16 where the GPU has it; fp32 on a T4 (Gemma 2 overflows in fp16) and on CPU. A 4-bit model is
+# placed by loading, never moved with `.to()`. Attention: no argument gives Gemma 2 `eager` (its
+# logit soft-capping has no SDPA path in transformers) and SigLIP `sdpa`.
+
+# %%
+from peft import LoraConfig, get_peft_model
+from transformers import BitsAndBytesConfig, PaliGemmaForConditionalGeneration, PaliGemmaProcessor, set_seed
+
+
+def training_dtype() -> torch.dtype:
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def model_device_map() -> dict:
+    """One whole copy on this process's device: never split a model across GPUs behind DDP's back."""
+    if torch.cuda.is_available():
+        return {"": int(os.environ.get("LOCAL_RANK", 0))}
+    return {"": "cpu"}
+
+
+def quantization_config(dtype: torch.dtype) -> BitsAndBytesConfig:
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as error:
+        raise FlowError(f"USE_QLORA needs bitsandbytes, which cannot load here ({error}); "
+                        "pip install bitsandbytes, or pass --no-use-qlora") from None
+    if not torch.cuda.is_available():
+        print("note: 4-bit on CPU works for testing, not for speed")
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+    assert config.bnb_4bit_compute_dtype == dtype  # the tutorial's misspelt kwarg was silently ignored
+    return config
+
+
+def lora_target_modules(names: list[str], freeze_vision: bool) -> list[str] | str:
+    """q/k/v_proj also name SigLIP's attention: with vision frozen, adapt the language model only."""
+    if freeze_vision:
+        return r".*language_model.*\.(" + "|".join(map(re.escape, names)) + r")"
+    return list(names)
+
+
+def freeze_vision_tower(model) -> None:
+    for part in (model.model.vision_tower, model.model.multi_modal_projector):
+        part.requires_grad_(False)
+
+
+def load_processor(model_id: str) -> PaliGemmaProcessor:
+    processor = hub_load(PaliGemmaProcessor.from_pretrained, model_id)
+    processor.tokenizer.padding_side = "left"  # generation appends on the right
+    return processor
+
+
+def hub_load(load, model_id: str, **kwargs):
+    """One line instead of a traceback when the Hub cannot give us the model."""
+    from huggingface_hub.errors import GatedRepoError
+    try:
+        return load(model_id, **kwargs)
+    except GatedRepoError:
+        raise FlowError(f"{model_id} is gated: accept its license on huggingface.co/{model_id} and set "
+                        "HF_TOKEN to a token of that account") from None
+    except OSError as error:
+        raise FlowError(f"cannot load {model_id} ({str(error).splitlines()[0][:200]}); check the id, the "
+                        "network, or point --model-id at a local folder") from None
+
+
+def load_model(model_id: str, use_lora: bool, use_qlora: bool, freeze_vision: bool, lora_rank: int,
+               lora_targets: list[str], dtype: torch.dtype):
+    model = hub_load(PaliGemmaForConditionalGeneration.from_pretrained, model_id, dtype=dtype,
+                     device_map=model_device_map(),
+                     quantization_config=quantization_config(dtype) if use_qlora else None)
+    if freeze_vision:
+        freeze_vision_tower(model)
+    if use_lora or use_qlora:
+        lora_config = LoraConfig(r=lora_rank, target_modules=lora_target_modules(lora_targets, freeze_vision),
+                                 task_type="CAUSAL_LM")
+        model = get_peft_model(model, lora_config)
+    return model
+
+
+def count_parameters(model) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+if __name__ == "__main__":
+    set_seed(SEED)  # before the adapters exist: their A matrices are random
+    TORCH_DTYPE = training_dtype()
+    processor = load_processor(MODEL_ID)
+    model = load_model(MODEL_ID, USE_LORA, USE_QLORA, FREEZE_VISION, LORA_RANK, LORA_TARGET_MODULES, TORCH_DTYPE)
+    trainable, total = count_parameters(model)
+    print(f"model: {MODEL_ID}, {TORCH_DTYPE}, trainable {trainable:,} of {total:,} parameters "
+          f"({100 * trainable / total:.2f}%)")
+
+# %% [markdown]
+# ## 5. `collate_fn`: images and prompts in, CPU tensors out
+# `"<image>" + prefix` is the prompt and the suffix the label: the processor masks the prompt in
+# `labels` with -100, ends each label with EOS (or generation never stops), and marks prefix and
+# suffix in `token_type_ids`, which the model needs for its prefix attention. Tensors stay on the CPU:
+# the Trainer moves them, and worker processes cannot touch CUDA.
+
+# %%
+
+
+def collate_fn(batch, processor, dtype: torch.dtype, with_labels: bool = True):
+    images, entries = zip(*batch)
+    inputs = processor(
+        text=["<image>" + entry["prefix"] for entry in entries],
+        images=list(images),
+        suffix=[entry["suffix"] for entry in entries] if with_labels else None,
+        return_tensors="pt",
+        padding="longest",  # never truncate: a cut label loses its EOS
+    )
+    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    return inputs
+
+
+# %% [markdown]
+# ## 6. Train with the Hugging Face `Trainer`
+# Loss on `valid` and a checkpoint at every epoch (or every `SAVE_STEPS`), the best kept and used
+# afterwards, TensorBoard logs in `OUTPUT_DIR/runs`, and the final model with its processor saved as
+# safetensors in `OUTPUT_DIR/final`.
+
+# %%
+from transformers import Trainer, TrainingArguments
+
+
+def training_arguments(output_dir: str, dtype: torch.dtype, **settings) -> TrainingArguments:
+    every = "steps" if settings["SAVE_STEPS"] > 0 else "epoch"
+    return TrainingArguments(
+        output_dir=output_dir,
+        num_train_epochs=settings["EPOCHS"],
+        max_steps=settings["MAX_STEPS"],
+        per_device_train_batch_size=settings["BATCH_SIZE"],
+        per_device_eval_batch_size=settings["EVAL_BATCH_SIZE"],
+        gradient_accumulation_steps=settings["GRAD_ACCUM"],
+        learning_rate=settings["LEARNING_RATE"],
+        lr_scheduler_type=settings["LR_SCHEDULER"],
+        warmup_steps=settings["WARMUP_STEPS"],
+        weight_decay=settings["WEIGHT_DECAY"],
+        adam_beta2=0.999,
+        # The paged 8-bit optimizers are CUDA-only and have failed on resume: not a default.
+        optim="adamw_torch_fused" if torch.cuda.is_available() else "adamw_torch",
+        eval_strategy=every,
+        save_strategy=every,  # must match eval_strategy for the best checkpoint to be kept
+        eval_steps=settings["SAVE_STEPS"] or None,
+        save_steps=settings["SAVE_STEPS"] or None,
+        save_total_limit=2,  # the best and the latest; the Trainer never deletes the best
+        # The best checkpoint is tracked by this metric and reloaded by `load_best_checkpoint`:
+        # the Trainer's own load_best_model_at_end silently loads nothing for a full fine-tune.
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
+        logging_steps=settings["LOGGING_STEPS"],
+        report_to=["tensorboard"],
+        bf16=dtype == torch.bfloat16,
+        remove_unused_columns=False,  # the collate needs the image, which is not a model input
+        dataloader_pin_memory=torch.cuda.is_available(),
+        seed=settings["SEED"],
+    )
+
+
+def load_best_checkpoint(trainer: Trainer, model, dtype: torch.dtype):
+    """The best checkpoint's weights, loaded the way that works for each mode. For a full
+    fine-tune the Trainer's own loader silently loads nothing in transformers 5.24 (PaliGemma's
+    checkpoints keep their original key names), so reload through `from_pretrained`."""
+    best = trainer.state.best_model_checkpoint
+    if best is None:
+        return model
+    print(f"best checkpoint: {best} (eval_loss {trainer.state.best_metric:.4f})")
+    if hasattr(model, "peft_config"):
+        model.load_adapter(best, adapter_name=model.active_adapter)
+        return model
+    return PaliGemmaForConditionalGeneration.from_pretrained(best, dtype=dtype, device_map=model_device_map())
+
+
+def replace_atomically(write, final_path: str) -> None:
+    """`write(tmp_path)`, then rename: a crash never leaves a file or folder that looks complete."""
+    temporary = final_path + ".tmp"
+    shutil.rmtree(temporary, ignore_errors=True)
+    write(temporary)
+    if os.path.isdir(final_path):
+        shutil.rmtree(final_path)
+    os.replace(temporary, final_path)
+
+
+def save_final_model(model, processor, final_dir: str) -> None:
+    """Adapters alone under LoRA, full weights otherwise; the processor either way, or the adapter
+    cannot be used later."""
+    def write(path):
+        model.save_pretrained(path, safe_serialization=True)
+        processor.save_pretrained(path)
+    replace_atomically(write, final_dir)
+
+
+if __name__ == "__main__":
+    settings = {name: globals()[name] for name in DEFAULTS}
+    trainer = Trainer(
+        model=model,
+        args=training_arguments(OUTPUT_DIR, TORCH_DTYPE, **settings),
+        train_dataset=train_dataset,
+        eval_dataset=valid_dataset,
+        data_collator=functools.partial(collate_fn, processor=processor, dtype=TORCH_DTYPE),
+    )
+    train_result = trainer.train()
+    print(f"training: {train_result.global_step} steps, "
+          f"{train_result.metrics['train_samples_per_second']:.2f} samples/s, "
+          f"final loss {train_result.metrics['train_loss']:.4f}")
+    model = load_best_checkpoint(trainer, trainer.model, TORCH_DTYPE)
+    save_final_model(model, processor, os.path.join(OUTPUT_DIR, "final"))
+    print(f"saved: {os.path.join(OUTPUT_DIR, 'final')}")
+
+# %% [markdown]
+# ## 7. Predict the test set
+# Batched and left-padded, greedy unless `NUM_BEAMS` > 1, the prompt sliced off before decoding.
+# Each row is appended to `OUTPUT_DIR/predictions.jsonl` and flushed as soon as it is generated.
+
+# %%
+from tqdm.auto import tqdm
+
+
+def generate_batch(model, processor, batch, dtype: torch.dtype, max_new_tokens: int, num_beams: int) -> list[str]:
+    inputs = collate_fn(batch, processor, dtype, with_labels=False).to(model.device)
+    prompt_length = inputs["input_ids"].shape[-1]
+    with torch.inference_mode():
+        generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=num_beams)
+    return processor.batch_decode(generated[:, prompt_length:], skip_special_tokens=True)
+
+
+def predict_dataset(model, processor, dataset: JSONLDataset, predictions_path: str, dtype: torch.dtype,
+                    batch_size: int, max_new_tokens: int, num_beams: int) -> list[dict]:
+    model.eval()
+    processor.tokenizer.padding_side = "left"  # right padding would put pads between prompt and answer
+    rows = []
+    with open(predictions_path, "w", encoding="utf-8") as out:
+        for start in tqdm(range(0, len(dataset), batch_size), desc="predicting", unit="batch"):
+            batch = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+            texts = generate_batch(model, processor, batch, dtype, max_new_tokens, num_beams)
+            for (_, entry), text in zip(batch, texts):
+                row = {"image": entry["image"], "image_path": os.path.join(dataset.image_directory_path, entry["image"]),
+                       "prefix": entry["prefix"], "suffix": entry["suffix"], "prediction": text}
+                out.write(json.dumps(row) + "\n")
+                out.flush()
+                rows.append(row)
+    return rows
+
+
+if __name__ == "__main__":
+    predictions = predict_dataset(model, processor, test_dataset, os.path.join(OUTPUT_DIR, "predictions.jsonl"),
+                                  TORCH_DTYPE, EVAL_BATCH_SIZE, MAX_NEW_TOKENS, NUM_BEAMS)
+    print(f"example prediction for {predictions[0]['image']}:\n{predictions[0]['prediction'][:400]}")
+
+# %% [markdown]
+# ## 8. Evaluate
+# JSON is judged as JSON, not with BLEU: how many predictions parse, written to
+# `OUTPUT_DIR/metrics.json`.
+
+# %%
+from paligemma_json.metrics import compute_metrics
+
+
+def write_json_atomically(data: dict, path: str) -> None:
+    def write(temporary):
+        with open(temporary, "w", encoding="utf-8") as out:
+            json.dump(data, out, indent=2)
+    replace_atomically(write, path)
+
+
+if __name__ == "__main__":
+    metrics = compute_metrics(predictions)
+    write_json_atomically(metrics, os.path.join(OUTPUT_DIR, "metrics.json"))
+    print("metrics: " + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
