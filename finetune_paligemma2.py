@@ -107,7 +107,8 @@ def setting_help() -> dict:
 
 def parse_overrides(argv: list[str]) -> dict:
     """`--some-name value` for every constant SOME_NAME; returns only the flags given."""
-    parser = argparse.ArgumentParser(description="Fine-tune PaliGemma 2 to extract JSON from document photos.")
+    parser = argparse.ArgumentParser(description="Fine-tune PaliGemma 2 to extract JSON from document photos.",
+                                     allow_abbrev=False)  # a misspelt flag is an error, not a guess
     notes = setting_help()
     for name, default in DEFAULTS.items():
         flag = "--" + name.lower().replace("_", "-")
@@ -424,6 +425,8 @@ def collate_fn(batch, processor, dtype: torch.dtype, with_labels: bool = True):
         padding="longest",  # never truncate: a cut label loses its EOS
     )
     inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    if not with_labels:
+        inputs.pop("labels", None)  # the processor adds all -100 labels even without a suffix
     return inputs
 
 

@@ -1,0 +1,129 @@
+"""JSONLDataset and the split loader: the export as Roboflow writes it, and each kind of broken input."""
+
+import json
+import os
+import shutil
+
+import pytest
+from PIL import Image
+
+import finetune_paligemma2 as flow
+from conftest import run_script
+
+
+@pytest.fixture
+def export(demo_assets, tmp_path):
+    """A private copy of the demo export that a test may break."""
+    dataset_dir = str(tmp_path / "export")
+    shutil.copytree(demo_assets[0], dataset_dir)
+    return dataset_dir
+
+
+def rewrite_line(path, number, text):
+    lines = open(path).read().splitlines()
+    lines[number - 1] = text
+    open(path, "w").write("\n".join(lines) + "\n")
+
+
+def first_row(path):
+    return json.loads(open(path).readline())
+
+
+def test_roboflow_layout_loads_as_three_splits(demo_assets):
+    splits = flow.load_splits(demo_assets[0], prompt="")
+    assert [len(splits[s]) for s in flow.SPLITS] == [150, 16, 24]
+    image, entry = splits["test"][0]
+    assert image.mode == "RGB"
+    assert set(entry) >= {"image", "prefix", "suffix"} and entry["prefix"] == "<JSON>"
+    assert entry["image"].startswith("IMG_") and ".rf." in entry["image"]
+    with pytest.raises(IndexError):
+        splits["test"][len(splits["test"])]
+
+
+def test_prompt_replaces_the_placeholder_prefix(demo_assets):
+    train = flow.JSONLDataset(os.path.join(demo_assets[0], "train", "annotations.jsonl"),
+                              os.path.join(demo_assets[0], "train"), prompt="extract data in JSON format")
+    assert {entry["prefix"] for entry in train.entries} == {"extract data in JSON format"}
+
+
+def test_grayscale_images_come_out_rgb(export):
+    folder = os.path.join(export, "valid")
+    name = first_row(os.path.join(folder, "annotations.jsonl"))["image"]
+    Image.open(os.path.join(folder, name)).convert("L").save(os.path.join(folder, name))
+    image, _ = flow.JSONLDataset(os.path.join(folder, "annotations.jsonl"), folder)[0]
+    assert image.mode == "RGB"
+
+
+BAD_ROWS = {
+    "not JSON": ('{"image": "a.jpg", "prefix": ', "line 2: not valid JSON"),
+    "not an object": ('["a.jpg", "<JSON>", "{}"]', "line 2: expected an object"),
+    "missing suffix": ('{"image": "IMAGE", "prefix": "<JSON>"}', "line 2: 'suffix' is missing"),
+    "number prefix": ('{"image": "IMAGE", "prefix": 3, "suffix": "{}"}', "line 2: 'prefix' is not a string (int)"),
+    "missing image": ('{"image": "nope.jpg", "prefix": "<JSON>", "suffix": "{}"}', "line 2: image"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ROWS))
+def test_each_bad_row_names_file_and_line(export, case):
+    annotations = os.path.join(export, "train", "annotations.jsonl")
+    text, expected = BAD_ROWS[case]
+    rewrite_line(annotations, 2, text.replace("IMAGE", first_row(annotations)["image"]))
+    with pytest.raises(flow.FlowError) as error:
+        flow.load_splits(export, prompt="")
+    assert annotations in str(error.value) and expected in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("damage, expected", [
+    ("empty", "is empty"),
+    ("truncated", "cannot be read"),
+    ("not an image", "cannot be read"),
+])
+def test_each_bad_image_names_the_image_and_line(export, damage, expected):
+    annotations = os.path.join(export, "test", "annotations.jsonl")
+    path = os.path.join(export, "test", first_row(annotations)["image"])
+    data = open(path, "rb").read()
+    open(path, "wb").write({"empty": b"", "truncated": data[: len(data) // 2],
+                            "not an image": b"these are not pixels"}[damage])
+    with pytest.raises(flow.FlowError) as error:
+        flow.load_splits(export, prompt="")
+    assert f"{annotations} line 1: image {path}" in str(error.value) and expected in str(error.value)
+
+
+def test_missing_split_is_named(export):
+    shutil.rmtree(os.path.join(export, "valid"))
+    with pytest.raises(flow.FlowError, match="split 'valid' is missing"):
+        flow.load_splits(export, prompt="")
+
+
+def test_split_without_annotations_is_named(export):
+    os.remove(os.path.join(export, "test", "annotations.jsonl"))
+    with pytest.raises(flow.FlowError, match=r"test.annotations\.jsonl: missing"):
+        flow.load_splits(export, prompt="")
+
+
+def test_empty_split_is_named(export):
+    open(os.path.join(export, "valid", "annotations.jsonl"), "w").write("\n")
+    with pytest.raises(flow.FlowError, match=r"valid.annotations\.jsonl: no rows"):
+        flow.load_splits(export, prompt="")
+
+
+def test_non_json_labels_are_counted_not_refused(export):
+    annotations = os.path.join(export, "valid", "annotations.jsonl")
+    row = first_row(annotations)
+    rewrite_line(annotations, 1, json.dumps({**row, "suffix": "a caption, not JSON"}))
+    splits = flow.load_splits(export, prompt="")
+    assert flow.count_non_json_labels(splits["valid"]) == 1
+
+
+def test_broken_dataset_stops_the_script_in_one_line(export, tmp_path):
+    """Exit code, one line, no traceback, and no model loaded (the model path does not exist)."""
+    annotations = os.path.join(export, "train", "annotations.jsonl")
+    rewrite_line(annotations, 3, "{broken")
+    result = run_script("--dataset-dir", export, "--model-id", str(tmp_path / "no-model"),
+                        "--output-dir", str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip() == f"error: {annotations} line 3: not valid JSON (Expecting property name " \
+                                    "enclosed in double quotes); fix or remove the line"
+    assert "model:" not in result.stdout

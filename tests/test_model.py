@@ -1,0 +1,120 @@
+"""Model loading under each flag combination, collate_fn, a few training steps, and generation."""
+
+import functools
+import os
+
+import pytest
+import torch
+
+import finetune_paligemma2 as flow
+
+
+@pytest.fixture(scope="module")
+def processor(demo_assets):
+    return flow.load_processor(demo_assets[1])
+
+
+@pytest.fixture(scope="module")
+def splits(demo_assets):
+    return flow.load_splits(demo_assets[0], prompt="extract data in JSON format")
+
+
+def load(demo_assets, use_lora=False, use_qlora=False, freeze_vision=False):
+    return flow.load_model(demo_assets[1], use_lora, use_qlora, freeze_vision, 8,
+                           flow.LORA_TARGET_MODULES, torch.float32)
+
+
+def test_collate_masks_the_prompt_and_ends_labels_with_eos(processor, splits):
+    batch = [splits["train"][i] for i in range(3)]
+    inputs = flow.collate_fn(batch, processor, torch.float32)
+    assert {"input_ids", "attention_mask", "token_type_ids", "pixel_values", "labels"} <= set(inputs)
+    assert all(tensor.device.type == "cpu" for tensor in inputs.values())
+    eos = processor.tokenizer.eos_token_id
+    for row in range(3):
+        labels, types = inputs["labels"][row], inputs["token_type_ids"][row]
+        scored = labels != -100
+        assert labels[scored][-1] == eos  # or generation never learns to stop
+        assert torch.equal(scored, types == 1)  # loss on the suffix only, never on image or prompt
+        suffix_ids = processor.tokenizer(batch[row][1]["suffix"])["input_ids"]
+        assert labels[scored][:-1].tolist() == suffix_ids  # the whole label, never truncated
+    assert inputs["pixel_values"].dtype == torch.float32
+
+
+def test_collate_without_labels_is_the_generation_prompt(processor, splits):
+    inputs = flow.collate_fn([splits["test"][0]], processor, torch.bfloat16, with_labels=False)
+    assert "labels" not in inputs and inputs["pixel_values"].dtype == torch.bfloat16
+    assert processor.tokenizer.decode(inputs["input_ids"][0, -1:]) == "\n"  # the model answers after it
+
+
+def lora_module_names(model):
+    return [name for name, module in model.named_modules() if hasattr(module, "lora_A")]
+
+
+def trainable_names(model):
+    return [name for name, parameter in model.named_parameters() if parameter.requires_grad]
+
+
+def test_lora_adapts_vision_and_language_like_the_tutorial(demo_assets):
+    names = lora_module_names(load(demo_assets, use_lora=True))
+    assert any("vision_tower" in name for name in names) and any("language_model" in name for name in names)
+
+
+def test_lora_with_frozen_vision_adapts_the_language_model_only(demo_assets):
+    model = load(demo_assets, use_lora=True, freeze_vision=True)
+    names = lora_module_names(model)
+    assert names and all("language_model" in name for name in names)
+    assert all("lora_" in name and "language_model" in name for name in trainable_names(model))
+
+
+def test_full_fine_tune_with_frozen_vision_trains_only_the_language_model(demo_assets):
+    model = load(demo_assets, freeze_vision=True)
+    trainable = trainable_names(model)
+    assert trainable and not any("vision_tower" in n or "multi_modal_projector" in n for n in trainable)
+    assert any("language_model" in name for name in trainable)
+    assert flow.count_parameters(model)[0] < flow.count_parameters(load(demo_assets))[0]
+
+
+def test_full_fine_tune_trains_everything(demo_assets):
+    trainable, total = flow.count_parameters(load(demo_assets))
+    assert trainable == total
+
+
+def test_qlora_loads_nf4_layers_with_the_requested_compute_dtype(demo_assets):
+    import bitsandbytes as bnb
+    model = load(demo_assets, use_qlora=True, freeze_vision=True)
+    four_bit = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert four_bit and all(m.compute_dtype == torch.float32 for m in four_bit)
+    assert {m.weight.quant_type for m in four_bit} == {"nf4"}
+    assert all("lora_" in name for name in trainable_names(model))
+
+
+def test_a_few_training_steps_lower_the_loss(demo_assets, processor, splits, tmp_path):
+    """Full fine-tune at the demo's rate through the script's own TrainingArguments and Trainer."""
+    torch.manual_seed(0)
+    model = load(demo_assets)
+    settings = {**flow.DEFAULTS, "MAX_STEPS": 12, "BATCH_SIZE": 8, "GRAD_ACCUM": 1, "LEARNING_RATE": 2e-3,
+                "WARMUP_STEPS": 0, "LOGGING_STEPS": 1, "SAVE_STEPS": 100}
+    trainer = flow.Trainer(model=model, args=flow.training_arguments(str(tmp_path), torch.float32, **settings),
+                           train_dataset=splits["train"], eval_dataset=splits["valid"],
+                           data_collator=functools.partial(flow.collate_fn, processor=processor, dtype=torch.float32))
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 12
+    assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3
+
+
+def test_batched_generation_equals_one_by_one(demo_run, splits):
+    """Left padding: prompts of different lengths in one batch give the texts they give alone."""
+    output_dir, result = demo_run
+    assert result.returncode == 0, result.stderr[-2000:]
+    final = os.path.join(output_dir, "final")
+    model = flow.PaliGemmaForConditionalGeneration.from_pretrained(final).eval()
+    processor = flow.load_processor(final)
+    batch = [splits["test"][i] for i in range(4)]
+    batch[1] = (batch[1][0], {**batch[1][1], "prefix": "extract"})
+    batch[3] = (batch[3][0], {**batch[3][1], "prefix": "extract data in JSON format, please, every field"})
+    together = flow.generate_batch(model, processor, batch, torch.float32, max_new_tokens=60, num_beams=1)
+    alone = [flow.generate_batch(model, processor, [item], torch.float32, max_new_tokens=60, num_beams=1)[0]
+             for item in batch]
+    assert together == alone
+    assert all(text.startswith("{") for text in alone)  # decoded without the prompt

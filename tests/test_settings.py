@@ -1,0 +1,88 @@
+"""Constants, flags, the demo's overrides, and what the script does with an existing OUTPUT_DIR."""
+
+import os
+import sys
+
+import pytest
+
+import finetune_paligemma2 as flow
+from conftest import run_script
+
+
+def test_flags_override_constants_with_their_types():
+    given = flow.parse_overrides(["--epochs", "3", "--learning-rate", "1e-4", "--no-use-lora",
+                                  "--lora-target-modules", "q_proj", "v_proj", "--model-id", "x/y"])
+    assert given == {"EPOCHS": 3, "LEARNING_RATE": 1e-4, "USE_LORA": False,
+                     "LORA_TARGET_MODULES": ["q_proj", "v_proj"], "MODEL_ID": "x/y"}
+
+
+@pytest.mark.parametrize("argv", [["--epoch", "3"], ["--epochs", "three"], ["--unknown"]])
+def test_unknown_flags_and_wrong_types_are_refused(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        flow.parse_overrides(argv)
+    assert exit_info.value.code == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_help_lists_every_constant_and_the_fixed_flag_names():
+    result = run_script("--help")
+    assert result.returncode == 0
+    for flag in ["--model-id", "--dataset-dir", "--output-dir", "--epochs", "--max-steps", "--save-steps",
+                 "--demo", "--use-lora", "--use-qlora", "--freeze-vision", "--max-new-tokens", "--num-beams"]:
+        assert flag in result.stdout
+    assert "the tutorial's 256 cuts manifests off" in " ".join(result.stdout.split())  # the why, from the constant's comment
+
+
+def test_demo_overrides_apply_and_explicit_flags_win():
+    from paligemma_json.demo import DEMO_OVERRIDES
+    settings = flow.resolve_settings(["--demo", "--max-steps", "7"])
+    assert settings["MAX_STEPS"] == 7
+    assert settings["USE_LORA"] is False and settings["LEARNING_RATE"] == DEMO_OVERRIDES["LEARNING_RATE"]
+    assert flow.resolve_settings([]) == flow.DEFAULTS
+
+
+def test_qlora_implies_lora():
+    assert flow.resolve_settings(["--use-qlora", "--no-use-lora"])["USE_LORA"] is True
+
+
+def test_notebook_kernel_arguments_are_ignored(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ipykernel", object())
+    assert flow.resolve_settings(["-f", "/root/.local/share/jupyter/runtime/kernel-1.json"]) == flow.DEFAULTS
+
+
+def finished_run(tmp_path, demo=False):
+    output_dir = tmp_path / "run"
+    (output_dir / "final").mkdir(parents=True)
+    (output_dir / "metrics.json").write_text("{}")
+    (output_dir / "checkpoint-10").mkdir()
+    (output_dir / "notes.txt").write_text("the user's own file")
+    if demo:
+        (output_dir / "demo-model").mkdir()
+    return str(output_dir)
+
+
+def test_a_finished_run_is_refused_without_overwrite(tmp_path):
+    output_dir = finished_run(tmp_path)
+    with pytest.raises(flow.FlowError, match="already holds a run .*--overwrite"):
+        flow.prepare_output_dir(output_dir, overwrite=False, demo=False)
+    assert os.path.isdir(os.path.join(output_dir, "final"))
+
+
+def test_overwrite_replaces_the_run_and_keeps_other_files(tmp_path):
+    output_dir = finished_run(tmp_path)
+    flow.prepare_output_dir(output_dir, overwrite=True, demo=False)
+    assert sorted(os.listdir(output_dir)) == ["notes.txt"]
+
+
+def test_demo_replaces_an_earlier_demo_but_not_a_real_run(tmp_path):
+    flow.prepare_output_dir(finished_run(tmp_path / "a", demo=True), overwrite=False, demo=True)
+    assert sorted(os.listdir(tmp_path / "a" / "run")) == ["notes.txt"]
+    with pytest.raises(flow.FlowError):
+        flow.prepare_output_dir(finished_run(tmp_path / "b"), overwrite=False, demo=True)
+
+
+def test_a_refused_output_dir_stops_the_script_in_one_line(tmp_path):
+    output_dir = finished_run(tmp_path)
+    result = run_script("--output-dir", output_dir)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.startswith(f"error: {output_dir} already holds a run")
