@@ -47,7 +47,7 @@ from torch.utils.data import Dataset
 
 # Data
 ROBOFLOW_WORKSPACE = "roboflow-jvuqo"  # the tutorial's pallet-manifest dataset on Roboflow Universe
-ROBOFLOW_PROJECT = "pallet-load-manifest-json"
+ROBOFLOW_PROJECT = "pallet-load-manifest-json"  # the project in that workspace
 ROBOFLOW_VERSION = 2  # v2 is the JSONL export with `<JSON>` prefixes
 DATASET_DIR = "pallet-load-manifest-json-2"  # a Roboflow JSONL export; downloaded here if absent
 PROMPT = "extract data in JSON format"  # replaces each row's prefix (v2's is `<JSON>`); "" keeps it
@@ -58,7 +58,7 @@ USE_LORA = True  # train small adapters, not the 3B weights
 USE_QLORA = False  # LoRA on a 4-bit (nf4) base: least memory, needs bitsandbytes
 FREEZE_VISION = False  # keep SigLIP and the projector as they are, in every mode
 LORA_RANK = 8  # the tutorial's
-LORA_TARGET_MODULES = ["q_proj", "o_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]
+LORA_TARGET_MODULES = ["q_proj", "o_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]  # the tutorial's
 
 # Training: the measured pallet-manifest run (effective batch 8, 20 epochs ≈ 360 steps on 150
 # images, lr 2e-5). The tutorial's 3 epochs at an effective batch of 48 give only ~9 steps here.
@@ -66,7 +66,7 @@ EPOCHS = 20  # passes over the training split
 MAX_STEPS = -1  # > 0 stops after this many optimizer steps (short runs, smoke tests)
 BATCH_SIZE = 2  # images per device per step
 GRAD_ACCUM = 4  # batches per optimizer step: BATCH_SIZE × GRAD_ACCUM = effective batch 8
-LEARNING_RATE = 2e-5
+LEARNING_RATE = 2e-5  # the measured run's; the tutorial's 5e-5 saw ~9 steps
 LR_SCHEDULER = "linear"  # any transformers scheduler name
 WARMUP_STEPS = 2  # the tutorial's
 WEIGHT_DECAY = 1e-6  # the tutorial's
@@ -323,6 +323,8 @@ from transformers import BitsAndBytesConfig, PaliGemmaForConditionalGeneration, 
 def training_dtype() -> torch.dtype:
     if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
         return torch.bfloat16
+    if torch.cuda.is_available():
+        print("note: this GPU has no bf16 (a T4?): training in fp32, since Gemma 2 overflows in fp16")
     return torch.float32
 
 

@@ -86,3 +86,9 @@ def test_a_refused_output_dir_stops_the_script_in_one_line(tmp_path):
     result = run_script("--output-dir", output_dir)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.startswith(f"error: {output_dir} already holds a run")
+
+
+def test_readme_documents_every_constant():
+    readme = open(os.path.join(os.path.dirname(flow.__file__), "README.md")).read()
+    for name in flow.DEFAULTS:
+        assert f"| `{name}` | `--{name.lower().replace('_', '-')}` |" in readme, name
