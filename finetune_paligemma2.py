@@ -360,10 +360,15 @@ def freeze_vision_tower(model) -> None:
         part.requires_grad_(False)
 
 
-def load_processor(model_id: str) -> PaliGemmaProcessor:
-    processor = hub_load(PaliGemmaProcessor.from_pretrained, model_id)
+def load_processor(model_id: str, cache_only: bool = False) -> PaliGemmaProcessor:
+    processor = hub_load(PaliGemmaProcessor.from_pretrained, model_id, local_files_only=cache_only)
     processor.tokenizer.padding_side = "left"  # generation appends on the right
     return processor
+
+
+def gated_message(model_id: str) -> str:
+    return (f"{model_id} is gated: accept its license on huggingface.co/{model_id} while logged in, "
+            "then set HF_TOKEN to an access token of that account")
 
 
 def hub_load(load, model_id: str, **kwargs):
@@ -371,18 +376,41 @@ def hub_load(load, model_id: str, **kwargs):
     from huggingface_hub.errors import GatedRepoError
     try:
         return load(model_id, **kwargs)
+    except OSError as error:  # transformers wraps the Hub's errors in OSError
+        if isinstance(error, GatedRepoError) or isinstance(error.__cause__, GatedRepoError):
+            raise FlowError(gated_message(model_id)) from None
+        reason = " ".join(str(error).split())[:240]
+        raise FlowError(f"cannot load {model_id} ({reason}); check the id and the network, or point "
+                        "--model-id at a local folder") from None
+
+
+def cache_only_for(model_id: str) -> bool:
+    """Whether to load from the local cache alone. Asked once, quickly: otherwise an unreachable
+    Hub costs minutes of retries for every file before the first error."""
+    from huggingface_hub import HfApi, constants, try_to_load_from_cache
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+    if os.path.isdir(model_id) or constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        HfApi().model_info(model_id, timeout=10)
+        return False
     except GatedRepoError:
-        raise FlowError(f"{model_id} is gated: accept its license on huggingface.co/{model_id} and set "
-                        "HF_TOKEN to a token of that account") from None
-    except OSError as error:
-        raise FlowError(f"cannot load {model_id} ({str(error).splitlines()[0][:200]}); check the id, the "
-                        "network, or point --model-id at a local folder") from None
+        raise FlowError(gated_message(model_id)) from None
+    except RepositoryNotFoundError:
+        raise FlowError(f"{model_id} is neither a local folder nor a model on the Hub (a private one needs "
+                        "HF_TOKEN); check --model-id") from None
+    except Exception as error:  # no network: DNS, proxy, timeout
+        if isinstance(try_to_load_from_cache(model_id, "config.json"), str):
+            print(f"note: the Hub cannot be reached; loading {model_id} from the local cache")
+            return True
+        raise FlowError(f"cannot reach the Hugging Face Hub for {model_id} ({type(error).__name__}) and it is "
+                        "not cached: check the network, or point --model-id at a local folder") from None
 
 
 def load_model(model_id: str, use_lora: bool, use_qlora: bool, freeze_vision: bool, lora_rank: int,
-               lora_targets: list[str], dtype: torch.dtype):
+               lora_targets: list[str], dtype: torch.dtype, cache_only: bool = False):
     model = hub_load(PaliGemmaForConditionalGeneration.from_pretrained, model_id, dtype=dtype,
-                     device_map=model_device_map(),
+                     device_map=model_device_map(), local_files_only=cache_only,
                      quantization_config=quantization_config(dtype) if use_qlora else None)
     if freeze_vision:
         freeze_vision_tower(model)
@@ -401,8 +429,10 @@ def count_parameters(model) -> tuple[int, int]:
 if __name__ == "__main__":
     set_seed(SEED)  # before the adapters exist: their A matrices are random
     TORCH_DTYPE = training_dtype()
-    processor = load_processor(MODEL_ID)
-    model = load_model(MODEL_ID, USE_LORA, USE_QLORA, FREEZE_VISION, LORA_RANK, LORA_TARGET_MODULES, TORCH_DTYPE)
+    cache_only = cache_only_for(MODEL_ID)
+    processor = load_processor(MODEL_ID, cache_only)
+    model = load_model(MODEL_ID, USE_LORA, USE_QLORA, FREEZE_VISION, LORA_RANK, LORA_TARGET_MODULES, TORCH_DTYPE,
+                       cache_only)
     trainable, total = count_parameters(model)
     print(f"model: {MODEL_ID}, {TORCH_DTYPE}, trainable {trainable:,} of {total:,} parameters "
           f"({100 * trainable / total:.2f}%)")

@@ -1,0 +1,61 @@
+"""A model id the Hub cannot give us: one line, quickly, with what to do."""
+
+import httpx2
+import pytest
+from huggingface_hub import HfApi
+from huggingface_hub.errors import GatedRepoError
+
+import finetune_paligemma2 as flow
+
+HUB_ID = "google/paligemma2-3b-pt-224"
+
+
+def gated_error():
+    request = httpx2.Request("GET", f"https://huggingface.co/{HUB_ID}/resolve/main/config.json")
+    return GatedRepoError("403 Client Error: gated", response=httpx2.Response(403, request=request))
+
+
+def test_an_unreachable_id_with_hub_offline_is_one_line():
+    """conftest sets HF_HUB_OFFLINE=1, so this fails at once rather than after minutes of retries."""
+    with pytest.raises(flow.FlowError) as error:
+        flow.load_processor(HUB_ID)
+    message = str(error.value)
+    assert message.startswith(f"cannot load {HUB_ID} (") and "--model-id" in message and "\n" not in message
+
+
+def test_a_gated_id_says_how_to_get_access(monkeypatch):
+    def gated(*args, **kwargs):
+        raise OSError("You are trying to access a gated repo.") from gated_error()
+    monkeypatch.setattr(flow.PaliGemmaForConditionalGeneration, "from_pretrained", gated)
+    with pytest.raises(flow.FlowError) as error:
+        flow.load_model(HUB_ID, True, False, False, 8, flow.LORA_TARGET_MODULES, flow.torch.float32)
+    assert "accept its license" in str(error.value) and "HF_TOKEN" in str(error.value)
+
+
+def test_no_network_fails_fast_unless_the_model_is_cached(monkeypatch):
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
+    def no_network(self, repo_id, timeout=None):
+        raise ConnectionError("Name or service not known")
+    monkeypatch.setattr(HfApi, "model_info", no_network)
+    with pytest.raises(flow.FlowError, match="cannot reach the Hugging Face Hub .* not cached"):
+        flow.cache_only_for(HUB_ID)
+    monkeypatch.setattr("huggingface_hub.try_to_load_from_cache", lambda repo, name: "/cache/config.json")
+    assert flow.cache_only_for(HUB_ID) is True
+
+
+def test_a_gated_id_is_caught_before_loading(monkeypatch):
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
+    def gated(self, repo_id, timeout=None):
+        raise gated_error()
+    monkeypatch.setattr(HfApi, "model_info", gated)
+    with pytest.raises(flow.FlowError, match="is gated: accept its license"):
+        flow.cache_only_for(HUB_ID)
+
+
+def test_a_local_folder_never_asks_the_hub(demo_assets, monkeypatch):
+    monkeypatch.setattr(HfApi, "model_info", lambda *a, **k: pytest.fail("asked the Hub"))
+    assert flow.cache_only_for(demo_assets[1]) is False
