@@ -127,3 +127,12 @@ def test_broken_dataset_stops_the_script_in_one_line(export, tmp_path):
     assert result.stderr.strip() == f"error: {annotations} line 3: not valid JSON (Expecting property name " \
                                     "enclosed in double quotes); fix or remove the line"
     assert "model:" not in result.stdout
+
+
+def test_a_file_that_is_not_utf8_is_named(export):
+    annotations = os.path.join(export, "train", "annotations.jsonl")
+    lines = open(annotations, "rb").read().splitlines(keepends=True)
+    lines[4] = b'{"image": "caf\xe9.jpg"}\n'  # Latin-1
+    open(annotations, "wb").write(b"".join(lines))
+    with pytest.raises(flow.FlowError, match=r"annotations\.jsonl line 5: not UTF-8"):
+        flow.load_splits(export, prompt="")

@@ -76,7 +76,7 @@ def test_overwrite_replaces_the_run_and_keeps_other_files(tmp_path):
 
 def test_demo_replaces_an_earlier_demo_but_not_a_real_run(tmp_path):
     flow.prepare_output_dir(finished_run(tmp_path / "a", demo=True), overwrite=False, demo=True)
-    assert sorted(os.listdir(tmp_path / "a" / "run")) == ["notes.txt"]
+    assert sorted(os.listdir(tmp_path / "a" / "run")) == ["demo-model", "notes.txt"]  # the demo rebuilds its model
     with pytest.raises(flow.FlowError):
         flow.prepare_output_dir(finished_run(tmp_path / "b"), overwrite=False, demo=True)
 
