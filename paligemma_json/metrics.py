@@ -1,6 +1,17 @@
-"""Scores for predicted JSON. Kept apart from the flow so `--evaluate` and tests can use it alone."""
+"""Scores for predicted JSON, judged as JSON.
+
+`field_f1` and `ted_accuracy` are Donut's (clovaai/donut, `JSONParseEvaluator.cal_f1` / `cal_acc`),
+reimplemented so they run without torch or Donut's dependencies, and tested against Donut's own code.
+Both follow Donut's normalization: keys sorted, scalars compared as stripped strings (so `3` and
+`"3"` are equal), and every falsy value (`""`, `0`, `false`, `null`, `[]`, `{}`) dropped, which leaves
+it unscored on both sides. A prediction that is not valid JSON counts as `{}`.
+"""
 
 import json
+from collections import Counter
+from functools import lru_cache
+
+from rapidfuzz.distance import Levenshtein
 
 
 def parse_json(text: str):
@@ -12,9 +23,200 @@ def parse_json(text: str):
     return value if isinstance(value, (dict, list)) else None
 
 
+# --- Donut's normalization and flattening -----------------------------------------------------
+
+def normalize(data):
+    """Donut's `normalize_dict`: sorted keys, values as lists of stripped strings, falsy dropped."""
+    if not data:
+        return {}
+    if isinstance(data, dict):
+        normalized = {}
+        for key in sorted(data, key=lambda k: (len(k), k)):
+            value = normalize(data[key])
+            if value:
+                normalized[key] = value if isinstance(value, list) else [value]
+        return normalized
+    if isinstance(data, list):
+        if all(isinstance(item, dict) for item in data):
+            return [item for item in map(normalize, data) if item]
+        return [str(item).strip() for item in data if type(item) in (str, int, float) and str(item).strip()]
+    return [str(data).strip()]
+
+
+def flatten(data, key: str = "") -> list[tuple[str, str]]:
+    """(key path, value) pairs; list items share their parent's key path, as in Donut."""
+    if isinstance(data, dict):
+        return [pair for child, value in data.items() for pair in flatten(value, f"{key}.{child}" if key else child)]
+    if isinstance(data, list):
+        return [pair for item in data for pair in flatten(item, key)]
+    return [(key, data)]
+
+
+# --- Donut's tree edit distance (Zhang-Shasha, with Donut's tree and costs) -------------------
+
+def build_tree(data, label: str = "<root>"):
+    """Donut's `construct_tree_from_dict` as (label, children): leaves are `<leaf>value`."""
+    if isinstance(data, dict):
+        return label, [build_tree(value, key) for key, value in data.items()]
+    if all(isinstance(item, dict) for item in data):
+        return label, [build_tree(item, "<subtree>") for item in data]
+    return label, [(f"<leaf>{item}", []) for item in data]
+
+
+def _insert_or_remove_cost(label: str) -> int:
+    return len(label.replace("<leaf>", "")) if "<leaf>" in label else 1
+
+
+@lru_cache(maxsize=65536)
+def _update_cost(label1: str, label2: str) -> int:
+    leaf1, leaf2 = "<leaf>" in label1, "<leaf>" in label2
+    if leaf1 and leaf2:
+        return Levenshtein.distance(label1.replace("<leaf>", ""), label2.replace("<leaf>", ""))
+    if leaf1 != leaf2:
+        return 1 + len((label2 if leaf2 else label1).replace("<leaf>", ""))
+    return int(label1 != label2)
+
+
+class _PostorderTree:
+    """Labels in postorder, each node's leftmost leaf, and the keyroots Zhang-Shasha iterates."""
+
+    def __init__(self, root):
+        self.labels, self.leftmost = [], []
+        self._visit(root)
+        last_with_leftmost = {leftmost: index for index, leftmost in enumerate(self.leftmost)}
+        self.keyroots = sorted(last_with_leftmost.values())
+
+    def _visit(self, node):
+        first = len(self.labels)  # in postorder, a subtree's leftmost leaf is its first node
+        for child in node[1]:
+            self._visit(child)
+        self.labels.append(node[0])
+        self.leftmost.append(first)
+
+
+def tree_edit_distance(tree1, tree2) -> int:
+    """Zhang & Shasha (1989): the exact ordered tree edit distance, as `zss.distance` gives it."""
+    a, b = _PostorderTree(tree1), _PostorderTree(tree2)
+    subtree_distance = [[0] * len(b.labels) for _ in a.labels]
+    for i in a.keyroots:
+        for j in b.keyroots:
+            _forest_distance(a, b, i, j, subtree_distance)
+    return subtree_distance[-1][-1]
+
+
+def _forest_distance(a, b, i, j, subtree_distance) -> None:
+    first_a, first_b = a.leftmost[i], b.leftmost[j]
+    rows, cols = i - first_a + 2, j - first_b + 2
+    forest = [[0] * cols for _ in range(rows)]
+    for x in range(1, rows):
+        forest[x][0] = forest[x - 1][0] + _insert_or_remove_cost(a.labels[first_a + x - 1])
+    for y in range(1, cols):
+        forest[0][y] = forest[0][y - 1] + _insert_or_remove_cost(b.labels[first_b + y - 1])
+    for x in range(1, rows):
+        node_a = first_a + x - 1
+        remove = _insert_or_remove_cost(a.labels[node_a])
+        for y in range(1, cols):
+            node_b = first_b + y - 1
+            best = min(forest[x - 1][y] + remove,
+                       forest[x][y - 1] + _insert_or_remove_cost(b.labels[node_b]))
+            if a.leftmost[node_a] == first_a and b.leftmost[node_b] == first_b:
+                forest[x][y] = min(best, forest[x - 1][y - 1] + _update_cost(a.labels[node_a], b.labels[node_b]))
+                subtree_distance[node_a][node_b] = forest[x][y]
+            else:
+                before_a, before_b = a.leftmost[node_a] - first_a, b.leftmost[node_b] - first_b
+                forest[x][y] = min(best, forest[before_a][before_b] + subtree_distance[node_a][node_b])
+
+
+def ted_accuracy(prediction, truth) -> float:
+    """Donut's `cal_acc`: max(0, 1 - TED(pred, truth) / TED(empty, truth)). Donut divides by zero
+    on an empty (normalized) truth; we score that row 1.0 if the prediction is empty too, else 0.0."""
+    prediction, truth = normalize(prediction), normalize(truth)
+    truth_tree = build_tree(truth)
+    scale = tree_edit_distance(build_tree({}), truth_tree)
+    if scale == 0:
+        return float(not prediction)
+    return max(0.0, 1 - tree_edit_distance(build_tree(prediction), truth_tree) / scale)
+
+
+# --- The report ---------------------------------------------------------------------------------
+
+def char_similarity(prediction: str, truth: str) -> float:
+    """1 - Levenshtein distance / length of the longer text; 1.0 for two empty texts."""
+    return Levenshtein.normalized_similarity(prediction, truth)
+
+
+def _anls_star(truth, prediction):
+    try:
+        from anls_star import anls_score
+    except ImportError:
+        return None
+    return float(anls_score(truth, prediction))
+
+
+def _ratio(part: float, whole: float, if_empty: float) -> float:
+    return part / whole if whole else if_empty
+
+
 def compute_metrics(rows: list[dict]) -> dict:
-    """Flat figures over prediction rows (each with `prediction` and `suffix`)."""
-    if not rows:
-        return {"rows": 0, "json_valid_rate": 0.0}
-    valid = sum(parse_json(row["prediction"]) is not None for row in rows)
-    return {"rows": len(rows), "json_valid_rate": valid / len(rows)}
+    """Flat figures over prediction rows (each with `prediction` and `suffix`), plus `per_field`.
+    Rows whose `suffix` is not JSON (captions, answers) only count in `char_similarity`."""
+    scored = []  # (parsed prediction or {} when invalid, whether it parsed, parsed truth)
+    for row in rows:
+        truth, prediction = parse_json(row["suffix"]), parse_json(row["prediction"])
+        if truth is not None:
+            scored.append((prediction if prediction is not None else {}, prediction is not None, truth))
+    true_positives, predicted_per_field, per_field = 0, Counter(), {}
+    predicted = expected = 0
+    for prediction, _, truth in scored:
+        predicted_pairs, true_pairs = Counter(flatten(normalize(prediction))), Counter(flatten(normalize(truth)))
+        matched = predicted_pairs & true_pairs
+        true_positives += sum(matched.values())
+        predicted += sum(predicted_pairs.values())
+        expected += sum(true_pairs.values())
+        for (key, value), count in true_pairs.items():
+            field = per_field.setdefault(key, {"correct": 0, "support": 0})
+            field["support"] += count
+            field["correct"] += matched[(key, value)]
+        for (key, _), count in predicted_pairs.items():
+            predicted_per_field[key] += count
+    for key, field in per_field.items():
+        field["predicted"] = predicted_per_field[key]
+        field["accuracy"] = field["correct"] / field["support"]
+
+    errors = predicted + expected - 2 * true_positives  # false positives + false negatives
+    count = len(scored)
+    metrics = {
+        "rows": len(rows),
+        "rows_without_json_target": len(rows) - count,
+        "json_valid_rate": _ratio(sum(valid for _, valid, _ in scored), count, 0.0),
+        "exact_match": _ratio(sum(prediction == truth for prediction, _, truth in scored), count, 0.0),
+        "field_precision": _ratio(true_positives, predicted, float(expected == 0)),
+        "field_recall": _ratio(true_positives, expected, float(predicted == 0)),
+        "field_f1": _ratio(true_positives, true_positives + errors / 2, 1.0),
+        "ted_accuracy": _ratio(sum(ted_accuracy(prediction, truth) for prediction, _, truth in scored), count, 0.0),
+        "char_similarity": _ratio(sum(char_similarity(row["prediction"], row["suffix"]) for row in rows),
+                                  len(rows), 0.0),
+    }
+    anls = [_anls_star(truth, prediction) for prediction, _, truth in scored]
+    if scored and None not in anls:
+        metrics["anls_star"] = sum(anls) / count
+    metrics["per_field"] = dict(sorted(per_field.items(), key=lambda item: (item[1]["accuracy"], item[0])))
+    return metrics
+
+
+def format_metrics_table(metrics: dict, worst_fields: int = 15) -> str:
+    """The overall figures, then the fields the model gets wrong most often."""
+    lines = [f"{'metric':<26}{'value':>10}"]
+    for name, value in metrics.items():
+        if name != "per_field":
+            lines.append(f"{name:<26}{value:>10.3f}" if isinstance(value, float) else f"{name:<26}{value:>10}")
+    fields = list(metrics.get("per_field", {}).items())
+    if fields:
+        width = max(26, max(len(name) for name, _ in fields[:worst_fields]) + 2)
+        lines += ["", f"{'field (worst first)':<{width}}{'accuracy':>10}{'correct':>9}{'support':>9}{'predicted':>11}"]
+        for name, field in fields[:worst_fields]:
+            lines.append(f"{name:<{width}}{field['accuracy']:>10.3f}{field['correct']:>9}{field['support']:>9}"
+                         f"{field['predicted']:>11}")
+        if len(fields) > worst_fields:
+            lines.append(f"... and {len(fields) - worst_fields} more fields in metrics.json")
+    return "\n".join(lines)
