@@ -48,6 +48,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from paligemma_json import FlowError  # a problem the user can fix: one line, never a traceback
+
 # Data
 ROBOFLOW_WORKSPACE = "roboflow-jvuqo"  # the tutorial's pallet-manifest dataset on Roboflow Universe
 ROBOFLOW_PROJECT = "pallet-load-manifest-json"  # the project in that workspace
@@ -85,14 +87,11 @@ NUM_BEAMS = 1  # greedy; beams multiply the KV cache over hundreds of image toke
 EVAL_BATCH_SIZE = 8  # test images generated together
 
 DEMO = False  # offline: synthetic manifests and a tiny random PaliGemma 2, then the same flow
+EVALUATE = ""  # a predictions.jsonl to score again, with no model: metrics.json and pictures beside it
 
 # Every UPPER_CASE name above is a setting (REPO_URL only serves Colab's step 0).
 DEFAULTS = {name: value for name, value in dict(globals()).items() if name.isupper() and name != "REPO_URL"}
 SPLITS = ("train", "valid", "test")
-
-
-class FlowError(Exception):
-    """A problem the user can fix; reported as one line, never a traceback."""
 
 
 def report_flow_errors(kind, error, traceback):
@@ -176,6 +175,10 @@ def prepare_output_dir(output_dir: str, overwrite: bool, demo: bool) -> None:
 if __name__ == "__main__":
     sys.excepthook = report_flow_errors
     globals().update(resolve_settings(sys.argv[1:]))
+    if EVALUATE:  # a mode of its own: score a finished run's predictions, then stop
+        from paligemma_json.evaluation import evaluate_file
+        evaluate_file(EVALUATE)
+        sys.exit(0)
     prepare_output_dir(OUTPUT_DIR, OVERWRITE, DEMO)
     os.makedirs(OUTPUT_DIR, exist_ok=True)
     print("settings: " + ", ".join(f"{name}={globals()[name]}" for name in DEFAULTS))
@@ -459,9 +462,11 @@ if __name__ == "__main__":
 # `"<image>" + prefix` is the prompt and the suffix the label: the processor masks the prompt in
 # `labels` with -100, ends each label with EOS (or generation never stops), and marks prefix and
 # suffix in `token_type_ids`, which the model needs for its prefix attention. Tensors stay on the CPU:
-# the Trainer moves them, and worker processes cannot touch CUDA.
+# the Trainer moves them, and worker processes cannot touch CUDA. Generation uses the same prompts:
+# batched, left-padded, greedy unless `NUM_BEAMS` > 1, the prompt sliced off before decoding.
 
 # %%
+from tqdm.auto import tqdm
 
 
 def collate_fn(batch, processor, dtype: torch.dtype, with_labels: bool = True):
@@ -479,14 +484,60 @@ def collate_fn(batch, processor, dtype: torch.dtype, with_labels: bool = True):
     return inputs
 
 
+def generate_batch(model, processor, batch, dtype: torch.dtype, max_new_tokens: int, num_beams: int) -> list[str]:
+    processor.tokenizer.padding_side = "left"  # right padding would put pads between prompt and answer
+    inputs = collate_fn(batch, processor, dtype, with_labels=False).to(model.device)
+    prompt_length = inputs["input_ids"].shape[-1]
+    with torch.inference_mode():
+        generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=num_beams)
+    return processor.batch_decode(generated[:, prompt_length:], skip_special_tokens=True)
+
+
+def predict_rows(model, processor, dataset: JSONLDataset, dtype: torch.dtype, batch_size: int,
+                 max_new_tokens: int, num_beams: int):
+    """One row per dataset entry, as soon as its batch is generated: everything needed to score it
+    again later without the model."""
+    was_training = model.training
+    model.eval()
+    for start in tqdm(range(0, len(dataset), batch_size), desc="generating", unit="batch", leave=False):
+        batch = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+        for (_, entry), text in zip(batch, generate_batch(model, processor, batch, dtype, max_new_tokens, num_beams)):
+            yield {"image": entry["image"], "image_path": os.path.join(dataset.image_directory_path, entry["image"]),
+                   "prefix": entry["prefix"], "suffix": entry["suffix"], "prediction": text}
+    model.train(was_training)
+
+
 # %% [markdown]
 # ## 6. Train with the Hugging Face `Trainer`
-# Loss on `valid` and a checkpoint at every epoch (or every `SAVE_STEPS`), the best kept and used
-# afterwards, TensorBoard logs in `OUTPUT_DIR/runs`, and the final model with its processor saved as
-# safetensors in `OUTPUT_DIR/final`.
+# At every epoch (or every `SAVE_STEPS`): the loss on `valid`, then generation on `valid`, whose
+# field F1 and valid-JSON rate go to TensorBoard beside the loss and choose the best checkpoint (on a
+# tie, the earlier one). The best is used afterwards and saved, with its processor, as safetensors in
+# `OUTPUT_DIR/final`; `OUTPUT_DIR/training_curves.png` shows the run.
 
 # %%
 from transformers import Trainer, TrainingArguments
+
+from paligemma_json.files import replace_atomically
+from paligemma_json.metrics import compute_metrics
+from paligemma_json.pictures import draw_training_curves
+
+
+class ExtractionTrainer(Trainer):
+    """A Trainer whose evaluation also generates on the validation split and scores the JSON, so
+    the best checkpoint is the one that extracts best, not the one with the lowest loss."""
+
+    def __init__(self, *args, generation: dict, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.generation = generation  # predict_rows' settings: dtype, batch_size, max_new_tokens, num_beams
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        scores = compute_metrics(list(predict_rows(self.model, self.processing_class, dataset, **self.generation)))
+        extraction = {f"{metric_key_prefix}_{name}": scores[name] for name in ("field_f1", "json_valid_rate")}
+        self.log(extraction)
+        metrics.update(extraction)
+        return metrics
 
 
 def training_arguments(output_dir: str, dtype: torch.dtype, **settings) -> TrainingArguments:
@@ -512,14 +563,27 @@ def training_arguments(output_dir: str, dtype: torch.dtype, **settings) -> Train
         save_total_limit=2,  # the best and the latest; the Trainer never deletes the best
         # The best checkpoint is tracked by this metric and reloaded by `load_best_checkpoint`:
         # the Trainer's own load_best_model_at_end silently loads nothing for a full fine-tune.
-        metric_for_best_model="eval_loss",
-        greater_is_better=False,
+        metric_for_best_model="eval_field_f1",
+        greater_is_better=True,
         logging_steps=settings["LOGGING_STEPS"],
         report_to=["tensorboard"],
         bf16=dtype == torch.bfloat16,
         remove_unused_columns=False,  # the collate needs the image, which is not a model input
         dataloader_pin_memory=torch.cuda.is_available(),
         seed=settings["SEED"],
+    )
+
+
+def build_trainer(model, processor, train_dataset, valid_dataset, dtype: torch.dtype, **settings) -> ExtractionTrainer:
+    return ExtractionTrainer(
+        model=model,
+        args=training_arguments(settings["OUTPUT_DIR"], dtype, **settings),
+        train_dataset=train_dataset,
+        eval_dataset=valid_dataset,
+        processing_class=processor,  # saved into every checkpoint, so each one loads on its own
+        data_collator=functools.partial(collate_fn, processor=processor, dtype=dtype),
+        generation={"dtype": dtype, "batch_size": settings["EVAL_BATCH_SIZE"],
+                    "max_new_tokens": settings["MAX_NEW_TOKENS"], "num_beams": settings["NUM_BEAMS"]},
     )
 
 
@@ -530,21 +594,12 @@ def load_best_checkpoint(trainer: Trainer, model, dtype: torch.dtype):
     best = trainer.state.best_model_checkpoint
     if best is None:
         return model
-    print(f"best checkpoint: {best} (eval_loss {trainer.state.best_metric:.4f})")
+    print(f"best checkpoint: {best} (step {trainer.state.best_global_step}, "
+          f"validation field_f1 {trainer.state.best_metric:.4f})")
     if hasattr(model, "peft_config"):
         model.load_adapter(best, adapter_name=model.active_adapter)
         return model
     return PaliGemmaForConditionalGeneration.from_pretrained(best, dtype=dtype, device_map=model_device_map())
-
-
-def replace_atomically(write, final_path: str) -> None:
-    """`write(tmp_path)`, then rename: a crash never leaves a file or folder that looks complete."""
-    temporary = final_path + ".tmp"
-    shutil.rmtree(temporary, ignore_errors=True)
-    write(temporary)
-    if os.path.isdir(final_path):
-        shutil.rmtree(final_path)
-    os.replace(temporary, final_path)
 
 
 def save_final_model(model, processor, final_dir: str) -> None:
@@ -557,79 +612,49 @@ def save_final_model(model, processor, final_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    settings = {name: globals()[name] for name in DEFAULTS}
-    trainer = Trainer(
-        model=model,
-        args=training_arguments(OUTPUT_DIR, TORCH_DTYPE, **settings),
-        train_dataset=train_dataset,
-        eval_dataset=valid_dataset,
-        data_collator=functools.partial(collate_fn, processor=processor, dtype=TORCH_DTYPE),
-    )
+    trainer = build_trainer(model, processor, train_dataset, valid_dataset, TORCH_DTYPE,
+                            **{name: globals()[name] for name in DEFAULTS})
     train_result = trainer.train()
     print(f"training: {train_result.global_step} steps, "
           f"{train_result.metrics['train_samples_per_second']:.2f} samples/s, "
           f"final loss {train_result.metrics['train_loss']:.4f}")
     model = load_best_checkpoint(trainer, trainer.model, TORCH_DTYPE)
     save_final_model(model, processor, os.path.join(OUTPUT_DIR, "final"))
-    print(f"saved: {os.path.join(OUTPUT_DIR, 'final')}")
+    draw_training_curves(trainer.state.log_history, os.path.join(OUTPUT_DIR, "training_curves.png"),
+                         trainer.state.best_global_step)
+    print(f"saved: {os.path.join(OUTPUT_DIR, 'final')}, {os.path.join(OUTPUT_DIR, 'training_curves.png')}")
 
 # %% [markdown]
 # ## 7. Predict the test set
-# Batched and left-padded, greedy unless `NUM_BEAMS` > 1, the prompt sliced off before decoding.
 # Each row is appended to `OUTPUT_DIR/predictions.jsonl` and flushed as soon as it is generated.
 
 # %%
-from tqdm.auto import tqdm
 
 
-def generate_batch(model, processor, batch, dtype: torch.dtype, max_new_tokens: int, num_beams: int) -> list[str]:
-    inputs = collate_fn(batch, processor, dtype, with_labels=False).to(model.device)
-    prompt_length = inputs["input_ids"].shape[-1]
-    with torch.inference_mode():
-        generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=num_beams)
-    return processor.batch_decode(generated[:, prompt_length:], skip_special_tokens=True)
-
-
-def predict_dataset(model, processor, dataset: JSONLDataset, predictions_path: str, dtype: torch.dtype,
-                    batch_size: int, max_new_tokens: int, num_beams: int) -> list[dict]:
-    model.eval()
-    processor.tokenizer.padding_side = "left"  # right padding would put pads between prompt and answer
+def predict_to_file(model, processor, dataset: JSONLDataset, predictions_path: str, **generation) -> list[dict]:
     rows = []
     with open(predictions_path, "w", encoding="utf-8") as out:
-        for start in tqdm(range(0, len(dataset), batch_size), desc="predicting", unit="batch"):
-            batch = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-            texts = generate_batch(model, processor, batch, dtype, max_new_tokens, num_beams)
-            for (_, entry), text in zip(batch, texts):
-                row = {"image": entry["image"], "image_path": os.path.join(dataset.image_directory_path, entry["image"]),
-                       "prefix": entry["prefix"], "suffix": entry["suffix"], "prediction": text}
-                out.write(json.dumps(row) + "\n")
-                out.flush()
-                rows.append(row)
+        for row in predict_rows(model, processor, dataset, **generation):
+            out.write(json.dumps(row) + "\n")
+            out.flush()
+            rows.append(row)
     return rows
 
 
 if __name__ == "__main__":
-    predictions = predict_dataset(model, processor, test_dataset, os.path.join(OUTPUT_DIR, "predictions.jsonl"),
-                                  TORCH_DTYPE, EVAL_BATCH_SIZE, MAX_NEW_TOKENS, NUM_BEAMS)
+    predictions = predict_to_file(model, processor, test_dataset, os.path.join(OUTPUT_DIR, "predictions.jsonl"),
+                                  **trainer.generation)
     print(f"example prediction for {predictions[0]['image']}:\n{predictions[0]['prediction'][:400]}")
 
 # %% [markdown]
 # ## 8. Evaluate
-# JSON is judged as JSON, not with BLEU: how many predictions parse, written to
-# `OUTPUT_DIR/metrics.json`.
+# JSON is judged as JSON, not with BLEU: valid JSON, exact match, Donut's field F1 and tree-edit
+# accuracy, ANLS*, and accuracy per field, worst first. `OUTPUT_DIR/metrics.json` holds the numbers,
+# `OUTPUT_DIR/predictions.png` shows test images with their right and wrong fields.
+# `--evaluate OUTPUT_DIR/predictions.jsonl` does this step again, with no model.
 
 # %%
-from paligemma_json.metrics import compute_metrics
-
-
-def write_json_atomically(data: dict, path: str) -> None:
-    def write(temporary):
-        with open(temporary, "w", encoding="utf-8") as out:
-            json.dump(data, out, indent=2)
-    replace_atomically(write, path)
-
+from paligemma_json.evaluation import evaluate_predictions
 
 if __name__ == "__main__":
-    metrics = compute_metrics(predictions)
-    write_json_atomically(metrics, os.path.join(OUTPUT_DIR, "metrics.json"))
-    print("metrics: " + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+    metrics = evaluate_predictions(predictions, OUTPUT_DIR)

@@ -37,6 +37,10 @@ def test_the_tiny_model_learnt_to_emit_valid_json(run):
     metrics = json.load(open(os.path.join(output_dir, "metrics.json")))
     rows = read_jsonl(os.path.join(output_dir, "predictions.jsonl"))
     assert metrics == compute_metrics(rows)
+    assert {"json_valid_rate", "exact_match", "field_precision", "field_recall", "field_f1", "ted_accuracy",
+            "char_similarity", "anls_star", "rows_without_json_target", "per_field"} <= set(metrics)
+    assert [k for k, v in metrics.items() if not isinstance(v, (int, float))] == ["per_field"]  # flat but one
+    assert set(metrics["per_field"]) >= {"route", "products.description", "total_cases"}
     assert metrics["rows"] == 24 and metrics["json_valid_rate"] >= 0.8
     # It learnt the manifest's shape, not just brackets: keys in the labels' order.
     parsed = [parse_json(row["prediction"]) for row in rows]
@@ -54,15 +58,18 @@ def test_final_model_and_processor_are_safetensors_that_load_back(run):
     assert not os.path.exists(final + ".tmp")
 
 
-def test_best_checkpoint_is_kept_and_used(run):
+def test_best_checkpoint_is_chosen_by_validation_field_f1(run):
     output_dir, result = run
     checkpoints = sorted(glob.glob(os.path.join(output_dir, "checkpoint-*")))
     assert 1 <= len(checkpoints) <= 2
     state = json.load(open(os.path.join(checkpoints[-1], "trainer_state.json")))
     assert state["best_model_checkpoint"] in checkpoints
-    assert f"best checkpoint: {state['best_model_checkpoint']}" in result.stdout
-    evals = [entry["eval_loss"] for entry in state["log_history"] if "eval_loss" in entry]
-    assert len(evals) == 4 and state["best_metric"] == min(evals)  # every 100 of 400 steps
+    evals = [(entry["step"], entry["eval_field_f1"]) for entry in state["log_history"] if "eval_field_f1" in entry]
+    assert [step for step, _ in evals] == [100, 200, 300, 400]
+    best = max(f1 for _, f1 in evals)
+    assert state["best_metric"] == best
+    assert state["best_global_step"] == min(step for step, f1 in evals if f1 == best)  # a tie keeps the earlier
+    assert f"(step {state['best_global_step']}, validation field_f1 {best:.4f})" in result.stdout
 
 
 def test_tensorboard_has_a_loss_curve(run):
@@ -71,7 +78,8 @@ def test_tensorboard_has_a_loss_curve(run):
     assert events
     accumulator = EventAccumulator(os.path.dirname(events[0]))
     accumulator.Reload()
-    assert len(accumulator.Scalars("train/loss")) >= 20 and accumulator.Scalars("eval/loss")
+    assert len(accumulator.Scalars("train/loss")) >= 20 and len(accumulator.Scalars("eval/loss")) == 4
+    assert len(accumulator.Scalars("eval/field_f1")) == 4 and len(accumulator.Scalars("eval/json_valid_rate")) == 4
 
 
 def test_the_run_says_what_it_did(run):
@@ -79,5 +87,41 @@ def test_the_run_says_what_it_did(run):
     assert "demo: overriding USE_LORA=False" in result.stdout
     trainable, total = re.search(r"trainable ([\d,]+) of ([\d,]+) parameters", result.stdout).groups()
     assert trainable == total  # the demo fine-tunes fully
-    assert "samples/s" in result.stdout and "json_valid_rate=" in result.stdout
+    assert "samples/s" in result.stdout and re.search(r"^json_valid_rate +[01]\.\d{3}$", result.stdout, re.M)
     assert "Traceback" not in result.stderr
+
+
+def test_the_pictures_are_drawn(run):
+    from PIL import Image
+    for name, minimum in [("predictions.png", (1200, 800)), ("training_curves.png", (800, 300))]:
+        with Image.open(os.path.join(run[0], name)) as picture:
+            assert picture.format == "PNG" and picture.size >= minimum
+
+
+def test_the_metrics_table_is_printed(run):
+    _, result = run
+    assert "field (worst first)" in result.stdout and "ted_accuracy" in result.stdout
+
+
+def test_evaluate_rescores_a_predictions_file_without_a_model(run, tmp_path):
+    from conftest import run_script
+    rows = read_jsonl(os.path.join(run[0], "predictions.jsonl"))
+    rows[1]["image_path"] = str(tmp_path / "gone.jpg")  # a missing image becomes a placeholder
+    rows[2]["prediction"] = rows[2]["prediction"][:40]  # cut off: invalid JSON
+    path = tmp_path / "predictions.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    result = run_script("--evaluate", str(path), env={"CUDA_VISIBLE_DEVICES": ""})
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = json.load(open(tmp_path / "metrics.json"))
+    assert metrics == compute_metrics(rows) and metrics["json_valid_rate"] < 1
+    assert (tmp_path / "predictions.png").is_file() and not (tmp_path / "metrics.json.tmp").exists()
+    assert "field (worst first)" in result.stdout and "model:" not in result.stdout
+
+
+def test_evaluate_names_a_broken_line(tmp_path):
+    from conftest import run_script
+    path = tmp_path / "predictions.jsonl"
+    path.write_text('{"prediction": "{}", "suffix": "{}"}\n{"prediction": "{\n')
+    result = run_script("--evaluate", str(path))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.startswith(f"error: {path} line 2: not a JSON line")

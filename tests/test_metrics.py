@@ -182,3 +182,12 @@ def test_the_table_lists_overall_figures_then_worst_fields():
     assert lines[0].split() == ["metric", "value"] and "field_f1" in table
     fields = [line.split()[0] for line in lines[lines.index("") + 2:]]
     assert fields == ["b", "a"]
+
+
+def test_field_statuses_mark_right_wrong_missing_and_extra():
+    from paligemma_json.pictures import field_statuses
+    truth = json.dumps({"a": "1", "b": "2", "c": "3"})
+    statuses = field_statuses(json.dumps({"a": "1", "b": "9", "d": "4"}), truth)
+    assert sorted(statuses) == sorted([("right", "a", "1"), ("wrong", "b", "9 → 2"), ("missing", "c", "3"),
+                                       ("extra", "d", "4")])
+    assert {status for status, _, _ in field_statuses("{not json", truth)} == {"missing"}

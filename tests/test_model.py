@@ -93,10 +93,8 @@ def test_a_few_training_steps_lower_the_loss(demo_assets, processor, splits, tmp
     torch.manual_seed(0)
     model = load(demo_assets)
     settings = {**flow.DEFAULTS, "MAX_STEPS": 12, "BATCH_SIZE": 8, "GRAD_ACCUM": 1, "LEARNING_RATE": 2e-3,
-                "WARMUP_STEPS": 0, "LOGGING_STEPS": 1, "SAVE_STEPS": 100}
-    trainer = flow.Trainer(model=model, args=flow.training_arguments(str(tmp_path), torch.float32, **settings),
-                           train_dataset=splits["train"], eval_dataset=splits["valid"],
-                           data_collator=functools.partial(flow.collate_fn, processor=processor, dtype=torch.float32))
+                "WARMUP_STEPS": 0, "LOGGING_STEPS": 1, "SAVE_STEPS": 100, "OUTPUT_DIR": str(tmp_path)}
+    trainer = flow.build_trainer(model, processor, splits["train"], splits["valid"], torch.float32, **settings)
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) == 12

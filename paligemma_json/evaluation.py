@@ -1,0 +1,46 @@
+"""Step 8 of the flow, and `--evaluate`: score prediction rows, write `metrics.json` and the
+pictures beside them, print the table. Needs no model and no GPU."""
+
+import json
+import os
+
+from paligemma_json import FlowError
+from paligemma_json.files import write_json_atomically
+from paligemma_json.metrics import compute_metrics, format_metrics_table
+from paligemma_json.pictures import draw_predictions
+
+
+def read_predictions(path: str) -> list[dict]:
+    """Rows of a `predictions.jsonl`; each needs a string `prediction` and `suffix`."""
+    if not os.path.isfile(path):
+        raise FlowError(f"{path}: no such predictions file; pass the predictions.jsonl of a finished run")
+    rows = []
+    with open(path, "rb") as file:
+        for number, raw in enumerate(file, start=1):
+            try:
+                row = json.loads(raw.decode("utf-8")) if raw.strip() else None
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                raise FlowError(f"{path} line {number}: not a JSON line; was the file cut off? "
+                                "Remove the line, or rerun the predictions") from None
+            if row is None:
+                continue
+            if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("prediction", "suffix")):
+                raise FlowError(f"{path} line {number}: a row needs string 'prediction' and 'suffix'")
+            rows.append(row)
+    if not rows:
+        raise FlowError(f"{path}: no rows to score")
+    return rows
+
+
+def evaluate_predictions(rows: list[dict], output_dir: str) -> dict:
+    """`metrics.json` and `predictions.png` in `output_dir`, each written whole or not at all."""
+    metrics = compute_metrics(rows)
+    write_json_atomically(metrics, os.path.join(output_dir, "metrics.json"))
+    draw_predictions(rows, os.path.join(output_dir, "predictions.png"))
+    print(format_metrics_table(metrics))
+    print(f"written: {os.path.join(output_dir, 'metrics.json')}, {os.path.join(output_dir, 'predictions.png')}")
+    return metrics
+
+
+def evaluate_file(path: str) -> dict:
+    return evaluate_predictions(read_predictions(path), os.path.dirname(os.path.abspath(path)))

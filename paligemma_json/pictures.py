@@ -1,0 +1,137 @@
+"""Pictures of a run: test predictions field by field, and the training curves."""
+
+import os
+from collections import Counter
+
+from PIL import Image, ImageDraw, ImageFont
+
+from paligemma_json.files import replace_atomically
+from paligemma_json.metrics import flatten, normalize, parse_json
+
+RIGHT, WRONG, MISSING, EXTRA = (20, 130, 50), (200, 30, 30), (215, 120, 0), (120, 60, 170)
+CARD_WIDTH, CARD_HEIGHT, THUMB_SIZE, LINE = 860, 400, 300, 15
+
+
+def _font(size: int, bold: bool = False):
+    """DejaVu, which matplotlib ships, has the ✓ ✗ → marks that Pillow's built-in font lacks."""
+    import matplotlib
+    name = "DejaVuSans-Bold.ttf" if bold else "DejaVuSans.ttf"
+    try:
+        return ImageFont.truetype(os.path.join(matplotlib.get_data_path(), "fonts", "ttf", name), size)
+    except OSError:
+        return ImageFont.load_default(size=size)
+
+
+def field_statuses(prediction_text: str, truth_text: str) -> list[tuple[str, str, str]]:
+    """(status, key path, text) per field, in the truth's order: `right`, `wrong` (predicted →
+    true), `missing`, then the prediction's `extra` fields. Matching is Donut's: normalized values,
+    each predicted value used once."""
+    prediction, truth = parse_json(prediction_text), parse_json(truth_text)
+    unmatched = Counter(flatten(normalize(prediction or {})))
+    statuses, wrong_candidates = [], []
+    for key, value in flatten(normalize(truth)):
+        if unmatched[(key, value)] > 0:
+            unmatched[(key, value)] -= 1
+            statuses.append(("right", key, value))
+        else:
+            statuses.append(("missing", key, value))
+            wrong_candidates.append(len(statuses) - 1)
+    leftovers = [pair for pair, count in unmatched.items() for _ in range(count)]
+    for index in wrong_candidates:  # a key the prediction has, with another value, is wrong
+        _, key, value = statuses[index]
+        for pair in leftovers:
+            if pair[0] == key:
+                leftovers.remove(pair)
+                statuses[index] = ("wrong", key, f"{pair[1]} → {value}")
+                break
+    return statuses + [("extra", key, value) for key, value in leftovers]
+
+
+def _load_thumbnail(path: str | None) -> Image.Image:
+    """The image, or a grey placeholder when it is gone: a predictions file outlives its images."""
+    try:
+        image = Image.open(path).convert("RGB")
+        image.thumbnail((THUMB_SIZE, THUMB_SIZE))
+        return image
+    except Exception:
+        placeholder = Image.new("RGB", (THUMB_SIZE, THUMB_SIZE), (200, 200, 200))
+        ImageDraw.Draw(placeholder).text((20, THUMB_SIZE // 2), "image not found", fill=(90, 90, 90),
+                                         font=_font(16))
+        return placeholder
+
+
+def _draw_card(row: dict, font, bold) -> Image.Image:
+    card = Image.new("RGB", (CARD_WIDTH, CARD_HEIGHT), "white")
+    draw = ImageDraw.Draw(card)
+    card.paste(_load_thumbnail(row.get("image_path")), (8, 30))
+    draw.text((8, 6), str(row.get("image", ""))[:90], fill="black", font=bold)
+    x, y, bottom = THUMB_SIZE + 24, 30, CARD_HEIGHT - 2 * LINE - 4
+    if parse_json(row["prediction"]) is None:
+        draw.text((x, y), "invalid JSON, as generated:", fill=WRONG, font=bold)
+        text = row["prediction"] or "(empty)"
+        for start in range(0, min(len(text), 24 * 60), 60):
+            y += LINE
+            draw.text((x, y), text[start:start + 60], fill=(60, 60, 60), font=font)
+        return card
+    statuses = field_statuses(row["prediction"], row["suffix"])
+    wrong = sum(status != "right" for status, _, _ in statuses)
+    draw.text((x, y), f"{len(statuses) - wrong} right, {wrong} wrong, missing or extra", fill="black", font=bold)
+    marks = {"right": ("✓", RIGHT), "wrong": ("✗", WRONG), "missing": ("–", MISSING), "extra": ("+", EXTRA)}
+    ordered = sorted(statuses, key=lambda s: s[0] == "right")  # errors first: they matter most
+    for number, (status, key, value) in enumerate(ordered):
+        y += LINE
+        if y > bottom:
+            draw.text((x, y), f"... {len(ordered) - number} more", fill=(90, 90, 90), font=font)
+            break
+        mark, colour = marks[status]
+        draw.text((x, y), f"{mark} {key}: {value}"[:78], fill=colour, font=font)
+    return card
+
+
+def draw_predictions(rows: list[dict], path: str, max_cards: int = 8, columns: int = 2) -> None:
+    """A grid of test rows: each image beside its fields, errors first and coloured."""
+    font, bold = _font(12), _font(13, bold=True)
+    cards = [_draw_card(row, font, bold) for row in rows[:max_cards]]
+    rows_of_cards = (len(cards) + columns - 1) // columns
+    legend_height = 28
+    sheet = Image.new("RGB", (columns * (CARD_WIDTH + 8) + 8, rows_of_cards * (CARD_HEIGHT + 8) + 8 + legend_height),
+                      (225, 225, 225))
+    draw = ImageDraw.Draw(sheet)
+    x = 10
+    for text, colour in [("✓ right", RIGHT), ("✗ wrong: predicted → true", WRONG), ("– missing", MISSING),
+                         ("+ extra", EXTRA), (f"first {len(cards)} of {len(rows)} test rows", (60, 60, 60))]:
+        draw.text((x, 7), text, fill=colour, font=bold)
+        x += draw.textlength(text, font=bold) + 30
+    for index, card in enumerate(cards):
+        sheet.paste(card, (8 + (index % columns) * (CARD_WIDTH + 8),
+                           legend_height + 8 + (index // columns) * (CARD_HEIGHT + 8)))
+    replace_atomically(lambda temporary: sheet.save(temporary, format="PNG"), path)
+
+
+def draw_training_curves(log_history: list[dict], path: str, best_step: int | None = None) -> None:
+    """Training and validation loss, and validation field F1 / valid-JSON rate, over steps."""
+    import matplotlib
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    def series(name):
+        points = [(entry["step"], entry[name]) for entry in log_history if name in entry and "step" in entry]
+        return [step for step, _ in points], [value for _, value in points]
+
+    figure, (losses, quality) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name, label in [("loss", "training loss"), ("eval_loss", "validation loss")]:
+        steps, values = series(name)
+        losses.plot(steps, values, marker="o" if name == "eval_loss" else None, label=label)
+    for name, label in [("eval_field_f1", "validation field F1"), ("eval_json_valid_rate", "validation valid JSON")]:
+        steps, values = series(name)
+        quality.plot(steps, values, marker="o", label=label)
+    losses.set(title="Loss", xlabel="optimizer step", ylabel="loss")
+    quality.set(title="Extraction quality on the validation split", xlabel="optimizer step", ylim=(-0.02, 1.02))
+    for axis in (losses, quality):
+        if best_step is not None:
+            axis.axvline(best_step, color="grey", linestyle="--", label=f"best checkpoint (step {best_step})")
+        axis.grid(alpha=0.3)
+        axis.legend()
+    figure.tight_layout()
+    replace_atomically(lambda temporary: figure.savefig(temporary, dpi=100, format="png"), path)
+    plt.close(figure)
