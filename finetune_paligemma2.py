@@ -80,6 +80,7 @@ LOGGING_STEPS = 5  # frequent enough to see a loss curve on a 150-image run
 SEED = 42  # fixed before the adapters are created, so runs repeat
 OUTPUT_DIR = "paligemma2_json_extraction"  # checkpoints, final model, predictions, metrics, TensorBoard
 OVERWRITE = False  # replace a finished run in OUTPUT_DIR instead of refusing
+RESUME = False  # continue a cut-off run in OUTPUT_DIR: from its newest checkpoint, then missing predictions
 
 # Inference
 MAX_NEW_TOKENS = 1024  # must exceed the longest label: the tutorial's 256 cuts manifests off
@@ -153,16 +154,16 @@ def earlier_run_outputs(output_dir: str) -> list[str]:
             if name in ("final", "metrics.json", "predictions.jsonl", "runs") or name.startswith("checkpoint-")]
 
 
-def prepare_output_dir(output_dir: str, overwrite: bool, demo: bool) -> None:
-    """Refuse to mix a new run with a finished or cut-off one, unless asked to replace it.
-    A demo's output is disposable, so a demo replaces an earlier demo without being asked."""
+def prepare_output_dir(output_dir: str, overwrite: bool, resume: bool, demo: bool) -> None:
+    """Refuse to mix a new run with a finished or cut-off one, unless asked to continue or replace
+    it. A demo's output is disposable, so a demo replaces an earlier demo without being asked."""
     earlier = earlier_run_outputs(output_dir)
-    if not earlier:
+    if not earlier or resume:
         return
     earlier_demo = os.path.isdir(os.path.join(output_dir, "demo-model"))
     if not (overwrite or (demo and earlier_demo)):
-        raise FlowError(f"{output_dir} already holds a run ({', '.join(earlier[:3])}): "
-                        "pass --overwrite to replace it, or choose another --output-dir")
+        raise FlowError(f"{output_dir} already holds a run ({', '.join(earlier[:3])}): pass --resume to "
+                        "continue it, --overwrite to replace it, or choose another --output-dir")
     print(f"replacing the earlier {'demo ' if earlier_demo else ''}run in {output_dir}")
     for name in earlier:
         path = os.path.join(output_dir, name)
@@ -172,6 +173,14 @@ def prepare_output_dir(output_dir: str, overwrite: bool, demo: bool) -> None:
             os.remove(path)
 
 
+def newest_checkpoint(output_dir: str) -> str | None:
+    """The newest complete checkpoint: the Trainer writes `trainer_state.json` last."""
+    steps = [int(name.split("-")[1]) for name in os.listdir(output_dir)
+             if re.fullmatch(r"checkpoint-\d+", name)
+             and os.path.isfile(os.path.join(output_dir, name, "trainer_state.json"))]
+    return os.path.join(output_dir, f"checkpoint-{max(steps)}") if steps else None
+
+
 if __name__ == "__main__":
     sys.excepthook = report_flow_errors
     globals().update(resolve_settings(sys.argv[1:]))
@@ -179,8 +188,16 @@ if __name__ == "__main__":
         from paligemma_json.evaluation import evaluate_file
         evaluate_file(EVALUATE)
         sys.exit(0)
-    prepare_output_dir(OUTPUT_DIR, OVERWRITE, DEMO)
+    if RESUME and OVERWRITE:
+        raise FlowError("--resume continues the run in OUTPUT_DIR and --overwrite replaces it: pass one")
+    prepare_output_dir(OUTPUT_DIR, OVERWRITE, RESUME, DEMO)
     os.makedirs(OUTPUT_DIR, exist_ok=True)
+    TRAINING_DONE = RESUME and os.path.isdir(os.path.join(OUTPUT_DIR, "final"))
+    RESUME_CHECKPOINT = newest_checkpoint(OUTPUT_DIR) if RESUME and not TRAINING_DONE else None
+    if RESUME:
+        print("resume: " + ("training finished; predicting what is missing" if TRAINING_DONE else
+                            f"training from {RESUME_CHECKPOINT}" if RESUME_CHECKPOINT else
+                            "no checkpoint yet; training from the start"))
     print("settings: " + ", ".join(f"{name}={globals()[name]}" for name in DEFAULTS))
 
 # %% [markdown]
@@ -227,7 +244,7 @@ def download_dataset(dataset_dir: str, workspace: str, project: str, version: in
 if __name__ == "__main__":
     if DEMO:
         from paligemma_json.demo import build_demo
-        DATASET_DIR, MODEL_ID, longest_label = build_demo(OUTPUT_DIR, SEED)
+        DATASET_DIR, MODEL_ID, longest_label = build_demo(OUTPUT_DIR, SEED, reuse=RESUME)
         MAX_NEW_TOKENS = longest_label + 16  # the demo's budget comes from its labels
         print(f"demo: dataset in {DATASET_DIR}, tiny model in {MODEL_ID}, MAX_NEW_TOKENS={MAX_NEW_TOKENS}")
     else:
@@ -428,8 +445,11 @@ def cache_only_for(model_id: str) -> bool:
 
 
 def load_model(model_id: str, use_lora: bool, use_qlora: bool, freeze_vision: bool, lora_rank: int,
-               lora_targets: list[str], dtype: torch.dtype, cache_only: bool = False):
-    model = hub_load(PaliGemmaForConditionalGeneration.from_pretrained, model_id, dtype=dtype,
+               lora_targets: list[str], dtype: torch.dtype, cache_only: bool = False, checkpoint: str | None = None):
+    """`checkpoint`: a full fine-tune resumes from its weights, loaded here, because the Trainer's
+    own resume loads none of them for PaliGemma in transformers 5.24. Adapters the Trainer restores."""
+    model = hub_load(PaliGemmaForConditionalGeneration.from_pretrained,
+                     checkpoint if checkpoint and not use_lora else model_id, dtype=dtype, use_safetensors=True,
                      device_map=model_device_map(), local_files_only=cache_only,
                      quantization_config=quantization_config(dtype) if use_qlora else None)
     if freeze_vision:
@@ -439,6 +459,18 @@ def load_model(model_id: str, use_lora: bool, use_qlora: bool, freeze_vision: bo
                                  task_type="CAUSAL_LM")
         model = get_peft_model(model, lora_config)
     return model
+
+
+def load_trained_model(final_dir: str, model_id: str, use_qlora: bool, dtype: torch.dtype, cache_only: bool = False):
+    """A finished run's `final/`: full weights, or its adapter on the base model it was trained on."""
+    if not os.path.isfile(os.path.join(final_dir, "adapter_config.json")):
+        return PaliGemmaForConditionalGeneration.from_pretrained(final_dir, dtype=dtype, use_safetensors=True,
+                                                                 device_map=model_device_map())
+    from peft import PeftModel
+    base = hub_load(PaliGemmaForConditionalGeneration.from_pretrained, model_id, dtype=dtype, use_safetensors=True,
+                    device_map=model_device_map(), local_files_only=cache_only,
+                    quantization_config=quantization_config(dtype) if use_qlora else None)
+    return PeftModel.from_pretrained(base, final_dir)
 
 
 def count_parameters(model) -> tuple[int, int]:
@@ -451,8 +483,11 @@ if __name__ == "__main__":
     TORCH_DTYPE = training_dtype()
     cache_only = cache_only_for(MODEL_ID)
     processor = load_processor(MODEL_ID, cache_only)
-    model = load_model(MODEL_ID, USE_LORA, USE_QLORA, FREEZE_VISION, LORA_RANK, LORA_TARGET_MODULES, TORCH_DTYPE,
-                       cache_only)
+    if TRAINING_DONE:
+        model = load_trained_model(os.path.join(OUTPUT_DIR, "final"), MODEL_ID, USE_QLORA, TORCH_DTYPE, cache_only)
+    else:
+        model = load_model(MODEL_ID, USE_LORA, USE_QLORA, FREEZE_VISION, LORA_RANK, LORA_TARGET_MODULES,
+                           TORCH_DTYPE, cache_only, checkpoint=RESUME_CHECKPOINT)
     trainable, total = count_parameters(model)
     print(f"model: {MODEL_ID}, {TORCH_DTYPE}, trainable {trainable:,} of {total:,} parameters "
           f"({100 * trainable / total:.2f}%)")
@@ -494,13 +529,13 @@ def generate_batch(model, processor, batch, dtype: torch.dtype, max_new_tokens: 
 
 
 def predict_rows(model, processor, dataset: JSONLDataset, dtype: torch.dtype, batch_size: int,
-                 max_new_tokens: int, num_beams: int):
-    """One row per dataset entry, as soon as its batch is generated: everything needed to score it
-    again later without the model."""
+                 max_new_tokens: int, num_beams: int, start: int = 0):
+    """One row per dataset entry from `start` on, as soon as its batch is generated: everything
+    needed to score it again later without the model."""
     was_training = model.training
     model.eval()
-    for start in tqdm(range(0, len(dataset), batch_size), desc="generating", unit="batch", leave=False):
-        batch = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+    for first in tqdm(range(start, len(dataset), batch_size), desc="generating", unit="batch", leave=False):
+        batch = [dataset[i] for i in range(first, min(first + batch_size, len(dataset)))]
         for (_, entry), text in zip(batch, generate_batch(model, processor, batch, dtype, max_new_tokens, num_beams)):
             yield {"image": entry["image"], "image_path": os.path.join(dataset.image_directory_path, entry["image"]),
                    "prefix": entry["prefix"], "suffix": entry["suffix"], "prediction": text}
@@ -539,6 +574,12 @@ class ExtractionTrainer(Trainer):
         metrics.update(extraction)
         return metrics
 
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        """Full weights were loaded by `load_model(checkpoint=...)`; the Trainer's own loader would
+        load none of them and warn about every key. Adapters it restores correctly."""
+        if hasattr(self.model, "peft_config"):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+
 
 def training_arguments(output_dir: str, dtype: torch.dtype, **settings) -> TrainingArguments:
     every = "steps" if settings["SAVE_STEPS"] > 0 else "epoch"
@@ -574,16 +615,15 @@ def training_arguments(output_dir: str, dtype: torch.dtype, **settings) -> Train
     )
 
 
-def build_trainer(model, processor, train_dataset, valid_dataset, dtype: torch.dtype, **settings) -> ExtractionTrainer:
+def build_trainer(model, processor, train_dataset, valid_dataset, generation: dict, **settings) -> ExtractionTrainer:
     return ExtractionTrainer(
         model=model,
-        args=training_arguments(settings["OUTPUT_DIR"], dtype, **settings),
+        args=training_arguments(settings["OUTPUT_DIR"], generation["dtype"], **settings),
         train_dataset=train_dataset,
         eval_dataset=valid_dataset,
         processing_class=processor,  # saved into every checkpoint, so each one loads on its own
-        data_collator=functools.partial(collate_fn, processor=processor, dtype=dtype),
-        generation={"dtype": dtype, "batch_size": settings["EVAL_BATCH_SIZE"],
-                    "max_new_tokens": settings["MAX_NEW_TOKENS"], "num_beams": settings["NUM_BEAMS"]},
+        data_collator=functools.partial(collate_fn, processor=processor, dtype=generation["dtype"]),
+        generation=generation,
     )
 
 
@@ -599,7 +639,8 @@ def load_best_checkpoint(trainer: Trainer, model, dtype: torch.dtype):
     if hasattr(model, "peft_config"):
         model.load_adapter(best, adapter_name=model.active_adapter)
         return model
-    return PaliGemmaForConditionalGeneration.from_pretrained(best, dtype=dtype, device_map=model_device_map())
+    return PaliGemmaForConditionalGeneration.from_pretrained(best, dtype=dtype, use_safetensors=True,
+                                                             device_map=model_device_map())
 
 
 def save_final_model(model, processor, final_dir: str) -> None:
@@ -612,17 +653,20 @@ def save_final_model(model, processor, final_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    trainer = build_trainer(model, processor, train_dataset, valid_dataset, TORCH_DTYPE,
-                            **{name: globals()[name] for name in DEFAULTS})
-    train_result = trainer.train()
-    print(f"training: {train_result.global_step} steps, "
-          f"{train_result.metrics['train_samples_per_second']:.2f} samples/s, "
-          f"final loss {train_result.metrics['train_loss']:.4f}")
-    model = load_best_checkpoint(trainer, trainer.model, TORCH_DTYPE)
-    save_final_model(model, processor, os.path.join(OUTPUT_DIR, "final"))
-    draw_training_curves(trainer.state.log_history, os.path.join(OUTPUT_DIR, "training_curves.png"),
-                         trainer.state.best_global_step)
-    print(f"saved: {os.path.join(OUTPUT_DIR, 'final')}, {os.path.join(OUTPUT_DIR, 'training_curves.png')}")
+    generation = {"dtype": TORCH_DTYPE, "batch_size": EVAL_BATCH_SIZE, "max_new_tokens": MAX_NEW_TOKENS,
+                  "num_beams": NUM_BEAMS}
+    if not TRAINING_DONE:
+        trainer = build_trainer(model, processor, train_dataset, valid_dataset, generation,
+                                **{name: globals()[name] for name in DEFAULTS})
+        train_result = trainer.train(resume_from_checkpoint=RESUME_CHECKPOINT)
+        print(f"training: {train_result.global_step} steps, "
+              f"{train_result.metrics['train_samples_per_second']:.2f} samples/s, "
+              f"final loss {train_result.metrics['train_loss']:.4f}")
+        model = load_best_checkpoint(trainer, trainer.model, TORCH_DTYPE)
+        save_final_model(model, processor, os.path.join(OUTPUT_DIR, "final"))
+        draw_training_curves(trainer.state.log_history, os.path.join(OUTPUT_DIR, "training_curves.png"),
+                             trainer.state.best_global_step)
+        print(f"saved: {os.path.join(OUTPUT_DIR, 'final')}, {os.path.join(OUTPUT_DIR, 'training_curves.png')}")
 
 # %% [markdown]
 # ## 7. Predict the test set
@@ -631,10 +675,36 @@ if __name__ == "__main__":
 # %%
 
 
-def predict_to_file(model, processor, dataset: JSONLDataset, predictions_path: str, **generation) -> list[dict]:
+def completed_rows(predictions_path: str, dataset: JSONLDataset) -> list[dict]:
+    """The rows of an earlier, cut-off prediction run that match the dataset in order; a line torn
+    by the crash ends them."""
     rows = []
-    with open(predictions_path, "w", encoding="utf-8") as out:
-        for row in predict_rows(model, processor, dataset, **generation):
+    if os.path.isfile(predictions_path):
+        with open(predictions_path, "rb") as file:
+            for line, entry in zip(file, dataset.entries):
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    break
+                if not line.endswith(b"\n") or row.get("image") != entry["image"]:
+                    break
+                rows.append(row)
+    return rows
+
+
+def predict_to_file(model, processor, dataset: JSONLDataset, predictions_path: str, resume: bool = False,
+                    **generation) -> list[dict]:
+    """Appends and flushes each row as it is generated; with `resume`, keeps the rows already there
+    and predicts only the rest."""
+    rows = completed_rows(predictions_path, dataset) if resume else []
+    if rows:
+        print(f"predictions: {len(rows)} of {len(dataset)} already in {predictions_path}; predicting the rest")
+    def keep_completed(temporary):
+        with open(temporary, "w", encoding="utf-8") as out:
+            out.writelines(json.dumps(row) + "\n" for row in rows)
+    replace_atomically(keep_completed, predictions_path)  # drops a line torn by the crash
+    with open(predictions_path, "a", encoding="utf-8") as out:
+        for row in predict_rows(model, processor, dataset, start=len(rows), **generation):
             out.write(json.dumps(row) + "\n")
             out.flush()
             rows.append(row)
@@ -643,7 +713,7 @@ def predict_to_file(model, processor, dataset: JSONLDataset, predictions_path: s
 
 if __name__ == "__main__":
     predictions = predict_to_file(model, processor, test_dataset, os.path.join(OUTPUT_DIR, "predictions.jsonl"),
-                                  **trainer.generation)
+                                  RESUME, **generation)
     print(f"example prediction for {predictions[0]['image']}:\n{predictions[0]['prediction'][:400]}")
 
 # %% [markdown]

@@ -203,18 +203,25 @@ def build_tiny_model(tokenizer, save_dir: str, seed: int = 0):
     return model, processor
 
 
-def build_demo(output_dir: str, seed: int = 0) -> tuple[str, str, int]:
-    """Writes the demo dataset and tiny model under `output_dir`; returns their paths and the
-    longest label in tokens (the demo's generation budget is set from it)."""
+def build_demo(output_dir: str, seed: int = 0, reuse: bool = False) -> tuple[str, str, int]:
+    """Writes the demo dataset and tiny model under `output_dir` (or, with `reuse`, keeps those an
+    earlier demo left there, as a resumed run needs); returns their paths and the longest train or
+    valid label in tokens (the demo's generation budget is set from it)."""
+    from transformers import AutoTokenizer
     dataset_dir = os.path.join(output_dir, "demo-dataset")
     model_dir = os.path.join(output_dir, "demo-model")
-    for path in (dataset_dir, model_dir):
-        shutil.rmtree(path, ignore_errors=True)  # demo output is disposable
-    labels = write_demo_dataset(dataset_dir, seed)
-    extra_rng = random.Random(seed + 1)
-    extra = [json.dumps(make_manifest(extra_rng)) for _ in range(EXTRA_TOKENIZER_RECORDS)]
-    # Never the test labels: merges fitted to them would inflate the demo's score.
-    tokenizer = train_demo_tokenizer(labels["train"] + labels["valid"] + extra)
-    build_tiny_model(tokenizer, model_dir, seed)
-    longest = max(len(tokenizer(text)["input_ids"]) for split in labels.values() for text in split)
+    if not (reuse and os.path.isdir(dataset_dir) and os.path.isdir(model_dir)):
+        for path in (dataset_dir, model_dir):
+            shutil.rmtree(path, ignore_errors=True)  # demo output is disposable
+        labels = write_demo_dataset(dataset_dir, seed)
+        extra_rng = random.Random(seed + 1)
+        extra = [json.dumps(make_manifest(extra_rng)) for _ in range(EXTRA_TOKENIZER_RECORDS)]
+        # Never the test labels: merges fitted to them would inflate the demo's score.
+        build_tiny_model(train_demo_tokenizer(labels["train"] + labels["valid"] + extra), model_dir, seed)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    longest = 0
+    for split in ("train", "valid"):
+        with open(os.path.join(dataset_dir, split, "annotations.jsonl")) as annotations:
+            for line in annotations:
+                longest = max(longest, len(tokenizer(json.loads(line)["suffix"])["input_ids"]))
     return dataset_dir, model_dir, longest

@@ -31,3 +31,28 @@ def demo_run(tmp_path_factory):
     output_dir = str(tmp_path_factory.mktemp("demo") / "out")
     result = run_script("--demo", "--output-dir", output_dir)
     return output_dir, result
+
+
+@pytest.fixture(scope="session")
+def small_export(demo_assets, tmp_path_factory):
+    """A few rows of the demo export per split, for the tests that train a handful of steps."""
+    import json
+    import shutil
+    target = tmp_path_factory.mktemp("small") / "export"
+    for split, count in {"train": 32, "valid": 8, "test": 8}.items():
+        (target / split).mkdir(parents=True)
+        source = os.path.join(demo_assets[0], split)
+        rows = open(os.path.join(source, "annotations.jsonl")).readlines()[:count]
+        (target / split / "annotations.jsonl").write_text("".join(rows))
+        for row in rows:
+            name = json.loads(row)["image"]
+            shutil.copy(os.path.join(source, name), target / split / name)
+    return str(target)
+
+
+def short_run_args(dataset_dir, model_dir, output_dir, *extra):
+    """A short full fine-tune of the tiny model: 8 steps an epoch, a checkpoint every 8."""
+    return ["--dataset-dir", dataset_dir, "--model-id", model_dir, "--output-dir", str(output_dir),
+            "--no-use-lora", "--learning-rate", "2e-3", "--batch-size", "4", "--grad-accum", "1",
+            "--warmup-steps", "0", "--max-steps", "24", "--save-steps", "8", "--logging-steps", "1",
+            "--max-new-tokens", "40", "--eval-batch-size", "8", "--seed", "3", *extra]
