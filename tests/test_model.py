@@ -94,7 +94,8 @@ def test_a_few_training_steps_lower_the_loss(demo_assets, processor, splits, tmp
     model = load(demo_assets)
     settings = {**flow.DEFAULTS, "MAX_STEPS": 12, "BATCH_SIZE": 8, "GRAD_ACCUM": 1, "LEARNING_RATE": 2e-3,
                 "WARMUP_STEPS": 0, "LOGGING_STEPS": 1, "SAVE_STEPS": 100, "OUTPUT_DIR": str(tmp_path)}
-    trainer = flow.build_trainer(model, processor, splits["train"], splits["valid"], torch.float32, **settings)
+    generation = {"dtype": torch.float32, "batch_size": 8, "max_new_tokens": 20, "num_beams": 1}
+    trainer = flow.build_trainer(model, processor, splits["train"], splits["valid"], generation, **settings)
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) == 12

@@ -64,21 +64,21 @@ def finished_run(tmp_path, demo=False):
 def test_a_finished_run_is_refused_without_overwrite(tmp_path):
     output_dir = finished_run(tmp_path)
     with pytest.raises(flow.FlowError, match="already holds a run .*--overwrite"):
-        flow.prepare_output_dir(output_dir, overwrite=False, demo=False)
+        flow.prepare_output_dir(output_dir, overwrite=False, resume=False, demo=False)
     assert os.path.isdir(os.path.join(output_dir, "final"))
 
 
 def test_overwrite_replaces_the_run_and_keeps_other_files(tmp_path):
     output_dir = finished_run(tmp_path)
-    flow.prepare_output_dir(output_dir, overwrite=True, demo=False)
+    flow.prepare_output_dir(output_dir, overwrite=True, resume=False, demo=False)
     assert sorted(os.listdir(output_dir)) == ["notes.txt"]
 
 
 def test_demo_replaces_an_earlier_demo_but_not_a_real_run(tmp_path):
-    flow.prepare_output_dir(finished_run(tmp_path / "a", demo=True), overwrite=False, demo=True)
+    flow.prepare_output_dir(finished_run(tmp_path / "a", demo=True), overwrite=False, resume=False, demo=True)
     assert sorted(os.listdir(tmp_path / "a" / "run")) == ["demo-model", "notes.txt"]  # the demo rebuilds its model
     with pytest.raises(flow.FlowError):
-        flow.prepare_output_dir(finished_run(tmp_path / "b"), overwrite=False, demo=True)
+        flow.prepare_output_dir(finished_run(tmp_path / "b"), overwrite=False, resume=False, demo=True)
 
 
 def test_a_refused_output_dir_stops_the_script_in_one_line(tmp_path):
@@ -92,3 +92,18 @@ def test_readme_documents_every_constant():
     readme = open(os.path.join(os.path.dirname(flow.__file__), "README.md")).read()
     for name in flow.DEFAULTS:
         assert f"| `{name}` | `--{name.lower().replace('_', '-')}` |" in readme, name
+
+
+def test_resume_keeps_the_earlier_run(tmp_path):
+    output_dir = finished_run(tmp_path)
+    flow.prepare_output_dir(output_dir, overwrite=False, resume=True, demo=False)
+    assert sorted(os.listdir(output_dir)) == ["checkpoint-10", "final", "metrics.json", "notes.txt"]
+
+
+def test_newest_checkpoint_skips_one_cut_off_while_saving(tmp_path):
+    for step, complete in [(8, True), (16, True), (24, False)]:
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        if complete:
+            (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    assert flow.newest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-16")
+    assert flow.newest_checkpoint(str(tmp_path / "checkpoint-24")) is None
