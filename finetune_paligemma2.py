@@ -38,7 +38,6 @@ if __name__ == "__main__" and "google.colab" in sys.modules and not os.path.exis
 # Every constant below can be overridden: `--learning-rate 1e-4`, `--no-use-lora`, `--demo`.
 
 # %%
-import argparse
 import functools
 import json
 import re
@@ -49,6 +48,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from paligemma_json import FlowError  # a problem the user can fix: one line, never a traceback
+from paligemma_json.settings import in_notebook, parse_overrides
 
 # Data
 ROBOFLOW_WORKSPACE = "roboflow-jvuqo"  # the tutorial's pallet-manifest dataset on Roboflow Universe
@@ -102,39 +102,9 @@ def report_flow_errors(kind, error, traceback):
     sys.__excepthook__(kind, error, traceback)
 
 
-def setting_help() -> dict:
-    """Each constant's trailing comment, read from this file, so the why is written once."""
-    with open(__file__, encoding="utf-8") as source:
-        pairs = re.findall(r"^([A-Z_]+) = .*?#\s*(.+)$", source.read(), flags=re.MULTILINE)
-    return dict(pairs)
-
-
-def parse_overrides(argv: list[str]) -> dict:
-    """`--some-name value` for every constant SOME_NAME; returns only the flags given."""
-    parser = argparse.ArgumentParser(description="Fine-tune PaliGemma 2 to extract JSON from document photos.",
-                                     allow_abbrev=False)  # a misspelt flag is an error, not a guess
-    notes = setting_help()
-    for name, default in DEFAULTS.items():
-        flag = "--" + name.lower().replace("_", "-")
-        text = f"{notes.get(name, '')} (default: {default})"
-        if isinstance(default, bool):
-            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, help=text,
-                                default=argparse.SUPPRESS)
-        elif isinstance(default, list):
-            parser.add_argument(flag, dest=name, nargs="+", help=text, default=argparse.SUPPRESS)
-        else:
-            parser.add_argument(flag, dest=name, type=type(default), help=text, default=argparse.SUPPRESS)
-    return vars(parser.parse_args(argv))
-
-
-def in_notebook() -> bool:
-    """Colab and Jupyter pass their own kernel arguments (`-f ...json`): those are not ours."""
-    return "ipykernel" in sys.modules
-
-
 def resolve_settings(argv: list[str]) -> dict:
     """Defaults, then the demo's overrides, then the flags given: the later wins."""
-    given = {} if in_notebook() else parse_overrides(argv)
+    given = {} if in_notebook() else parse_overrides(argv, DEFAULTS, __file__)
     settings = dict(DEFAULTS)
     if given.get("DEMO", DEMO):
         from paligemma_json.demo import DEMO_OVERRIDES
@@ -356,6 +326,8 @@ if __name__ == "__main__":
 from peft import LoraConfig, get_peft_model
 from transformers import BitsAndBytesConfig, PaliGemmaForConditionalGeneration, PaliGemmaProcessor, set_seed
 
+from paligemma_json.hub import cache_only_for, hub_load
+
 
 def training_dtype() -> torch.dtype:
     if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
@@ -401,47 +373,6 @@ def load_processor(model_id: str, cache_only: bool = False) -> PaliGemmaProcesso
     processor = hub_load(PaliGemmaProcessor.from_pretrained, model_id, local_files_only=cache_only)
     processor.tokenizer.padding_side = "left"  # generation appends on the right
     return processor
-
-
-def gated_message(model_id: str) -> str:
-    return (f"{model_id} is gated: accept its license on huggingface.co/{model_id} while logged in, "
-            "then set HF_TOKEN to an access token of that account")
-
-
-def hub_load(load, model_id: str, **kwargs):
-    """One line instead of a traceback when the Hub cannot give us the model."""
-    from huggingface_hub.errors import GatedRepoError
-    try:
-        return load(model_id, **kwargs)
-    except OSError as error:  # transformers wraps the Hub's errors in OSError
-        if isinstance(error, GatedRepoError) or isinstance(error.__cause__, GatedRepoError):
-            raise FlowError(gated_message(model_id)) from None
-        reason = " ".join(str(error).split())[:240]
-        raise FlowError(f"cannot load {model_id} ({reason}); check the id and the network, or point "
-                        "--model-id at a local folder") from None
-
-
-def cache_only_for(model_id: str) -> bool:
-    """Whether to load from the local cache alone. Asked once, quickly: otherwise an unreachable
-    Hub costs minutes of retries for every file before the first error."""
-    from huggingface_hub import HfApi, constants, try_to_load_from_cache
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
-    if os.path.isdir(model_id) or constants.HF_HUB_OFFLINE:
-        return False
-    try:
-        HfApi().model_info(model_id, timeout=10)
-        return False
-    except GatedRepoError:
-        raise FlowError(gated_message(model_id)) from None
-    except RepositoryNotFoundError:
-        raise FlowError(f"{model_id} is neither a local folder nor a model on the Hub (a private one needs "
-                        "HF_TOKEN); check --model-id") from None
-    except Exception as error:  # no network: DNS, proxy, timeout
-        if isinstance(try_to_load_from_cache(model_id, "config.json"), str):
-            print(f"note: the Hub cannot be reached; loading {model_id} from the local cache")
-            return True
-        raise FlowError(f"cannot reach the Hugging Face Hub for {model_id} ({type(error).__name__}) and it is "
-                        "not cached: check the network, or point --model-id at a local folder") from None
 
 
 def load_model(model_id: str, use_lora: bool, use_qlora: bool, freeze_vision: bool, lora_rank: int,

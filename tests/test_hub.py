@@ -6,6 +6,7 @@ from huggingface_hub import HfApi
 from huggingface_hub.errors import GatedRepoError
 
 import finetune_paligemma2 as flow
+from paligemma_json import hub
 
 HUB_ID = "google/paligemma2-3b-pt-224"
 
@@ -40,9 +41,9 @@ def test_no_network_fails_fast_unless_the_model_is_cached(monkeypatch):
         raise ConnectionError("Name or service not known")
     monkeypatch.setattr(HfApi, "model_info", no_network)
     with pytest.raises(flow.FlowError, match="cannot reach the Hugging Face Hub .* not cached"):
-        flow.cache_only_for(HUB_ID)
+        hub.cache_only_for(HUB_ID)
     monkeypatch.setattr("huggingface_hub.try_to_load_from_cache", lambda repo, name: "/cache/config.json")
-    assert flow.cache_only_for(HUB_ID) is True
+    assert hub.cache_only_for(HUB_ID) is True
 
 
 def test_a_gated_id_is_caught_before_loading(monkeypatch):
@@ -53,9 +54,9 @@ def test_a_gated_id_is_caught_before_loading(monkeypatch):
         raise gated_error()
     monkeypatch.setattr(HfApi, "model_info", gated)
     with pytest.raises(flow.FlowError, match="is gated: accept its license"):
-        flow.cache_only_for(HUB_ID)
+        hub.cache_only_for(HUB_ID)
 
 
 def test_a_local_folder_never_asks_the_hub(demo_assets, monkeypatch):
     monkeypatch.setattr(HfApi, "model_info", lambda *a, **k: pytest.fail("asked the Hub"))
-    assert flow.cache_only_for(demo_assets[1]) is False
+    assert hub.cache_only_for(demo_assets[1]) is False

@@ -1,6 +1,5 @@
 """Model loading under each flag combination, collate_fn, a few training steps, and generation."""
 
-import functools
 import os
 
 import pytest

@@ -9,8 +9,12 @@ import finetune_paligemma2 as flow
 from conftest import run_script
 
 
+def parse(argv):
+    return flow.parse_overrides(argv, flow.DEFAULTS, flow.__file__)
+
+
 def test_flags_override_constants_with_their_types():
-    given = flow.parse_overrides(["--epochs", "3", "--learning-rate", "1e-4", "--no-use-lora",
+    given = parse(["--epochs", "3", "--learning-rate", "1e-4", "--no-use-lora",
                                   "--lora-target-modules", "q_proj", "v_proj", "--model-id", "x/y"])
     assert given == {"EPOCHS": 3, "LEARNING_RATE": 1e-4, "USE_LORA": False,
                      "LORA_TARGET_MODULES": ["q_proj", "v_proj"], "MODEL_ID": "x/y"}
@@ -19,7 +23,7 @@ def test_flags_override_constants_with_their_types():
 @pytest.mark.parametrize("argv", [["--epoch", "3"], ["--epochs", "three"], ["--unknown"]])
 def test_unknown_flags_and_wrong_types_are_refused(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        flow.parse_overrides(argv)
+        parse(argv)
     assert exit_info.value.code == 2
     assert "error:" in capsys.readouterr().err
 

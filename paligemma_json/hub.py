@@ -1,0 +1,47 @@
+"""One line instead of a traceback when the Hugging Face Hub cannot give us the model, and
+quickly: without a network, `from_pretrained` retries every file for minutes before failing."""
+
+import os
+
+from paligemma_json import FlowError
+
+
+def gated_message(model_id: str) -> str:
+    return (f"{model_id} is gated: accept its license on huggingface.co/{model_id} while logged in, "
+            "then set HF_TOKEN to an access token of that account")
+
+
+def hub_load(load, model_id: str, **kwargs):
+    """One line instead of a traceback when the Hub cannot give us the model."""
+    from huggingface_hub.errors import GatedRepoError
+    try:
+        return load(model_id, **kwargs)
+    except OSError as error:  # transformers wraps the Hub's errors in OSError
+        if isinstance(error, GatedRepoError) or isinstance(error.__cause__, GatedRepoError):
+            raise FlowError(gated_message(model_id)) from None
+        reason = " ".join(str(error).split())[:240]
+        raise FlowError(f"cannot load {model_id} ({reason}); check the id and the network, or point "
+                        "--model-id at a local folder") from None
+
+
+def cache_only_for(model_id: str) -> bool:
+    """Whether to load from the local cache alone. Asked once, quickly: otherwise an unreachable
+    Hub costs minutes of retries for every file before the first error."""
+    from huggingface_hub import HfApi, constants, try_to_load_from_cache
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+    if os.path.isdir(model_id) or constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        HfApi().model_info(model_id, timeout=10)
+        return False
+    except GatedRepoError:
+        raise FlowError(gated_message(model_id)) from None
+    except RepositoryNotFoundError:
+        raise FlowError(f"{model_id} is neither a local folder nor a model on the Hub (a private one needs "
+                        "HF_TOKEN); check --model-id") from None
+    except Exception as error:  # no network: DNS, proxy, timeout
+        if isinstance(try_to_load_from_cache(model_id, "config.json"), str):
+            print(f"note: the Hub cannot be reached; loading {model_id} from the local cache")
+            return True
+        raise FlowError(f"cannot reach the Hugging Face Hub for {model_id} ({type(error).__name__}) and it is "
+                        "not cached: check the network, or point --model-id at a local folder") from None
