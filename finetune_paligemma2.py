@@ -56,6 +56,8 @@ ROBOFLOW_PROJECT = "pallet-load-manifest-json"  # the project in that workspace
 ROBOFLOW_VERSION = 2  # v2 is the JSONL export with `<JSON>` prefixes
 DATASET_DIR = "pallet-load-manifest-json-2"  # a Roboflow JSONL export; downloaded here if absent
 PROMPT = "extract data in JSON format"  # replaces each row's prefix (v2's is `<JSON>`); "" keeps it
+DATASET_REPORT = True  # sizes, label lengths, fields and leaks between splits, before any model loads
+STRICT = False  # a leak between splits (the same photo or label in two) stops the run
 
 # Model
 MODEL_ID = "google/paligemma2-3b-pt-224"  # the tutorial's; for documents 448 px reads far better
@@ -320,12 +322,16 @@ if __name__ == "__main__":
 # ## 4. Load PaliGemma 2 with LoRA, QLoRA or a frozen vision tower
 # bf16 where the GPU has it; fp32 on a T4 (Gemma 2 overflows in fp16) and on CPU. A 4-bit model is
 # placed by loading, never moved with `.to()`. Attention: no argument gives Gemma 2 `eager` (its
-# logit soft-capping has no SDPA path in transformers) and SigLIP `sdpa`.
+# logit soft-capping has no SDPA path in transformers) and SigLIP `sdpa`. Between the processor and
+# the model, the dataset report looks at the data (`OUTPUT_DIR/dataset_report.json`): image sizes,
+# label lengths in the model's tokens against `MAX_NEW_TOKENS`, how often each field is filled, and
+# leaks between splits (the same photo by perceptual hash, or the same label).
 
 # %%
 from peft import LoraConfig, get_peft_model
 from transformers import BitsAndBytesConfig, PaliGemmaForConditionalGeneration, PaliGemmaProcessor, set_seed
 
+from paligemma_json.dataset_report import report_dataset
 from paligemma_json.hub import cache_only_for, hub_load
 
 
@@ -414,6 +420,8 @@ if __name__ == "__main__":
     TORCH_DTYPE = training_dtype()
     cache_only = cache_only_for(MODEL_ID)
     processor = load_processor(MODEL_ID, cache_only)
+    if DATASET_REPORT:  # it needs the tokenizer, so it runs here, still before the model loads
+        report_dataset(splits, processor.tokenizer, MAX_NEW_TOKENS, OUTPUT_DIR, STRICT)
     if TRAINING_DONE:
         model = load_trained_model(os.path.join(OUTPUT_DIR, "final"), MODEL_ID, USE_QLORA, TORCH_DTYPE, cache_only)
     else:

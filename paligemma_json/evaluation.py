@@ -7,6 +7,7 @@ import os
 from paligemma_json import FlowError
 from paligemma_json.files import write_json_atomically
 from paligemma_json.metrics import compute_metrics, format_metrics_table
+from paligemma_json.html_report import write_html_report
 from paligemma_json.pictures import draw_predictions
 
 
@@ -33,12 +34,15 @@ def read_predictions(path: str) -> list[dict]:
 
 
 def evaluate_predictions(rows: list[dict], output_dir: str) -> dict:
-    """`metrics.json` and `predictions.png` in `output_dir`, each written whole or not at all."""
+    """`metrics.json`, `predictions.png` and `report.html` in `output_dir`, each written whole or
+    not at all."""
     metrics = compute_metrics(rows)
-    write_json_atomically(metrics, os.path.join(output_dir, "metrics.json"))
-    draw_predictions(rows, os.path.join(output_dir, "predictions.png"))
+    written = [os.path.join(output_dir, name) for name in ("metrics.json", "predictions.png", "report.html")]
+    write_json_atomically(metrics, written[0])
+    draw_predictions(rows, written[1])
+    write_html_report(rows, metrics, written[2])
     print(format_metrics_table(metrics))
-    print(f"written: {os.path.join(output_dir, 'metrics.json')}, {os.path.join(output_dir, 'predictions.png')}")
+    print("written: " + ", ".join(written))
     return metrics
 
 

@@ -22,29 +22,27 @@ def _font(size: int, bold: bool = False):
         return ImageFont.load_default(size=size)
 
 
-def field_statuses(prediction_text: str, truth_text: str) -> list[tuple[str, str, str]]:
-    """(status, key path, text) per field, in the truth's order: `right`, `wrong` (predicted →
-    true), `missing`, then the prediction's `extra` fields. Matching is Donut's: normalized values,
-    each predicted value used once."""
+def field_statuses(prediction_text: str, truth_text: str) -> list[tuple[str, str, str, str]]:
+    """(status, key path, true value, predicted value) per field, in the truth's order: `right`,
+    `wrong`, `missing` (predicted ""), then the prediction's `extra` fields (true ""). Matching is
+    Donut's: normalized values, each predicted value used once."""
     prediction, truth = parse_json(prediction_text), parse_json(truth_text)
     unmatched = Counter(flatten(normalize(prediction or {})))
-    statuses, wrong_candidates = [], []
-    for key, value in flatten(normalize(truth)):
+    statuses = []
+    for key, value in flatten(normalize(truth or {})):
         if unmatched[(key, value)] > 0:
             unmatched[(key, value)] -= 1
-            statuses.append(("right", key, value))
+            statuses.append(["right", key, value, value])
         else:
-            statuses.append(("missing", key, value))
-            wrong_candidates.append(len(statuses) - 1)
+            statuses.append(["missing", key, value, ""])
     leftovers = [pair for pair, count in unmatched.items() for _ in range(count)]
-    for index in wrong_candidates:  # a key the prediction has, with another value, is wrong
-        _, key, value = statuses[index]
-        for pair in leftovers:
-            if pair[0] == key:
+    for status in statuses:  # a missing field whose key the prediction has, with another value, is wrong
+        for pair in leftovers if status[0] == "missing" else []:
+            if pair[0] == status[1]:
                 leftovers.remove(pair)
-                statuses[index] = ("wrong", key, f"{pair[1]} → {value}")
+                status[0], status[3] = "wrong", pair[1]
                 break
-    return statuses + [("extra", key, value) for key, value in leftovers]
+    return [tuple(status) for status in statuses] + [("extra", key, "", value) for key, value in leftovers]
 
 
 def _load_thumbnail(path: str | None) -> Image.Image:
@@ -74,16 +72,17 @@ def _draw_card(row: dict, font, bold) -> Image.Image:
             draw.text((x, y), text[start:start + 60], fill=(60, 60, 60), font=font)
         return card
     statuses = field_statuses(row["prediction"], row["suffix"])
-    wrong = sum(status != "right" for status, _, _ in statuses)
+    wrong = sum(status != "right" for status, _, _, _ in statuses)
     draw.text((x, y), f"{len(statuses) - wrong} right, {wrong} wrong, missing or extra", fill="black", font=bold)
     marks = {"right": ("✓", RIGHT), "wrong": ("✗", WRONG), "missing": ("–", MISSING), "extra": ("+", EXTRA)}
     ordered = sorted(statuses, key=lambda s: s[0] == "right")  # errors first: they matter most
-    for number, (status, key, value) in enumerate(ordered):
+    for number, (status, key, true, predicted) in enumerate(ordered):
         y += LINE
         if y > bottom:
             draw.text((x, y), f"... {len(ordered) - number} more", fill=(90, 90, 90), font=font)
             break
         mark, colour = marks[status]
+        value = f"{predicted} → {true}" if status == "wrong" else true or predicted
         draw.text((x, y), f"{mark} {key}: {value}"[:78], fill=colour, font=font)
     return card
 

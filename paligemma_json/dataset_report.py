@@ -1,0 +1,163 @@
+"""Look at the data before training: sizes, label lengths against the generation budget, how often
+each field is filled, and leaks between splits (the same photo, or the same label, in two splits)."""
+
+import itertools
+import os
+import statistics
+
+from paligemma_json import FlowError
+from paligemma_json.files import write_json_atomically
+from paligemma_json.metrics import parse_json
+
+HASH_SIZE = 16  # a 256-bit perceptual hash: 8×8 (64 bits) saw distinct demo manifests as equal
+CANDIDATE_BITS = 24  # re-encoded or resized copies of a demo photo differed by ≤ 10 bits
+SAME_PHOTO_CORRELATION = 0.995  # then confirmed on 64×64 pixels: copies ≥ 0.9997, distinct manifests ≤ 0.983
+
+
+def spread(values: list) -> dict:
+    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
+
+
+def json_type(value) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(value), "number")
+
+
+def field_paths(value, path: str = "", found=None) -> dict:
+    """Key path → (filled, JSON types) for one label. List items share their parent's path, as in
+    the metrics; filled means a value other than null, "", [] or {}."""
+    found = {} if found is None else found
+    if isinstance(value, list) and value and all(isinstance(item, dict) for item in value):
+        for item in value:
+            field_paths(item, path, found)
+    elif isinstance(value, dict) and value:
+        for key, child in value.items():
+            field_paths(child, f"{path}.{key}" if path else key, found)
+    elif path:
+        filled, types = found.get(path, (False, set()))
+        found[path] = (filled or value not in (None, "", [], {}), types | {json_type(value)})
+    return found
+
+
+def image_summary(paths: list[str]) -> dict:
+    from PIL import Image
+    sizes, modes = [], {}
+    for path in paths:
+        with Image.open(path) as image:  # the header only
+            sizes.append(image.size)
+            modes[image.mode] = modes.get(image.mode, 0) + 1
+    return {"width": spread([w for w, _ in sizes]), "height": spread([h for _, h in sizes]), "modes": modes}
+
+
+def fingerprints(paths: list[str]) -> list:
+    """(perceptual hash, normalized 64×64 grey pixels) per image."""
+    import imagehash
+    import numpy as np
+    from PIL import Image
+    prints = []
+    for path in paths:
+        with Image.open(path) as image:
+            image.draft("L", (256, 256))  # JPEGs decode at a fraction of their size: fast
+            grey = image.convert("L")
+        pixels = np.asarray(grey.resize((64, 64), Image.BILINEAR), dtype=np.float32)
+        prints.append((imagehash.phash(grey, hash_size=HASH_SIZE), (pixels - pixels.mean()) / (pixels.std() + 1e-6)))
+    return prints
+
+
+def cross_split_leaks(splits: dict, paths: dict) -> dict:
+    """Pairs across splits that are the same photo, or carry the same label. A photo pair is a
+    perceptual-hash match confirmed by pixel correlation: similar forms on similar tables can hash
+    alike, a re-encoded or resized copy also correlates almost perfectly."""
+    prints = {split: fingerprints(paths[split]) for split in splits}
+    photos, labels = [], []
+    for first, second in itertools.combinations(splits, 2):
+        for (i, (hash_a, pixels_a)), (j, (hash_b, pixels_b)) in itertools.product(
+                enumerate(prints[first]), enumerate(prints[second])):
+            if hash_a - hash_b <= CANDIDATE_BITS:
+                correlation = float((pixels_a * pixels_b).mean())
+                if correlation >= SAME_PHOTO_CORRELATION:
+                    photos.append({first: splits[first].entries[i]["image"], second: splits[second].entries[j]["image"],
+                                   "hash_distance": int(hash_a - hash_b), "correlation": round(correlation, 4)})
+        seen = {}
+        for entry in splits[first].entries:
+            seen.setdefault(entry["suffix"], entry["image"])
+        for entry in splits[second].entries:
+            if entry["suffix"] in seen:
+                labels.append({first: seen[entry["suffix"]], second: entry["image"]})
+    return {"same_photo": photos, "same_label": labels}
+
+
+def build_dataset_report(splits: dict, tokenizer, max_new_tokens: int) -> dict:
+    """`splits`: name → JSONLDataset (with `entries` and `image_directory_path`)."""
+    paths = {split: [os.path.join(data.image_directory_path, e["image"]) for e in data.entries]
+             for split, data in splits.items()}
+    report = {"rows": {split: len(data) for split, data in splits.items()}, "images": {}, "label_tokens": {},
+              "max_new_tokens": max_new_tokens}
+    lengths = {split: [len(tokenizer(entry["suffix"])["input_ids"]) + 1 for entry in data.entries]  # + EOS
+               for split, data in splits.items()}
+    for split in splits:
+        report["images"][split] = image_summary(paths[split])
+        report["label_tokens"][split] = spread(lengths[split])
+    every = [(n, f"{split}/{entry['image']}") for split, data in splits.items()
+             for n, entry in zip(lengths[split], data.entries)]
+    longest, longest_image = max(every)
+    report["labels_over_budget"] = {"count": sum(n > max_new_tokens for n, _ in every), "longest": longest,
+                                    "longest_image": longest_image}
+
+    fields, json_rows = {}, 0
+    for data in splits.values():
+        for entry in data.entries:
+            label = parse_json(entry["suffix"])
+            if label is None:
+                continue
+            json_rows += 1
+            for path, (filled, types) in field_paths(label).items():
+                count, seen = fields.get(path, (0, set()))
+                fields[path] = (count + filled, seen | types)
+    report["json_rows"] = json_rows
+    report["fields"] = {path: {"filled": count / json_rows, "types": sorted(types)}
+                        for path, (count, types) in sorted(fields.items(), key=lambda item: item[1][0])}
+    report["leaks"] = cross_split_leaks(splits, paths)
+    return report
+
+
+def format_dataset_report(report: dict) -> str:
+    lines = [f"{'split':<8}{'rows':>6}{'width min/med/max':>22}{'height min/med/max':>22}{'label tokens min/med/max':>28}"]
+    for split, rows in report["rows"].items():
+        width, height, tokens = (report["images"][split]["width"], report["images"][split]["height"],
+                                 report["label_tokens"][split])
+        lines.append(f"{split:<8}{rows:>6}{'/'.join(f'{v:g}' for v in width.values()):>22}"
+                     f"{'/'.join(f'{v:g}' for v in height.values()):>22}{'/'.join(f'{v:g}' for v in tokens.values()):>28}")
+    sparse = [(path, field["filled"]) for path, field in report["fields"].items() if field["filled"] < 1]
+    if sparse:
+        lines.append("fields not always filled: " + ", ".join(f"{path} {share:.0%}" for path, share in sparse[:8]))
+    return "\n".join(lines)
+
+
+def dataset_warnings(report: dict) -> list[str]:
+    warnings = []
+    over = report["labels_over_budget"]
+    if over["count"]:
+        warnings.append(f"{over['count']} labels are longer than MAX_NEW_TOKENS={report['max_new_tokens']} tokens "
+                        f"(the longest, {over['longest_image']}, has {over['longest']}): their predictions will be "
+                        "cut off; raise --max-new-tokens")
+    for kind, what in (("same_photo", "the same photo"), ("same_label", "the same label")):
+        for pair in report["leaks"][kind]:
+            sides = " and ".join(f"{split}/{name}" for split, name in pair.items()
+                                 if split not in ("hash_distance", "correlation"))
+            warnings.append(f"leak: {what} in {sides}; the test score will flatter the model")
+    return warnings
+
+
+def report_dataset(splits: dict, tokenizer, max_new_tokens: int, output_dir: str, strict: bool) -> dict:
+    """Prints the report and its warnings, saves `dataset_report.json`; with `strict`, a leak stops the run."""
+    report = build_dataset_report(splits, tokenizer, max_new_tokens)
+    write_json_atomically(report, os.path.join(output_dir, "dataset_report.json"))
+    print(format_dataset_report(report))
+    for warning in dataset_warnings(report):
+        print(f"warning: {warning}")
+    leaks = len(report["leaks"]["same_photo"]) + len(report["leaks"]["same_label"])
+    if strict and leaks:
+        raise FlowError(f"{leaks} leaks between splits (listed above and in "
+                        f"{os.path.join(output_dir, 'dataset_report.json')}); remove them, or drop --strict")
+    return report

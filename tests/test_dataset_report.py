@@ -1,0 +1,80 @@
+"""The dataset report: leaks between splits, labels over the budget, fields and their fill rate."""
+
+import json
+import os
+import shutil
+
+import pytest
+from PIL import Image
+
+import finetune_paligemma2 as flow
+from paligemma_json.dataset_report import build_dataset_report, dataset_warnings, field_paths, report_dataset
+
+
+@pytest.fixture(scope="module")
+def tokenizer(demo_assets):
+    return flow.load_processor(demo_assets[1]).tokenizer
+
+
+@pytest.fixture
+def export(small_export, tmp_path):
+    target = str(tmp_path / "export")
+    shutil.copytree(small_export, target)
+    return target
+
+
+def plant_reencoded_copy(export):
+    """The first train photo, resized and saved at another JPEG quality, as a test row."""
+    train_row = json.loads(open(os.path.join(export, "train", "annotations.jsonl")).readline())
+    image = Image.open(os.path.join(export, "train", train_row["image"]))
+    copy = image.resize((image.width * 2 // 3, image.height * 2 // 3)).convert("RGB")
+    copy.save(os.path.join(export, "test", "IMG_9999_jpg.rf.copy.jpg"), quality=55)
+    with open(os.path.join(export, "test", "annotations.jsonl"), "a") as annotations:
+        annotations.write(json.dumps({**train_row, "image": "IMG_9999_jpg.rf.copy.jpg", "suffix": "{}"}) + "\n")
+    return train_row["image"]
+
+
+def test_a_clean_dataset_has_no_leaks(export, tokenizer):
+    report = build_dataset_report(flow.load_splits(export, ""), tokenizer, max_new_tokens=400)
+    assert report["leaks"] == {"same_photo": [], "same_label": []}
+    assert report["labels_over_budget"]["count"] == 0
+    assert report["rows"] == {"train": 32, "valid": 8, "test": 8}
+    assert dataset_warnings(report) == []
+
+
+def test_a_reencoded_photo_in_two_splits_is_named_on_both_sides(export, tokenizer, tmp_path, capsys):
+    original = plant_reencoded_copy(export)
+    report = report_dataset(flow.load_splits(export, ""), tokenizer, 400, str(tmp_path), strict=False)
+    assert [(pair["train"], pair["test"]) for pair in report["leaks"]["same_photo"]] == \
+        [(original, "IMG_9999_jpg.rf.copy.jpg")]
+    printed = capsys.readouterr().out
+    assert f"leak: the same photo in train/{original} and test/IMG_9999_jpg.rf.copy.jpg" in printed
+    assert json.load(open(tmp_path / "dataset_report.json"))["leaks"] == report["leaks"]
+    with pytest.raises(flow.FlowError, match="1 leaks between splits"):
+        report_dataset(flow.load_splits(export, ""), tokenizer, 400, str(tmp_path), strict=True)
+
+
+def test_the_same_label_in_two_splits_is_a_leak(export, tokenizer):
+    valid = os.path.join(export, "valid", "annotations.jsonl")
+    train_label = json.loads(open(os.path.join(export, "train", "annotations.jsonl")).readline())["suffix"]
+    rows = [json.loads(line) for line in open(valid)]
+    rows[3]["suffix"] = train_label
+    open(valid, "w").write("".join(json.dumps(row) + "\n" for row in rows))
+    report = build_dataset_report(flow.load_splits(export, ""), tokenizer, max_new_tokens=400)
+    assert [pair["valid"] for pair in report["leaks"]["same_label"]] == [rows[3]["image"]]
+
+
+def test_labels_over_the_budget_are_counted_with_the_longest(export, tokenizer):
+    splits = flow.load_splits(export, "")
+    lengths = sorted(len(tokenizer(e["suffix"])["input_ids"]) + 1 for d in splits.values() for e in d.entries)
+    budget = lengths[-5]  # exactly four labels are longer
+    report = build_dataset_report(splits, tokenizer, max_new_tokens=budget)
+    assert report["labels_over_budget"]["count"] == sum(n > budget for n in lengths) == 4
+    assert report["labels_over_budget"]["longest"] == lengths[-1]
+    assert "4 labels are longer than MAX_NEW_TOKENS" in dataset_warnings(report)[0]
+
+
+def test_field_paths_fill_rates_and_types():
+    found = field_paths({"a": "x", "b": "", "n": 0, "items": [{"c": 1}, {"c": "2"}], "empty": [], "o": {"d": None}})
+    assert found == {"a": (True, {"string"}), "b": (False, {"string"}), "n": (True, {"number"}),
+                     "items.c": (True, {"number", "string"}), "empty": (False, {"array"}), "o.d": (False, {"null"})}
