@@ -41,13 +41,13 @@ if __name__ == "__main__" and "google.colab" in sys.modules and not os.path.exis
 import functools
 import json
 import re
-import shutil
 
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
 from paligemma_json import FlowError  # a problem the user can fix: one line, never a traceback
+from paligemma_json.files import newest_checkpoint, prepare_output_dir
 from paligemma_json.settings import in_notebook, parse_overrides
 
 # Data
@@ -90,7 +90,12 @@ NUM_BEAMS = 1  # greedy; beams multiply the KV cache over hundreds of image toke
 EVAL_BATCH_SIZE = 8  # test images generated together
 
 DEMO = False  # offline: synthetic manifests and a tiny random PaliGemma 2, then the same flow
+PUSH_TO_HUB = ""  # a Hub repo id: upload final/ there after training (reads HF_TOKEN; untested here)
+
+# Modes that use a finished run instead of training one; each writes beside it
 EVALUATE = ""  # a predictions.jsonl to score again, with no model: metrics.json and pictures beside it
+PREDICT = ""  # an image or a folder of images to read with OUTPUT_DIR/final: OUTPUT_DIR/predict.jsonl
+MERGE = False  # merge final/'s LoRA adapter into its base: OUTPUT_DIR/merged, which loads without peft
 
 # Every UPPER_CASE name above is a setting (REPO_URL only serves Colab's step 0).
 DEFAULTS = {name: value for name, value in dict(globals()).items() if name.isupper() and name != "REPO_URL"}
@@ -118,51 +123,19 @@ def resolve_settings(argv: list[str]) -> dict:
     return settings
 
 
-def earlier_run_outputs(output_dir: str) -> list[str]:
-    """What an earlier run in `output_dir` wrote; the user's own files there are not listed."""
-    if not os.path.isdir(output_dir):
-        return []
-    return [name for name in sorted(os.listdir(output_dir))
-            if name in ("final", "metrics.json", "predictions.jsonl", "runs") or name.startswith("checkpoint-")]
-
-
-def prepare_output_dir(output_dir: str, overwrite: bool, resume: bool, demo: bool) -> None:
-    """Refuse to mix a new run with a finished or cut-off one, unless asked to continue or replace
-    it. A demo's output is disposable, so a demo replaces an earlier demo without being asked."""
-    earlier = earlier_run_outputs(output_dir)
-    if not earlier or resume:
-        return
-    earlier_demo = os.path.isdir(os.path.join(output_dir, "demo-model"))
-    if not (overwrite or (demo and earlier_demo)):
-        raise FlowError(f"{output_dir} already holds a run ({', '.join(earlier[:3])}): pass --resume to "
-                        "continue it, --overwrite to replace it, or choose another --output-dir")
-    print(f"replacing the earlier {'demo ' if earlier_demo else ''}run in {output_dir}")
-    for name in earlier:
-        path = os.path.join(output_dir, name)
-        if os.path.isdir(path):
-            shutil.rmtree(path)
-        else:
-            os.remove(path)
-
-
-def newest_checkpoint(output_dir: str) -> str | None:
-    """The newest complete checkpoint: the Trainer writes `trainer_state.json` last."""
-    steps = [int(name.split("-")[1]) for name in os.listdir(output_dir)
-             if re.fullmatch(r"checkpoint-\d+", name)
-             and os.path.isfile(os.path.join(output_dir, name, "trainer_state.json"))]
-    return os.path.join(output_dir, f"checkpoint-{max(steps)}") if steps else None
-
-
 if __name__ == "__main__":
     sys.excepthook = report_flow_errors
     globals().update(resolve_settings(sys.argv[1:]))
-    if EVALUATE:  # a mode of its own: score a finished run's predictions, then stop
-        from paligemma_json.evaluation import evaluate_file
-        evaluate_file(EVALUATE)
-        sys.exit(0)
+    FLOW = not (EVALUATE or PREDICT or MERGE)  # steps 2-8 train and test; the modes skip to 8 or 9
+    # Under torchrun or `accelerate launch` every process runs this file; the first one alone writes.
+    IS_MAIN_PROCESS = int(os.environ.get("RANK", "0")) == 0
     if RESUME and OVERWRITE:
         raise FlowError("--resume continues the run in OUTPUT_DIR and --overwrite replaces it: pass one")
-    prepare_output_dir(OUTPUT_DIR, OVERWRITE, RESUME, DEMO)
+    if DEMO and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise FlowError("--demo builds its data in one process: run it once without a launcher, then launch "
+                        "with --dataset-dir OUTPUT_DIR/demo-dataset --model-id OUTPUT_DIR/demo-model")
+    if FLOW and IS_MAIN_PROCESS:
+        prepare_output_dir(OUTPUT_DIR, OVERWRITE, RESUME, DEMO)
     os.makedirs(OUTPUT_DIR, exist_ok=True)
     TRAINING_DONE = RESUME and os.path.isdir(os.path.join(OUTPUT_DIR, "final"))
     RESUME_CHECKPOINT = newest_checkpoint(OUTPUT_DIR) if RESUME and not TRAINING_DONE else None
@@ -213,7 +186,7 @@ def download_dataset(dataset_dir: str, workspace: str, project: str, version: in
     return dataset_dir
 
 
-if __name__ == "__main__":
+if __name__ == "__main__" and FLOW:
     if DEMO:
         from paligemma_json.demo import build_demo
         DATASET_DIR, MODEL_ID, longest_label = build_demo(OUTPUT_DIR, SEED, reuse=RESUME)
@@ -310,7 +283,7 @@ def count_non_json_labels(dataset: JSONLDataset) -> int:
     return sum(parse_json(entry["suffix"]) is None for entry in dataset.entries)
 
 
-if __name__ == "__main__":
+if __name__ == "__main__" and FLOW:
     splits = load_splits(DATASET_DIR, PROMPT)
     train_dataset, valid_dataset, test_dataset = splits["train"], splits["valid"], splits["test"]
     print("dataset: " + ", ".join(f"{split} {len(data)} rows" for split, data in splits.items()))
@@ -398,13 +371,23 @@ def load_model(model_id: str, use_lora: bool, use_qlora: bool, freeze_vision: bo
     return model
 
 
-def load_trained_model(final_dir: str, model_id: str, use_qlora: bool, dtype: torch.dtype, cache_only: bool = False):
+def adapter_base(final_dir: str) -> str | None:
+    """The base model a LoRA adapter was trained on, or None for full weights."""
+    config_path = os.path.join(final_dir, "adapter_config.json")
+    if not os.path.isfile(config_path):
+        return None
+    with open(config_path, encoding="utf-8") as config:
+        return json.load(config)["base_model_name_or_path"]
+
+
+def load_trained_model(final_dir: str, use_qlora: bool, dtype: torch.dtype, cache_only: bool = False):
     """A finished run's `final/`: full weights, or its adapter on the base model it was trained on."""
-    if not os.path.isfile(os.path.join(final_dir, "adapter_config.json")):
+    base_id = adapter_base(final_dir)
+    if base_id is None:
         return PaliGemmaForConditionalGeneration.from_pretrained(final_dir, dtype=dtype, use_safetensors=True,
                                                                  device_map=model_device_map())
     from peft import PeftModel
-    base = hub_load(PaliGemmaForConditionalGeneration.from_pretrained, model_id, dtype=dtype, use_safetensors=True,
+    base = hub_load(PaliGemmaForConditionalGeneration.from_pretrained, base_id, dtype=dtype, use_safetensors=True,
                     device_map=model_device_map(), local_files_only=cache_only,
                     quantization_config=quantization_config(dtype) if use_qlora else None)
     return PeftModel.from_pretrained(base, final_dir)
@@ -415,15 +398,15 @@ def count_parameters(model) -> tuple[int, int]:
     return trainable, sum(p.numel() for p in model.parameters())
 
 
-if __name__ == "__main__":
+if __name__ == "__main__" and FLOW:
     set_seed(SEED)  # before the adapters exist: their A matrices are random
     TORCH_DTYPE = training_dtype()
     cache_only = cache_only_for(MODEL_ID)
     processor = load_processor(MODEL_ID, cache_only)
-    if DATASET_REPORT:  # it needs the tokenizer, so it runs here, still before the model loads
+    if DATASET_REPORT and IS_MAIN_PROCESS:  # it needs the tokenizer, so it runs here, before the model loads
         report_dataset(splits, processor.tokenizer, MAX_NEW_TOKENS, OUTPUT_DIR, STRICT)
     if TRAINING_DONE:
-        model = load_trained_model(os.path.join(OUTPUT_DIR, "final"), MODEL_ID, USE_QLORA, TORCH_DTYPE, cache_only)
+        model = load_trained_model(os.path.join(OUTPUT_DIR, "final"), USE_QLORA, TORCH_DTYPE, cache_only)
     else:
         model = load_model(MODEL_ID, USE_LORA, USE_QLORA, FREEZE_VISION, LORA_RANK, LORA_TARGET_MODULES,
                            TORCH_DTYPE, cache_only, checkpoint=RESUME_CHECKPOINT)
@@ -549,6 +532,8 @@ def training_arguments(output_dir: str, dtype: torch.dtype, **settings) -> Train
         report_to=["tensorboard"],
         bf16=dtype == torch.bfloat16,
         remove_unused_columns=False,  # the collate needs the image, which is not a model input
+        ddp_find_unused_parameters=False,  # every trained weight gets a gradient: skip DDP's search
+        use_cpu=not torch.cuda.is_available(),  # else torchrun on CPUs runs N separate, unsynced trainings
         dataloader_pin_memory=torch.cuda.is_available(),
         seed=settings["SEED"],
     )
@@ -582,6 +567,25 @@ def load_best_checkpoint(trainer: Trainer, model, dtype: torch.dtype):
                                                              device_map=model_device_map())
 
 
+def end_distributed() -> None:
+    """Under DDP: without this, about 1 run in 8 aborted at exit here."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def push_to_hub(final_dir: str, repo_id: str) -> None:
+    """Uploads `final/` to a private Hub repo. `huggingface_hub` reads HF_TOKEN from the
+    environment itself: a token passed to TrainingArguments would be pickled into every checkpoint."""
+    from huggingface_hub import HfApi
+    try:
+        HfApi().create_repo(repo_id, private=True, exist_ok=True)
+        HfApi().upload_folder(folder_path=final_dir, repo_id=repo_id, commit_message="Fine-tuned PaliGemma 2")
+    except Exception as error:
+        raise FlowError(f"pushing {final_dir} to {repo_id} failed ({type(error).__name__}); check HF_TOKEN and "
+                        "that it may write there; final/ is saved locally either way") from None
+    print(f"pushed: {final_dir} to huggingface.co/{repo_id}")
+
+
 def save_final_model(model, processor, final_dir: str) -> None:
     """Adapters alone under LoRA, full weights otherwise; the processor either way, or the adapter
     cannot be used later."""
@@ -591,13 +595,16 @@ def save_final_model(model, processor, final_dir: str) -> None:
     replace_atomically(write, final_dir)
 
 
-if __name__ == "__main__":
+if __name__ == "__main__" and FLOW:
     generation = {"dtype": TORCH_DTYPE, "batch_size": EVAL_BATCH_SIZE, "max_new_tokens": MAX_NEW_TOKENS,
                   "num_beams": NUM_BEAMS}
     if not TRAINING_DONE:
         trainer = build_trainer(model, processor, train_dataset, valid_dataset, generation,
                                 **{name: globals()[name] for name in DEFAULTS})
         train_result = trainer.train(resume_from_checkpoint=RESUME_CHECKPOINT)
+        if not trainer.is_world_process_zero():  # the first process alone saves, predicts and scores
+            end_distributed()
+            sys.exit(0)
         print(f"training: {train_result.global_step} steps, "
               f"{train_result.metrics['train_samples_per_second']:.2f} samples/s, "
               f"final loss {train_result.metrics['train_loss']:.4f}")
@@ -606,6 +613,8 @@ if __name__ == "__main__":
         draw_training_curves(trainer.state.log_history, os.path.join(OUTPUT_DIR, "training_curves.png"),
                              trainer.state.best_global_step)
         print(f"saved: {os.path.join(OUTPUT_DIR, 'final')}, {os.path.join(OUTPUT_DIR, 'training_curves.png')}")
+        if PUSH_TO_HUB:
+            push_to_hub(os.path.join(OUTPUT_DIR, "final"), PUSH_TO_HUB)
 
 # %% [markdown]
 # ## 7. Predict the test set
@@ -650,7 +659,7 @@ def predict_to_file(model, processor, dataset: JSONLDataset, predictions_path: s
     return rows
 
 
-if __name__ == "__main__":
+if __name__ == "__main__" and FLOW:
     predictions = predict_to_file(model, processor, test_dataset, os.path.join(OUTPUT_DIR, "predictions.jsonl"),
                                   RESUME, **generation)
     print(f"example prediction for {predictions[0]['image']}:\n{predictions[0]['prediction'][:400]}")
@@ -663,7 +672,101 @@ if __name__ == "__main__":
 # `--evaluate OUTPUT_DIR/predictions.jsonl` does this step again, with no model.
 
 # %%
-from paligemma_json.evaluation import evaluate_predictions
+from paligemma_json.evaluation import evaluate_file, evaluate_predictions
+from paligemma_json.metrics import parse_json
 
-if __name__ == "__main__":
+if __name__ == "__main__" and FLOW:
     metrics = evaluate_predictions(predictions, OUTPUT_DIR)
+    end_distributed()
+
+if __name__ == "__main__" and EVALUATE:
+    metrics = evaluate_file(EVALUATE)
+
+# %% [markdown]
+# ## 9. Use the trained model: read new documents, export a merged model
+# `--predict PATH` reads an image, or every image in a folder, with `OUTPUT_DIR/final/` and writes one
+# line per image to `OUTPUT_DIR/predict.jsonl`: the image, the prediction, and whether it parses.
+# `--merge` folds a LoRA adapter into its base, reloaded in bf16 or fp32 (never 4-bit: merging
+# into a quantized base changes the generations), and saves `OUTPUT_DIR/merged/`, a standalone model
+# with its processor that `from_pretrained` loads without peft.
+
+# %%
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+
+
+class DocumentImages(JSONLDataset):
+    """New documents, in JSONLDataset's shape: an image file, or every image in a folder."""
+
+    def __init__(self, path: str, prompt: str):
+        if os.path.isdir(path):
+            self.image_directory_path = path
+            names = sorted(name for name in os.listdir(path) if name.lower().endswith(IMAGE_SUFFIXES))
+        elif os.path.isfile(path):
+            self.image_directory_path, names = os.path.dirname(path) or ".", [os.path.basename(path)]
+        else:
+            raise FlowError(f"{path}: no such image or folder; pass --predict an image or a folder of images")
+        if not names:
+            raise FlowError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+        if not prompt:
+            raise FlowError("--predict needs the prompt the model was trained with: pass --prompt")
+        for name in names:
+            check_image(os.path.join(self.image_directory_path, name), path)
+        self.entries = [{"image": name, "prefix": prompt, "suffix": ""} for name in names]
+
+
+def trained_run(output_dir: str) -> str:
+    final_dir = os.path.join(output_dir, "final")
+    if not os.path.isdir(final_dir):
+        raise FlowError(f"{final_dir}: no trained model; point --output-dir at a finished run")
+    return final_dir
+
+
+def predict_documents(output_dir: str, path: str, prompt: str, use_qlora: bool, batch_size: int,
+                      max_new_tokens: int, num_beams: int) -> list[dict]:
+    final_dir, dtype = trained_run(output_dir), training_dtype()
+    documents = DocumentImages(path, prompt)
+    processor, model = load_processor(final_dir), load_trained_model(final_dir, use_qlora, dtype)
+    rows = []
+
+    def write(temporary):  # appended as it goes; renamed into place once complete
+        with open(temporary, "w", encoding="utf-8") as out:
+            for row in predict_rows(model, processor, documents, dtype, batch_size, max_new_tokens, num_beams):
+                row = {key: row[key] for key in ("image", "image_path", "prefix", "prediction")}
+                row["parsed"] = parse_json(row["prediction"]) is not None
+                out.write(json.dumps(row) + "\n")
+                out.flush()
+                rows.append(row)
+    target = os.path.join(output_dir, "predict.jsonl")
+    replaced = os.path.exists(target)
+    replace_atomically(write, target)
+    print(f"predicted: {len(rows)} images, {sum(row['parsed'] for row in rows)} parsed as JSON; "
+          f"{'replaced' if replaced else 'wrote'} {target}")
+    return rows
+
+
+def merge_adapter(output_dir: str) -> str:
+    from peft import PeftModel
+    final_dir = trained_run(output_dir)
+    base_id = adapter_base(final_dir)
+    if base_id is None:
+        raise FlowError(f"{final_dir} holds full weights, not a LoRA adapter: it already loads on its own")
+    base = hub_load(PaliGemmaForConditionalGeneration.from_pretrained, base_id, dtype=training_dtype(),
+                    use_safetensors=True, device_map=model_device_map())
+    merged = PeftModel.from_pretrained(base, final_dir).merge_and_unload()
+    processor, target = load_processor(final_dir), os.path.join(output_dir, "merged")
+    replaced = os.path.exists(target)
+
+    def write(temporary):
+        merged.save_pretrained(temporary, safe_serialization=True)
+        processor.save_pretrained(temporary)
+    replace_atomically(write, target)
+    print(f"merged: {final_dir} into {base_id}; {'replaced' if replaced else 'wrote'} {target}")
+    return target
+
+
+if __name__ == "__main__" and PREDICT:
+    new_predictions = predict_documents(OUTPUT_DIR, PREDICT, PROMPT, USE_QLORA, EVAL_BATCH_SIZE, MAX_NEW_TOKENS,
+                                        NUM_BEAMS)
+
+if __name__ == "__main__" and MERGE:
+    merged_dir = merge_adapter(OUTPUT_DIR)

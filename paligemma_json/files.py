@@ -1,8 +1,12 @@
-"""Writing results so that a crash never leaves a file or folder that looks complete but is not."""
+"""Writing results so that a crash never leaves a file or folder that looks complete but is not,
+and the rules for an OUTPUT_DIR that already holds a run."""
 
 import json
 import os
+import re
 import shutil
+
+from paligemma_json import FlowError
 
 
 def replace_atomically(write, final_path: str) -> None:
@@ -21,3 +25,38 @@ def write_json_atomically(data, path: str) -> None:
         with open(temporary, "w", encoding="utf-8") as out:
             json.dump(data, out, indent=2)
     replace_atomically(write, path)
+
+
+def earlier_run_outputs(output_dir: str) -> list[str]:
+    """What an earlier run in `output_dir` wrote; the user's own files there are not listed."""
+    if not os.path.isdir(output_dir):
+        return []
+    return [name for name in sorted(os.listdir(output_dir))
+            if name in ("final", "metrics.json", "predictions.jsonl", "runs") or name.startswith("checkpoint-")]
+
+
+def prepare_output_dir(output_dir: str, overwrite: bool, resume: bool, demo: bool) -> None:
+    """Refuse to mix a new run with a finished or cut-off one, unless asked to continue or replace
+    it. A demo's output is disposable, so a demo replaces an earlier demo without being asked."""
+    earlier = earlier_run_outputs(output_dir)
+    if not earlier or resume:
+        return
+    earlier_demo = os.path.isdir(os.path.join(output_dir, "demo-model"))
+    if not (overwrite or (demo and earlier_demo)):
+        raise FlowError(f"{output_dir} already holds a run ({', '.join(earlier[:3])}): pass --resume to "
+                        "continue it, --overwrite to replace it, or choose another --output-dir")
+    print(f"replacing the earlier {'demo ' if earlier_demo else ''}run in {output_dir}")
+    for name in earlier:
+        path = os.path.join(output_dir, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
+
+
+def newest_checkpoint(output_dir: str) -> str | None:
+    """The newest complete checkpoint: the Trainer writes `trainer_state.json` last."""
+    steps = [int(name.split("-")[1]) for name in os.listdir(output_dir)
+             if re.fullmatch(r"checkpoint-\d+", name)
+             and os.path.isfile(os.path.join(output_dir, name, "trainer_state.json"))]
+    return os.path.join(output_dir, f"checkpoint-{max(steps)}") if steps else None

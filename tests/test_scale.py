@@ -1,0 +1,123 @@
+"""Past one process and past the test set: DDP over gloo, --predict, --merge, the Hub push's code path."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import finetune_paligemma2 as flow
+from conftest import ROOT, SCRIPT, run_script, short_run_args
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_cpu_processes_halve_the_steps_and_predict_each_test_row_once(demo_assets, small_export, tmp_path):
+    output_dir = tmp_path / "ddp"
+    args = short_run_args(small_export, demo_assets[1], output_dir, "--epochs", "1", "--max-steps", "-1")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                             f"--master-port={free_port()}", SCRIPT, *args],
+                            capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = json.load(open(output_dir / "checkpoint-4" / "trainer_state.json"))
+    assert state["global_step"] == 4  # 32 rows / (batch 4 × 2 processes); one process takes 8
+    assert result.stdout.count("training: 4 steps") == 1  # the second process stops after training
+    rows = [json.loads(line) for line in open(output_dir / "predictions.jsonl")]
+    truth = [json.loads(line)["image"] for line in open(os.path.join(small_export, "test", "annotations.jsonl"))]
+    assert [row["image"] for row in rows] == truth  # every test row exactly once
+    assert "Traceback" not in result.stderr
+
+
+def test_the_demo_refuses_a_launcher_in_one_line(tmp_path):
+    result = run_script("--demo", "--output-dir", str(tmp_path / "out"), env={"WORLD_SIZE": "2", "RANK": "0"})
+    assert result.returncode == 2 and result.stderr.startswith("error: --demo builds its data in one process")
+
+
+def test_predict_reads_a_folder_or_one_image_with_the_final_model(demo_run):
+    output_dir = demo_run[0]
+    folder = os.path.join(output_dir, "demo-dataset", "test")
+    result = run_script("--output-dir", output_dir, "--predict", folder)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [json.loads(line) for line in open(os.path.join(output_dir, "predict.jsonl"))]
+    images = sorted(name for name in os.listdir(folder) if name.endswith(".jpg"))
+    assert [row["image"] for row in rows] == images
+    assert set(rows[0]) == {"image", "image_path", "prefix", "prediction", "parsed"}
+    assert sum(row["parsed"] for row in rows) >= 0.8 * len(rows)
+    assert all(row["parsed"] == (flow.parse_json(row["prediction"]) is not None) for row in rows)
+    assert f"predicted: 24 images, {sum(row['parsed'] for row in rows)} parsed as JSON" in result.stdout
+    assert not os.path.exists(os.path.join(output_dir, "predict.jsonl.tmp"))
+
+    one = run_script("--output-dir", output_dir, "--predict", os.path.join(folder, images[3]))
+    assert one.returncode == 0 and "replaced" in one.stdout
+    only = [json.loads(line) for line in open(os.path.join(output_dir, "predict.jsonl"))]
+    assert len(only) == 1 and only[0]["prediction"] == rows[3]["prediction"]  # batched equals alone
+
+
+@pytest.mark.parametrize("target, message", [("missing.jpg", "no such image or folder"), ("", "no images")])
+def test_predict_names_what_is_wrong(demo_run, tmp_path, target, message):
+    (tmp_path / "empty").mkdir()
+    path = str(tmp_path / "empty" / target) if target else str(tmp_path / "empty")
+    result = run_script("--output-dir", demo_run[0], "--predict", path)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_predict_without_a_trained_model_is_one_line(tmp_path, demo_assets):
+    result = run_script("--output-dir", str(tmp_path / "nothing"), "--predict", demo_assets[0])
+    assert result.returncode == 2 and "no trained model; point --output-dir at a finished run" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def lora_run(demo_assets, small_export, tmp_path_factory):
+    """A short LoRA run whose adapter has moved far from zero (lr 1e-2)."""
+    output_dir = tmp_path_factory.mktemp("lora") / "run"
+    result = run_script(*short_run_args(small_export, demo_assets[1], output_dir, "--use-lora",
+                                        "--learning-rate", "1e-2", "--max-steps", "8", "--save-steps", "4"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    return str(output_dir)
+
+
+def test_merge_gives_a_standalone_model_that_generates_like_base_plus_adapter(lora_run, demo_assets, small_export):
+    from peft import PeftModel
+    result = run_script("--output-dir", lora_run, "--merge")
+    assert result.returncode == 0, result.stderr[-2000:]
+    merged_dir = os.path.join(lora_run, "merged")
+    assert not os.path.isfile(os.path.join(merged_dir, "adapter_config.json"))
+    merged = flow.PaliGemmaForConditionalGeneration.from_pretrained(merged_dir).eval()
+    base = flow.PaliGemmaForConditionalGeneration.from_pretrained(demo_assets[1]).eval()
+    name = "model.language_model.layers.0.self_attn.q_proj.weight"
+    moved = (merged.state_dict()[name] - base.state_dict()[name]).abs().max()
+    assert moved > 1e-3  # the adapter was not a no-op, so the comparison below could fail
+    with_adapter = PeftModel.from_pretrained(base, os.path.join(lora_run, "final")).eval()
+    processor = flow.load_processor(merged_dir)
+    test = flow.load_splits(small_export, "extract data in JSON format")["test"]
+    batch = [test[i] for i in range(4)]
+    expected = flow.generate_batch(with_adapter, processor, batch, torch.float32, max_new_tokens=30, num_beams=1)
+    assert flow.generate_batch(merged, processor, batch, torch.float32, max_new_tokens=30, num_beams=1) == expected
+
+    again = run_script("--output-dir", lora_run, "--merge")
+    assert again.returncode == 0 and "replaced" in again.stdout
+
+
+def test_merge_refuses_full_weights(demo_run):
+    result = run_script("--output-dir", demo_run[0], "--merge")
+    assert result.returncode == 2 and "holds full weights, not a LoRA adapter" in result.stderr
+
+
+def test_the_hub_push_code_path_uploads_final_and_passes_no_token(monkeypatch, tmp_path):
+    """Only the code path: the Hub cannot be reached here, so the upload itself is untested."""
+    from huggingface_hub import HfApi
+    calls = []
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, *a, **k: calls.append(("create", a, k)))
+    monkeypatch.setattr(HfApi, "upload_folder", lambda self, *a, **k: calls.append(("upload", a, k)))
+    flow.push_to_hub(str(tmp_path), "someone/pallet-model")
+    assert [call[0] for call in calls] == ["create", "upload"]
+    assert calls[0][1] == ("someone/pallet-model",) and calls[0][2]["private"] is True
+    assert calls[1][2]["folder_path"] == str(tmp_path) and calls[1][2]["repo_id"] == "someone/pallet-model"
+    assert not any("token" in call[2] for call in calls)
