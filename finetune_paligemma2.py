@@ -47,7 +47,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from paligemma_json import FlowError  # a problem the user can fix: one line, never a traceback
-from paligemma_json.files import newest_checkpoint, prepare_output_dir
+from paligemma_json.files import completed_rows, newest_checkpoint, prepare_output_dir
 from paligemma_json.settings import in_notebook, parse_overrides
 
 # Data
@@ -136,7 +136,7 @@ if __name__ == "__main__":
                         "with --dataset-dir OUTPUT_DIR/demo-dataset --model-id OUTPUT_DIR/demo-model")
     if FLOW and IS_MAIN_PROCESS:
         prepare_output_dir(OUTPUT_DIR, OVERWRITE, RESUME, DEMO)
-    os.makedirs(OUTPUT_DIR, exist_ok=True)
+        os.makedirs(OUTPUT_DIR, exist_ok=True)
     TRAINING_DONE = RESUME and os.path.isdir(os.path.join(OUTPUT_DIR, "final"))
     RESUME_CHECKPOINT = newest_checkpoint(OUTPUT_DIR) if RESUME and not TRAINING_DONE else None
     if RESUME:
@@ -301,11 +301,16 @@ if __name__ == "__main__" and FLOW:
 # leaks between splits (the same photo by perceptual hash, or the same label).
 
 # %%
-from peft import LoraConfig, get_peft_model
+import logging
+
+# bitsandbytes fetches an optional CPU 4-bit kernel from the Hub and warns on every import without it;
+# its own kernel is used instead, and 4-bit on a CPU is for testing anyway.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+from peft import LoraConfig, get_peft_model  # noqa: E402
 from transformers import BitsAndBytesConfig, PaliGemmaForConditionalGeneration, PaliGemmaProcessor, set_seed
 
 from paligemma_json.dataset_report import report_dataset
-from paligemma_json.hub import cache_only_for, hub_load
+from paligemma_json.hub import cache_only_for, hub_load, push_to_hub
 
 
 def training_dtype() -> torch.dtype:
@@ -573,19 +578,6 @@ def end_distributed() -> None:
         torch.distributed.destroy_process_group()
 
 
-def push_to_hub(final_dir: str, repo_id: str) -> None:
-    """Uploads `final/` to a private Hub repo. `huggingface_hub` reads HF_TOKEN from the
-    environment itself: a token passed to TrainingArguments would be pickled into every checkpoint."""
-    from huggingface_hub import HfApi
-    try:
-        HfApi().create_repo(repo_id, private=True, exist_ok=True)
-        HfApi().upload_folder(folder_path=final_dir, repo_id=repo_id, commit_message="Fine-tuned PaliGemma 2")
-    except Exception as error:
-        raise FlowError(f"pushing {final_dir} to {repo_id} failed ({type(error).__name__}); check HF_TOKEN and "
-                        "that it may write there; final/ is saved locally either way") from None
-    print(f"pushed: {final_dir} to huggingface.co/{repo_id}")
-
-
 def save_final_model(model, processor, final_dir: str) -> None:
     """Adapters alone under LoRA, full weights otherwise; the processor either way, or the adapter
     cannot be used later."""
@@ -623,28 +615,11 @@ if __name__ == "__main__" and FLOW:
 # %%
 
 
-def completed_rows(predictions_path: str, dataset: JSONLDataset) -> list[dict]:
-    """The rows of an earlier, cut-off prediction run that match the dataset in order; a line torn
-    by the crash ends them."""
-    rows = []
-    if os.path.isfile(predictions_path):
-        with open(predictions_path, "rb") as file:
-            for line, entry in zip(file, dataset.entries):
-                try:
-                    row = json.loads(line)
-                except ValueError:
-                    break
-                if not line.endswith(b"\n") or row.get("image") != entry["image"]:
-                    break
-                rows.append(row)
-    return rows
-
-
 def predict_to_file(model, processor, dataset: JSONLDataset, predictions_path: str, resume: bool = False,
                     **generation) -> list[dict]:
     """Appends and flushes each row as it is generated; with `resume`, keeps the rows already there
     and predicts only the rest."""
-    rows = completed_rows(predictions_path, dataset) if resume else []
+    rows = completed_rows(predictions_path, dataset.entries) if resume else []
     if rows:
         print(f"predictions: {len(rows)} of {len(dataset)} already in {predictions_path}; predicting the rest")
     def keep_completed(temporary):

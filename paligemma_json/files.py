@@ -60,3 +60,20 @@ def newest_checkpoint(output_dir: str) -> str | None:
              if re.fullmatch(r"checkpoint-\d+", name)
              and os.path.isfile(os.path.join(output_dir, name, "trainer_state.json"))]
     return os.path.join(output_dir, f"checkpoint-{max(steps)}") if steps else None
+
+
+def completed_rows(predictions_path: str, entries: list[dict]) -> list[dict]:
+    """The rows of an earlier, cut-off prediction run that match `entries` in order; a line torn by
+    the crash ends them."""
+    rows = []
+    if os.path.isfile(predictions_path):
+        with open(predictions_path, "rb") as file:
+            for line, entry in zip(file, entries):
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    break
+                if not line.endswith(b"\n") or row.get("image") != entry["image"]:
+                    break
+                rows.append(row)
+    return rows

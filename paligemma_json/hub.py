@@ -1,5 +1,6 @@
-"""One line instead of a traceback when the Hugging Face Hub cannot give us the model, and
-quickly: without a network, `from_pretrained` retries every file for minutes before failing."""
+"""The Hugging Face Hub: one line instead of a traceback when it cannot give us the model, and
+quickly: without a network, `from_pretrained` retries every file for minutes before failing; and
+the optional upload of a finished model."""
 
 import os
 
@@ -45,3 +46,16 @@ def cache_only_for(model_id: str) -> bool:
             return True
         raise FlowError(f"cannot reach the Hugging Face Hub for {model_id} ({type(error).__name__}) and it is "
                         "not cached: check the network, or point --model-id at a local folder") from None
+
+
+def push_to_hub(final_dir: str, repo_id: str) -> None:
+    """Uploads `final/` to a private Hub repo. `huggingface_hub` reads HF_TOKEN from the
+    environment itself: a token passed to TrainingArguments would be pickled into every checkpoint."""
+    from huggingface_hub import HfApi
+    try:
+        HfApi().create_repo(repo_id, private=True, exist_ok=True)
+        HfApi().upload_folder(folder_path=final_dir, repo_id=repo_id, commit_message="Fine-tuned PaliGemma 2")
+    except Exception as error:
+        raise FlowError(f"pushing {final_dir} to {repo_id} failed ({type(error).__name__}); check HF_TOKEN and "
+                        "that it may write there; final/ is saved locally either way") from None
+    print(f"pushed: {final_dir} to huggingface.co/{repo_id}")
