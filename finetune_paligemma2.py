@@ -85,7 +85,7 @@ OVERWRITE = False  # replace a finished run in OUTPUT_DIR instead of refusing
 RESUME = False  # continue a cut-off run in OUTPUT_DIR: from its newest checkpoint, then missing predictions
 
 # Inference
-MAX_NEW_TOKENS = 1024  # must exceed the longest label: the tutorial's 256 cuts manifests off
+MAX_NEW_TOKENS = 0  # 0: the longest train/valid label in tokens + 25% (printed); the tutorial's 256 cut manifests off
 NUM_BEAMS = 1  # greedy; beams multiply the KV cache over hundreds of image tokens
 EVAL_BATCH_SIZE = 8  # test images generated together
 
@@ -189,9 +189,8 @@ def download_dataset(dataset_dir: str, workspace: str, project: str, version: in
 if __name__ == "__main__" and FLOW:
     if DEMO:
         from paligemma_json.demo import build_demo
-        DATASET_DIR, MODEL_ID, longest_label = build_demo(OUTPUT_DIR, SEED, reuse=RESUME)
-        MAX_NEW_TOKENS = longest_label + 16  # the demo's budget comes from its labels
-        print(f"demo: dataset in {DATASET_DIR}, tiny model in {MODEL_ID}, MAX_NEW_TOKENS={MAX_NEW_TOKENS}")
+        DATASET_DIR, MODEL_ID = build_demo(OUTPUT_DIR, SEED, reuse=RESUME)
+        print(f"demo: dataset in {DATASET_DIR}, tiny model in {MODEL_ID}")
     else:
         DATASET_DIR = download_dataset(DATASET_DIR, ROBOFLOW_WORKSPACE, ROBOFLOW_PROJECT, ROBOFLOW_VERSION)
 
@@ -309,7 +308,7 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from transformers import BitsAndBytesConfig, PaliGemmaForConditionalGeneration, PaliGemmaProcessor, set_seed
 
-from paligemma_json.dataset_report import report_dataset
+from paligemma_json.dataset_report import report_dataset, token_budget
 from paligemma_json.hub import cache_only_for, hub_load, push_to_hub
 
 
@@ -408,6 +407,9 @@ if __name__ == "__main__" and FLOW:
     TORCH_DTYPE = training_dtype()
     cache_only = cache_only_for(MODEL_ID)
     processor = load_processor(MODEL_ID, cache_only)
+    if MAX_NEW_TOKENS <= 0:
+        MAX_NEW_TOKENS = token_budget([splits["train"], splits["valid"]], processor.tokenizer)
+        print(f"MAX_NEW_TOKENS={MAX_NEW_TOKENS}: the longest train/valid label in tokens, + 25%")
     if DATASET_REPORT and IS_MAIN_PROCESS:  # it needs the tokenizer, so it runs here, before the model loads
         report_dataset(splits, processor.tokenizer, MAX_NEW_TOKENS, OUTPUT_DIR, STRICT)
     if TRAINING_DONE:
@@ -446,13 +448,17 @@ def collate_fn(batch, processor, dtype: torch.dtype, with_labels: bool = True):
     return inputs
 
 
-def generate_batch(model, processor, batch, dtype: torch.dtype, max_new_tokens: int, num_beams: int) -> list[str]:
+def generate_batch(model, processor, batch, dtype: torch.dtype, max_new_tokens: int, num_beams: int) -> list[dict]:
+    """`prediction` per image, and `truncated`: the budget ran out before EOS, so the text is cut off."""
     processor.tokenizer.padding_side = "left"  # right padding would put pads between prompt and answer
     inputs = collate_fn(batch, processor, dtype, with_labels=False).to(model.device)
     prompt_length = inputs["input_ids"].shape[-1]
     with torch.inference_mode():
         generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=num_beams)
-    return processor.batch_decode(generated[:, prompt_length:], skip_special_tokens=True)
+    answers = generated[:, prompt_length:]
+    texts = processor.batch_decode(answers, skip_special_tokens=True)
+    ended = (answers == processor.tokenizer.eos_token_id).any(dim=-1).tolist()
+    return [{"prediction": text, "truncated": not done} for text, done in zip(texts, ended)]
 
 
 def predict_rows(model, processor, dataset: JSONLDataset, dtype: torch.dtype, batch_size: int,
@@ -463,9 +469,9 @@ def predict_rows(model, processor, dataset: JSONLDataset, dtype: torch.dtype, ba
     model.eval()
     for first in tqdm(range(start, len(dataset), batch_size), desc="generating", unit="batch", leave=False):
         batch = [dataset[i] for i in range(first, min(first + batch_size, len(dataset)))]
-        for (_, entry), text in zip(batch, generate_batch(model, processor, batch, dtype, max_new_tokens, num_beams)):
+        for (_, entry), output in zip(batch, generate_batch(model, processor, batch, dtype, max_new_tokens, num_beams)):
             yield {"image": entry["image"], "image_path": os.path.join(dataset.image_directory_path, entry["image"]),
-                   "prefix": entry["prefix"], "suffix": entry["suffix"], "prediction": text}
+                   "prefix": entry["prefix"], "suffix": entry["suffix"], **output}
     model.train(was_training)
 
 
@@ -706,7 +712,7 @@ def predict_documents(output_dir: str, path: str, prompt: str, use_qlora: bool, 
     def write(temporary):  # appended as it goes; renamed into place once complete
         with open(temporary, "w", encoding="utf-8") as out:
             for row in predict_rows(model, processor, documents, dtype, batch_size, max_new_tokens, num_beams):
-                row = {key: row[key] for key in ("image", "image_path", "prefix", "prediction")}
+                row = {key: row[key] for key in ("image", "image_path", "prefix", "prediction", "truncated")}
                 row["parsed"] = parse_json(row["prediction"]) is not None
                 out.write(json.dumps(row) + "\n")
                 out.flush()
@@ -740,8 +746,8 @@ def merge_adapter(output_dir: str) -> str:
 
 
 if __name__ == "__main__" and PREDICT:
-    new_predictions = predict_documents(OUTPUT_DIR, PREDICT, PROMPT, USE_QLORA, EVAL_BATCH_SIZE, MAX_NEW_TOKENS,
-                                        NUM_BEAMS)
+    new_predictions = predict_documents(OUTPUT_DIR, PREDICT, PROMPT, USE_QLORA, EVAL_BATCH_SIZE,
+                                        MAX_NEW_TOKENS or 1024, NUM_BEAMS)  # no labels here to size it by
 
 if __name__ == "__main__" and MERGE:
     merged_dir = merge_adapter(OUTPUT_DIR)

@@ -87,14 +87,24 @@ def cross_split_leaks(splits: dict, paths: dict) -> dict:
     return {"same_photo": photos, "same_label": labels}
 
 
+def label_lengths(dataset, tokenizer) -> list[int]:
+    """Each label's length in the model's tokens, with the EOS that ends it."""
+    return [len(tokenizer(entry["suffix"])["input_ids"]) + 1 for entry in dataset.entries]
+
+
+def token_budget(datasets: list, tokenizer) -> int:
+    """A generation budget that fits every label seen, with room for a longer document."""
+    longest = max(max(label_lengths(dataset, tokenizer)) for dataset in datasets)
+    return longest + max(16, longest // 4)
+
+
 def build_dataset_report(splits: dict, tokenizer, max_new_tokens: int) -> dict:
     """`splits`: name → JSONLDataset (with `entries` and `image_directory_path`)."""
     paths = {split: [os.path.join(data.image_directory_path, e["image"]) for e in data.entries]
              for split, data in splits.items()}
     report = {"rows": {split: len(data) for split, data in splits.items()}, "images": {}, "label_tokens": {},
               "max_new_tokens": max_new_tokens}
-    lengths = {split: [len(tokenizer(entry["suffix"])["input_ids"]) + 1 for entry in data.entries]  # + EOS
-               for split, data in splits.items()}
+    lengths = {split: label_lengths(data, tokenizer) for split, data in splits.items()}
     for split in splits:
         report["images"][split] = image_summary(paths[split])
         report["label_tokens"][split] = spread(lengths[split])

@@ -203,11 +203,9 @@ def build_tiny_model(tokenizer, save_dir: str, seed: int = 0):
     return model, processor
 
 
-def build_demo(output_dir: str, seed: int = 0, reuse: bool = False) -> tuple[str, str, int]:
+def build_demo(output_dir: str, seed: int = 0, reuse: bool = False) -> tuple[str, str]:
     """Writes the demo dataset and tiny model under `output_dir` (or, with `reuse`, keeps those an
-    earlier demo left there, as a resumed run needs); returns their paths and the longest train or
-    valid label in tokens (the demo's generation budget is set from it)."""
-    from transformers import AutoTokenizer
+    earlier demo left there, as a resumed run needs); returns their paths."""
     dataset_dir = os.path.join(output_dir, "demo-dataset")
     model_dir = os.path.join(output_dir, "demo-model")
     if not (reuse and os.path.isdir(dataset_dir) and os.path.isdir(model_dir)):
@@ -218,10 +216,4 @@ def build_demo(output_dir: str, seed: int = 0, reuse: bool = False) -> tuple[str
         extra = [json.dumps(make_manifest(extra_rng)) for _ in range(EXTRA_TOKENIZER_RECORDS)]
         # Never the test labels: merges fitted to them would inflate the demo's score.
         build_tiny_model(train_demo_tokenizer(labels["train"] + labels["valid"] + extra), model_dir, seed)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    longest = 0
-    for split in ("train", "valid"):
-        with open(os.path.join(dataset_dir, split, "annotations.jsonl")) as annotations:
-            for line in annotations:
-                longest = max(longest, len(tokenizer(json.loads(line)["suffix"])["input_ids"]))
-    return dataset_dir, model_dir, longest
+    return dataset_dir, model_dir

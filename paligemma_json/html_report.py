@@ -96,7 +96,8 @@ def card_html(index: int, row: dict) -> tuple[str, int]:
                          f'<td>{escape(predicted)}</td><td>{status}</td></tr>')
         body = ("<table><tr><th>field</th><th>true</th><th>predicted</th><th></th></tr>"
                 + "".join(lines) + "</table>")
-    title = f'<h3>{escape(str(row.get("image", f"row {index + 1}")))} · {wrong} wrong, missing or extra</h3>'
+    cut_off = " · cut off at MAX_NEW_TOKENS" if row.get("truncated") else ""
+    title = f'<h3>{escape(str(row.get("image", f"row {index + 1}")))} · {wrong} wrong, missing or extra{cut_off}</h3>'
     return (f'<div class="card" data-index="{index}" data-wrong="{wrong}">{image}'
             f'<div class="fields">{title}{body}</div></div>'), wrong
 

@@ -23,6 +23,21 @@ def parse_json(text: str):
     return value if isinstance(value, (dict, list)) else None
 
 
+def has_duplicate_keys(text: str) -> bool:
+    """A key written twice at one level: `json.loads` silently keeps the last, so it parses."""
+    repeated = False
+
+    def check(pairs):
+        nonlocal repeated
+        repeated = repeated or len({key for key, _ in pairs}) < len(pairs)
+        return dict(pairs)
+    try:
+        json.loads(text, object_pairs_hook=check)
+    except (json.JSONDecodeError, TypeError):
+        return False
+    return repeated
+
+
 # --- Donut's normalization and flattening -----------------------------------------------------
 
 def normalize(data):
@@ -160,11 +175,12 @@ def _ratio(part: float, whole: float, if_empty: float) -> float:
 def compute_metrics(rows: list[dict]) -> dict:
     """Flat figures over prediction rows (each with `prediction` and `suffix`), plus `per_field`.
     Rows whose `suffix` is not JSON (captions, answers) only count in `char_similarity`."""
-    scored = []  # (parsed prediction or {} when invalid, whether it parsed, parsed truth)
+    scored, duplicates = [], 0  # (parsed prediction or {} when invalid, whether it parsed, parsed truth)
     for row in rows:
         truth, prediction = parse_json(row["suffix"]), parse_json(row["prediction"])
         if truth is not None:
             scored.append((prediction if prediction is not None else {}, prediction is not None, truth))
+            duplicates += has_duplicate_keys(row["prediction"])
     true_positives, predicted_per_field, per_field = 0, Counter(), {}
     predicted = expected = 0
     for prediction, _, truth in scored:
@@ -189,6 +205,8 @@ def compute_metrics(rows: list[dict]) -> dict:
         "rows": len(rows),
         "rows_without_json_target": len(rows) - count,
         "json_valid_rate": _ratio(sum(valid for _, valid, _ in scored), count, 0.0),
+        "duplicate_key_rate": _ratio(duplicates, count, 0.0),
+        "truncated_rate": _ratio(sum(bool(row.get("truncated")) for row in rows), len(rows), 0.0),
         "exact_match": _ratio(sum(prediction == truth for prediction, _, truth in scored), count, 0.0),
         "field_precision": _ratio(true_positives, predicted, float(expected == 0)),
         "field_recall": _ratio(true_positives, expected, float(predicted == 0)),

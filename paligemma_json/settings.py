@@ -20,7 +20,7 @@ def parse_overrides(argv: list[str], defaults: dict, script_path: str) -> dict:
     notes = setting_help(script_path)
     for name, default in defaults.items():
         flag = "--" + name.lower().replace("_", "-")
-        text = f"{notes.get(name, '')} (default: {default})"
+        text = f"{notes.get(name, '')} (default: {default})".replace("%", "%%")  # argparse formats help
         if isinstance(default, bool):
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, help=text,
                                 default=argparse.SUPPRESS)

@@ -21,7 +21,7 @@ def run_script(*args, env=None, cwd=None):
 def demo_assets(tmp_path_factory):
     """The demo's synthetic export and tiny model, built once: (dataset_dir, model_dir)."""
     from paligemma_json.demo import build_demo
-    dataset_dir, model_dir, _ = build_demo(str(tmp_path_factory.mktemp("assets")), seed=0)
+    dataset_dir, model_dir = build_demo(str(tmp_path_factory.mktemp("assets")), seed=0)
     return dataset_dir, model_dir
 
 

@@ -191,3 +191,15 @@ def test_field_statuses_mark_right_wrong_missing_and_extra():
     assert sorted(statuses) == sorted([("right", "a", "1", "1"), ("wrong", "b", "2", "9"), ("missing", "c", "3", ""),
                                        ("extra", "d", "", "4")])
     assert {status for status, _, _, _ in field_statuses("{not json", truth)} == {"missing"}
+
+
+def test_duplicate_keys_and_truncation_are_counted():
+    from paligemma_json.metrics import has_duplicate_keys
+    assert has_duplicate_keys('{"a": 1, "b": {"c": 1, "c": 2}}') and not has_duplicate_keys('{"a": {"a": 1}}')
+    assert not has_duplicate_keys('[{"a": 1}, {"a": 2}]') and not has_duplicate_keys('{"a": ')
+    rows = [{"prediction": '{"a": "1", "a": "2"}', "suffix": '{"a": "2"}', "truncated": False},
+            {"prediction": '{"a": "2"', "suffix": '{"a": "2"}', "truncated": True},
+            {"prediction": '{"a": "2"}', "suffix": '{"a": "2"}'}]  # an older file, without the flag
+    metrics = compute_metrics(rows)
+    assert metrics["duplicate_key_rate"] == pytest.approx(1 / 3) and metrics["truncated_rate"] == pytest.approx(1 / 3)
+    assert metrics["json_valid_rate"] == pytest.approx(2 / 3)  # the duplicate still parses: hence the rate

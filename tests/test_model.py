@@ -115,4 +115,16 @@ def test_batched_generation_equals_one_by_one(demo_run, splits):
     alone = [flow.generate_batch(model, processor, [item], torch.float32, max_new_tokens=60, num_beams=1)[0]
              for item in batch]
     assert together == alone
-    assert all(text.startswith("{") for text in alone)  # decoded without the prompt
+    assert all(output["prediction"].startswith("{") for output in alone)  # decoded without the prompt
+
+
+def test_a_budget_too_small_is_flagged_truncated(demo_run, splits):
+    final = os.path.join(demo_run[0], "final")
+    model = flow.PaliGemmaForConditionalGeneration.from_pretrained(final).eval()
+    processor = flow.load_processor(final)
+    batch = [splits["test"][i] for i in range(3)]
+    short = flow.generate_batch(model, processor, batch, torch.float32, max_new_tokens=5, num_beams=1)
+    assert all(output["truncated"] for output in short)
+    full = flow.generate_batch(model, processor, batch, torch.float32, max_new_tokens=400, num_beams=1)
+    assert not any(output["truncated"] for output in full)
+    assert all(flow.parse_json(output["prediction"]) is not None for output in full)

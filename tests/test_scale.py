@@ -48,7 +48,7 @@ def test_predict_reads_a_folder_or_one_image_with_the_final_model(demo_run):
     rows = [json.loads(line) for line in open(os.path.join(output_dir, "predict.jsonl"))]
     images = sorted(name for name in os.listdir(folder) if name.endswith(".jpg"))
     assert [row["image"] for row in rows] == images
-    assert set(rows[0]) == {"image", "image_path", "prefix", "prediction", "parsed"}
+    assert set(rows[0]) == {"image", "image_path", "prefix", "prediction", "truncated", "parsed"}
     assert sum(row["parsed"] for row in rows) >= 0.8 * len(rows)
     assert all(row["parsed"] == (flow.parse_json(row["prediction"]) is not None) for row in rows)
     assert f"predicted: 24 images, {sum(row['parsed'] for row in rows)} parsed as JSON" in result.stdout

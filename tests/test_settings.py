@@ -34,7 +34,7 @@ def test_help_lists_every_constant_and_the_fixed_flag_names():
     for flag in ["--model-id", "--dataset-dir", "--output-dir", "--epochs", "--max-steps", "--save-steps",
                  "--demo", "--use-lora", "--use-qlora", "--freeze-vision", "--max-new-tokens", "--num-beams"]:
         assert flag in result.stdout
-    assert "the tutorial's 256 cuts manifests off" in " ".join(result.stdout.split())  # the why, from the constant's comment
+    assert "the tutorial's 256 cut manifests off" in " ".join(result.stdout.split())  # the why, from the constant's comment
 
 
 def test_demo_overrides_apply_and_explicit_flags_win():
