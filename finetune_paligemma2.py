@@ -10,7 +10,7 @@
 #     python finetune_paligemma2.py --demo          # offline: synthetic manifests, tiny random model
 #     ROBOFLOW_API_KEY=... python finetune_paligemma2.py --model-id google/paligemma2-3b-pt-448
 #
-# Last measured: `--demo` on a 2-core CPU (torch 2.13.0, transformers 5.24.0) in ~50 s, with 24 of
+# Last measured: `--demo` on a 2-core CPU (torch 2.13.0, transformers 5.24.0) in 51-54 s, with 24 of
 # 24 test predictions valid JSON, on each of three seeds.
 #
 # Every constant in step 1 is also a flag (`--help` lists them). In Colab, run the cells in order;
@@ -540,6 +540,7 @@ def training_arguments(output_dir: str, dtype: torch.dtype, **settings) -> Train
         metric_for_best_model="eval_field_f1",
         greater_is_better=True,
         logging_steps=settings["LOGGING_STEPS"],
+        include_num_input_tokens_seen="non_padding",  # for the tokens/s the run reports
         report_to=["tensorboard"],
         bf16=dtype == torch.bfloat16,
         remove_unused_columns=False,  # the collate needs the image, which is not a model input
@@ -603,9 +604,12 @@ if __name__ == "__main__" and FLOW:
         if not trainer.is_world_process_zero():  # the first process alone saves, predicts and scores
             end_distributed()
             sys.exit(0)
-        print(f"training: {train_result.global_step} steps, "
-              f"{train_result.metrics['train_samples_per_second']:.2f} samples/s, "
-              f"final loss {train_result.metrics['train_loss']:.4f}")
+        # This session's tokens per second, as the Trainer logged it at its last logging step.
+        tokens_per_second = next((entry["train_tokens_per_second"] for entry in reversed(trainer.state.log_history)
+                                  if "train_tokens_per_second" in entry), float("nan"))
+        print(f"training: {train_result.global_step} steps in {train_result.metrics['train_runtime']:.0f} s, "
+              f"{train_result.metrics['train_samples_per_second']:.2f} samples/s, {tokens_per_second:.0f} tokens/s "
+              f"(image and text, no padding), final loss {train_result.metrics['train_loss']:.4f}")
         model = load_best_checkpoint(trainer, trainer.model, TORCH_DTYPE)
         save_final_model(model, processor, os.path.join(OUTPUT_DIR, "final"))
         draw_training_curves(trainer.state.log_history, os.path.join(OUTPUT_DIR, "training_curves.png"),
