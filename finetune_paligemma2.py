@@ -58,6 +58,7 @@ DATASET_DIR = "pallet-load-manifest-json-2"  # a Roboflow JSONL export; download
 PROMPT = "extract data in JSON format"  # replaces each row's prefix (v2's is `<JSON>`); "" keeps it
 DATASET_REPORT = True  # sizes, label lengths, fields and leaks between splits, before any model loads
 STRICT = False  # a leak between splits (the same photo or label in two) stops the run
+SCHEMA = ""  # your JSON Schema for the labels; "" infers one from the train and valid labels
 
 # Model
 MODEL_ID = "google/paligemma2-3b-pt-224"  # the tutorial's; for documents 448 px reads far better
@@ -200,6 +201,8 @@ if __name__ == "__main__" and FLOW:
 # here, before any model is loaded, with the file and line to fix.
 
 # %%
+from paligemma_json.files import write_json_atomically
+from paligemma_json.schema import load_schema, schema_from_labels
 
 
 class JSONLDataset(Dataset):
@@ -289,6 +292,11 @@ if __name__ == "__main__" and FLOW:
     non_json = sum(count_non_json_labels(data) for data in splits.values())
     if non_json:
         print(f"warning: {non_json} labels are not JSON objects or arrays; the JSON metrics leave them out")
+    # The structure predictions should have: checked by schema_valid_rate, saved beside the model.
+    LABEL_SCHEMA = load_schema(SCHEMA) if SCHEMA else schema_from_labels(
+        [entry["suffix"] for split in ("train", "valid") for entry in splits[split].entries])
+    if LABEL_SCHEMA is not None and IS_MAIN_PROCESS:
+        write_json_atomically(LABEL_SCHEMA, os.path.join(OUTPUT_DIR, "schema.json"))
 
 # %% [markdown]
 # ## 4. Load PaliGemma 2 with LoRA, QLoRA or a frozen vision tower
@@ -585,12 +593,15 @@ def end_distributed() -> None:
         torch.distributed.destroy_process_group()
 
 
-def save_final_model(model, processor, final_dir: str) -> None:
+def save_final_model(model, processor, final_dir: str, schema: dict | None = None) -> None:
     """Adapters alone under LoRA, full weights otherwise; the processor either way, or the adapter
-    cannot be used later."""
+    cannot be used later; and the labels' schema, which its outputs should fit."""
     def write(path):
         model.save_pretrained(path, safe_serialization=True)
         processor.save_pretrained(path)
+        if schema is not None:
+            with open(os.path.join(path, "schema.json"), "w", encoding="utf-8") as out:
+                json.dump(schema, out, indent=2)
     replace_atomically(write, final_dir)
 
 
@@ -611,7 +622,7 @@ if __name__ == "__main__" and FLOW:
               f"{train_result.metrics['train_samples_per_second']:.2f} samples/s, {tokens_per_second:.0f} tokens/s "
               f"(image and text, no padding), final loss {train_result.metrics['train_loss']:.4f}")
         model = load_best_checkpoint(trainer, trainer.model, TORCH_DTYPE)
-        save_final_model(model, processor, os.path.join(OUTPUT_DIR, "final"))
+        save_final_model(model, processor, os.path.join(OUTPUT_DIR, "final"), LABEL_SCHEMA)
         draw_training_curves(trainer.state.log_history, os.path.join(OUTPUT_DIR, "training_curves.png"),
                              trainer.state.best_global_step)
         print(f"saved: {os.path.join(OUTPUT_DIR, 'final')}, {os.path.join(OUTPUT_DIR, 'training_curves.png')}")
@@ -661,7 +672,7 @@ from paligemma_json.evaluation import evaluate_file, evaluate_predictions
 from paligemma_json.metrics import parse_json
 
 if __name__ == "__main__" and FLOW:
-    metrics = evaluate_predictions(predictions, OUTPUT_DIR)
+    metrics = evaluate_predictions(predictions, OUTPUT_DIR, LABEL_SCHEMA)
     end_distributed()
 
 if __name__ == "__main__" and EVALUATE:

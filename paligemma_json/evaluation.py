@@ -9,6 +9,7 @@ from paligemma_json.files import write_json_atomically
 from paligemma_json.metrics import compute_metrics, format_metrics_table
 from paligemma_json.html_report import write_html_report
 from paligemma_json.pictures import draw_predictions
+from paligemma_json.schema import load_schema
 
 
 def read_predictions(path: str) -> list[dict]:
@@ -33,10 +34,10 @@ def read_predictions(path: str) -> list[dict]:
     return rows
 
 
-def evaluate_predictions(rows: list[dict], output_dir: str) -> dict:
+def evaluate_predictions(rows: list[dict], output_dir: str, schema: dict | None = None) -> dict:
     """`metrics.json`, `predictions.png` and `report.html` in `output_dir`, each written whole or
     not at all."""
-    metrics = compute_metrics(rows)
+    metrics = compute_metrics(rows, schema)
     written = [os.path.join(output_dir, name) for name in ("metrics.json", "predictions.png", "report.html")]
     write_json_atomically(metrics, written[0])
     draw_predictions(rows, written[1])
@@ -47,4 +48,8 @@ def evaluate_predictions(rows: list[dict], output_dir: str) -> dict:
 
 
 def evaluate_file(path: str) -> dict:
-    return evaluate_predictions(read_predictions(path), os.path.dirname(os.path.abspath(path)))
+    """Scores a predictions file again, with the run's `schema.json` beside it when there is one."""
+    output_dir = os.path.dirname(os.path.abspath(path))
+    schema_path = os.path.join(output_dir, "schema.json")
+    schema = load_schema(schema_path) if os.path.isfile(schema_path) else None
+    return evaluate_predictions(read_predictions(path), output_dir, schema)

@@ -172,9 +172,10 @@ def _ratio(part: float, whole: float, if_empty: float) -> float:
     return part / whole if whole else if_empty
 
 
-def compute_metrics(rows: list[dict]) -> dict:
+def compute_metrics(rows: list[dict], schema: dict | None = None) -> dict:
     """Flat figures over prediction rows (each with `prediction` and `suffix`), plus `per_field`.
-    Rows whose `suffix` is not JSON (captions, answers) only count in `char_similarity`."""
+    Rows whose `suffix` is not JSON (captions, answers) only count in `char_similarity`. With the
+    labels' `schema`, also the share of predictions that validate against it."""
     scored, duplicates = [], 0  # (parsed prediction or {} when invalid, whether it parsed, parsed truth)
     for row in rows:
         truth, prediction = parse_json(row["suffix"]), parse_json(row["prediction"])
@@ -215,6 +216,11 @@ def compute_metrics(rows: list[dict]) -> dict:
         "char_similarity": _ratio(sum(char_similarity(row["prediction"], row["suffix"]) for row in rows),
                                   len(rows), 0.0),
     }
+    if schema is not None:
+        from jsonschema import Draft202012Validator
+        validator = Draft202012Validator(schema)
+        metrics["schema_valid_rate"] = _ratio(sum(valid and validator.is_valid(prediction)
+                                                  for prediction, valid, _ in scored), count, 0.0)
     anls = [_anls_star(truth, prediction) for prediction, _, truth in scored]
     if scored and None not in anls:
         metrics["anls_star"] = sum(anls) / count

@@ -36,8 +36,8 @@ def test_the_tiny_model_learnt_to_emit_valid_json(run):
     output_dir, _ = run
     metrics = json.load(open(os.path.join(output_dir, "metrics.json")))
     rows = read_jsonl(os.path.join(output_dir, "predictions.jsonl"))
-    assert metrics == compute_metrics(rows)
-    assert {"json_valid_rate", "exact_match", "field_precision", "field_recall", "field_f1", "ted_accuracy",
+    assert metrics == compute_metrics(rows, json.load(open(os.path.join(output_dir, "schema.json"))))
+    assert {"json_valid_rate", "schema_valid_rate", "duplicate_key_rate", "truncated_rate", "exact_match", "field_precision", "field_recall", "field_f1", "ted_accuracy",
             "char_similarity", "anls_star", "rows_without_json_target", "per_field"} <= set(metrics)
     assert [k for k, v in metrics.items() if not isinstance(v, (int, float))] == ["per_field"]  # flat but one
     assert set(metrics["per_field"]) >= {"route", "products.description", "total_cases"}

@@ -1,0 +1,86 @@
+"""A JSON Schema inferred from the training labels: the structure predictions should have. It is
+what `schema_valid_rate` checks, and what constrained decoding will hold generation to."""
+
+import json
+import math
+
+from paligemma_json import FlowError
+
+LENGTH_MARGIN = 0.5  # a string or list may be half again as long as the longest seen: real documents vary
+
+
+def _with_margin(longest: int) -> int:
+    return longest + max(2, math.ceil(longest * LENGTH_MARGIN))
+
+
+def _json_type(value) -> str:
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    return {dict: "object", list: "array", str: "string", float: "number", type(None): "null"}[type(value)]
+
+
+def _merge(values: list) -> dict:
+    """One schema for every value seen at one place in the labels."""
+    kinds = {_json_type(value) for value in values}
+    if {"integer", "number"} <= kinds:
+        kinds.discard("integer")  # a field that is 3 in one label and 2.5 in another is a number
+    branches = []
+    if "object" in kinds:
+        objects = [value for value in values if isinstance(value, dict)]
+        keys = list(dict.fromkeys(key for value in objects for key in value))  # first-seen order
+        branches.append({"type": "object",
+                         "properties": {key: _merge([value[key] for value in objects if key in value]) for key in keys},
+                         "required": [key for key in keys if all(key in value for value in objects)],
+                         "additionalProperties": False})
+    if "array" in kinds:
+        arrays = [value for value in values if isinstance(value, list)]
+        items = [item for value in arrays for item in value]
+        branches.append({"type": "array", "maxItems": _with_margin(max(map(len, arrays))),
+                         **({"items": _merge(items)} if items else {})})
+    scalars = sorted(kinds - {"object", "array"})
+    if scalars:
+        branch = {"type": scalars[0] if len(scalars) == 1 else scalars}
+        if "string" in kinds:
+            branch["maxLength"] = _with_margin(max(len(value) for value in values if isinstance(value, str)))
+        branches.append(branch)
+    return branches[0] if len(branches) == 1 else {"anyOf": branches}
+
+
+def infer_schema(labels: list) -> dict:
+    """From parsed labels: objects with their properties in first-seen order, `required` the keys
+    present every time, no other keys; arrays with merged items and a `maxItems`; scalars with the
+    types seen; strings with a `maxLength`. Lengths get a margin over the longest seen."""
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **_merge(labels)}
+
+
+def schema_from_labels(suffixes: list[str]):
+    """The inferred schema, or None (with a notice) when some labels are not JSON: captions and
+    answers have no structure to hold."""
+    from paligemma_json.metrics import parse_json
+    labels = [parse_json(suffix) for suffix in suffixes]
+    if any(label is None for label in labels):
+        print(f"note: {sum(label is None for label in labels)} train/valid labels are not JSON: no schema, "
+              "so no schema_valid_rate")
+        return None
+    return infer_schema(labels)
+
+
+def load_schema(path: str) -> dict:
+    """A user's own schema (`--schema FILE`), checked to be a valid JSON Schema."""
+    from jsonschema import Draft202012Validator
+    from jsonschema.exceptions import SchemaError
+    try:
+        with open(path, encoding="utf-8") as file:
+            schema = json.load(file)
+        Draft202012Validator.check_schema(schema)
+    except (OSError, json.JSONDecodeError, SchemaError) as error:
+        message = getattr(error, "message", None) or str(error)
+        raise FlowError(f"{path}: not a usable JSON Schema ({message.splitlines()[0][:200]}); fix it or drop --schema") from None
+    return schema
+
+
+def schema_validator(schema: dict):
+    from jsonschema import Draft202012Validator
+    return Draft202012Validator(schema)
