@@ -105,7 +105,7 @@ SPLITS = ("train", "valid", "test")
 
 def report_flow_errors(kind, error, traceback):
     if issubclass(kind, FlowError):
-        print(f"error: {error}", file=sys.stderr)
+        print("error: " + " ".join(str(error).split()), file=sys.stderr)  # one line, whatever it quotes
         sys.exit(2)
     sys.__excepthook__(kind, error, traceback)
 
@@ -370,8 +370,11 @@ def load_model(model_id: str, use_lora: bool, use_qlora: bool, freeze_vision: bo
                lora_targets: list[str], dtype: torch.dtype, cache_only: bool = False, checkpoint: str | None = None):
     """`checkpoint`: a full fine-tune resumes from its weights, loaded here, because the Trainer's
     own resume loads none of them for PaliGemma in transformers 5.24. Adapters the Trainer restores."""
+    # A full fine-tune keeps fp32 weights (bf16 runs as autocast): AdamW steps of ~1e-5 are below
+    # bf16's rounding step for most weights, so bf16 weights would barely move. Adapters are fp32 anyway.
     model = hub_load(PaliGemmaForConditionalGeneration.from_pretrained,
-                     checkpoint if checkpoint and not use_lora else model_id, dtype=dtype, use_safetensors=True,
+                     checkpoint if checkpoint and not use_lora else model_id,
+                     dtype=dtype if use_lora or use_qlora else torch.float32, use_safetensors=True,
                      device_map=model_device_map(), local_files_only=cache_only,
                      quantization_config=quantization_config(dtype) if use_qlora else None)
     if freeze_vision:
@@ -628,6 +631,8 @@ if __name__ == "__main__" and FLOW:
         print(f"saved: {os.path.join(OUTPUT_DIR, 'final')}, {os.path.join(OUTPUT_DIR, 'training_curves.png')}")
         if PUSH_TO_HUB:
             push_to_hub(os.path.join(OUTPUT_DIR, "final"), PUSH_TO_HUB)
+    elif not IS_MAIN_PROCESS:  # a finished run resumed under a launcher: the first process alone predicts
+        sys.exit(0)
 
 # %% [markdown]
 # ## 7. Predict the test set
@@ -721,7 +726,8 @@ def predict_documents(output_dir: str, path: str, prompt: str, use_qlora: bool, 
                       max_new_tokens: int, num_beams: int) -> list[dict]:
     final_dir, dtype = trained_run(output_dir), training_dtype()
     documents = DocumentImages(path, prompt)
-    processor, model = load_processor(final_dir), load_trained_model(final_dir, use_qlora, dtype)
+    cache_only = cache_only_for(adapter_base(final_dir) or final_dir)
+    processor, model = load_processor(final_dir), load_trained_model(final_dir, use_qlora, dtype, cache_only)
     rows = []
 
     def write(temporary):  # appended as it goes; renamed into place once complete
@@ -747,7 +753,7 @@ def merge_adapter(output_dir: str) -> str:
     if base_id is None:
         raise FlowError(f"{final_dir} holds full weights, not a LoRA adapter: it already loads on its own")
     base = hub_load(PaliGemmaForConditionalGeneration.from_pretrained, base_id, dtype=training_dtype(),
-                    use_safetensors=True, device_map=model_device_map())
+                    use_safetensors=True, device_map=model_device_map(), local_files_only=cache_only_for(base_id))
     merged = PeftModel.from_pretrained(base, final_dir).merge_and_unload()
     processor, target = load_processor(final_dir), os.path.join(output_dir, "merged")
     replaced = os.path.exists(target)

@@ -32,7 +32,8 @@ def earlier_run_outputs(output_dir: str) -> list[str]:
     if not os.path.isdir(output_dir):
         return []
     return [name for name in sorted(os.listdir(output_dir))
-            if name in ("final", "metrics.json", "predictions.jsonl", "runs") or name.startswith("checkpoint-")]
+            if name in ("final", "metrics.json", "predictions.jsonl", "runs", "demo-dataset", "demo-model")
+            or name.startswith("checkpoint-")]
 
 
 def prepare_output_dir(output_dir: str, overwrite: bool, resume: bool, demo: bool) -> None:
@@ -41,7 +42,7 @@ def prepare_output_dir(output_dir: str, overwrite: bool, resume: bool, demo: boo
     earlier = earlier_run_outputs(output_dir)
     if not earlier or resume:
         return
-    earlier_demo = os.path.isdir(os.path.join(output_dir, "demo-model"))
+    earlier_demo = "demo-model" in earlier  # --overwrite removes it: a real run there is never taken for a demo
     if not (overwrite or (demo and earlier_demo)):
         raise FlowError(f"{output_dir} already holds a run ({', '.join(earlier[:3])}): pass --resume to "
                         "continue it, --overwrite to replace it, or choose another --output-dir")
@@ -56,6 +57,8 @@ def prepare_output_dir(output_dir: str, overwrite: bool, resume: bool, demo: boo
 
 def newest_checkpoint(output_dir: str) -> str | None:
     """The newest complete checkpoint: the Trainer writes `trainer_state.json` last."""
+    if not os.path.isdir(output_dir):  # a launcher's other processes may look before the first creates it
+        return None
     steps = [int(name.split("-")[1]) for name in os.listdir(output_dir)
              if re.fullmatch(r"checkpoint-\d+", name)
              and os.path.isfile(os.path.join(output_dir, name, "trainer_state.json"))]

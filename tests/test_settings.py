@@ -80,7 +80,7 @@ def test_overwrite_replaces_the_run_and_keeps_other_files(tmp_path):
 
 def test_demo_replaces_an_earlier_demo_but_not_a_real_run(tmp_path):
     flow.prepare_output_dir(finished_run(tmp_path / "a", demo=True), overwrite=False, resume=False, demo=True)
-    assert sorted(os.listdir(tmp_path / "a" / "run")) == ["demo-model", "notes.txt"]  # the demo rebuilds its model
+    assert sorted(os.listdir(tmp_path / "a" / "run")) == ["notes.txt"]  # the demo rebuilds its assets
     with pytest.raises(flow.FlowError):
         flow.prepare_output_dir(finished_run(tmp_path / "b"), overwrite=False, resume=False, demo=True)
 
@@ -111,3 +111,21 @@ def test_newest_checkpoint_skips_one_cut_off_while_saving(tmp_path):
             (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
     assert flow.newest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-16")
     assert flow.newest_checkpoint(str(tmp_path / "checkpoint-24")) is None
+
+
+def test_a_demo_never_replaces_a_real_run_that_overwrote_one(tmp_path):
+    """demo, then a real run with --overwrite, then demo again: the real run is refused, not deleted."""
+    output_dir = finished_run(tmp_path, demo=True)
+    flow.prepare_output_dir(output_dir, overwrite=True, resume=False, demo=False)
+    assert "demo-model" not in os.listdir(output_dir)
+    os.makedirs(os.path.join(output_dir, "final"))  # the real run's result
+    with pytest.raises(flow.FlowError, match="already holds a run"):
+        flow.prepare_output_dir(output_dir, overwrite=False, resume=False, demo=True)
+    assert os.path.isdir(os.path.join(output_dir, "final"))
+
+
+def test_a_multi_line_reason_is_printed_on_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        flow.report_flow_errors(flow.FlowError, flow.FlowError("bitsandbytes failed:\n  CUDA setup\n  details"), None)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == "error: bitsandbytes failed: CUDA setup details\n"
