@@ -202,6 +202,7 @@ if __name__ == "__main__" and FLOW:
 
 # %%
 from paligemma_json.files import write_json_atomically
+from paligemma_json.metrics import parse_json
 from paligemma_json.schema import load_schema, schema_from_labels
 
 
@@ -281,7 +282,6 @@ def load_splits(dataset_dir: str, prompt: str) -> dict[str, JSONLDataset]:
 
 
 def count_non_json_labels(dataset: JSONLDataset) -> int:
-    from paligemma_json.metrics import parse_json
     return sum(parse_json(entry["suffix"]) is None for entry in dataset.entries)
 
 
@@ -674,7 +674,6 @@ if __name__ == "__main__" and FLOW:
 
 # %%
 from paligemma_json.evaluation import evaluate_file, evaluate_predictions
-from paligemma_json.metrics import parse_json
 
 if __name__ == "__main__" and FLOW:
     metrics = evaluate_predictions(predictions, OUTPUT_DIR, LABEL_SCHEMA)

@@ -79,8 +79,3 @@ def load_schema(path: str) -> dict:
         message = getattr(error, "message", None) or str(error)
         raise FlowError(f"{path}: not a usable JSON Schema ({message.splitlines()[0][:200]}); fix it or drop --schema") from None
     return schema
-
-
-def schema_validator(schema: dict):
-    from jsonschema import Draft202012Validator
-    return Draft202012Validator(schema)
