@@ -89,6 +89,8 @@ RESUME = False  # continue a cut-off run in OUTPUT_DIR: from its newest checkpoi
 MAX_NEW_TOKENS = 0  # 0: the longest train/valid label in tokens + 25% (printed); the tutorial's 256 cut manifests off
 NUM_BEAMS = 1  # greedy; beams multiply the KV cache over hundreds of image tokens
 EVAL_BATCH_SIZE = 8  # test images generated together
+CONSTRAINED = True  # hold test and --predict generation to the labels' schema (llguidance); the test set is also decoded free once, for comparison
+CONFIDENCE_THRESHOLD = 0.8  # a field whose least likely token is below this is flagged for a second look
 
 DEMO = False  # offline: synthetic manifests and a tiny random PaliGemma 2, then the same flow
 PUSH_TO_HUB = ""  # a Hub repo id: upload final/ there after training (reads HF_TOKEN; untested here)
@@ -201,6 +203,7 @@ if __name__ == "__main__" and FLOW:
 # here, before any model is loaded, with the file and line to fix.
 
 # %%
+from paligemma_json.constrained import with_layout
 from paligemma_json.files import write_json_atomically
 from paligemma_json.metrics import parse_json
 from paligemma_json.schema import load_schema, schema_from_labels
@@ -292,11 +295,14 @@ if __name__ == "__main__" and FLOW:
     non_json = sum(count_non_json_labels(data) for data in splits.values())
     if non_json:
         print(f"warning: {non_json} labels are not JSON objects or arrays; the JSON metrics leave them out")
-    # The structure predictions should have: checked by schema_valid_rate, saved beside the model.
-    LABEL_SCHEMA = load_schema(SCHEMA) if SCHEMA else schema_from_labels(
-        [entry["suffix"] for split in ("train", "valid") for entry in splits[split].entries])
-    if LABEL_SCHEMA is not None and IS_MAIN_PROCESS:
-        write_json_atomically(LABEL_SCHEMA, os.path.join(OUTPUT_DIR, "schema.json"))
+    # The structure predictions should have: what constrained decoding holds generation to and
+    # schema_valid_rate checks, with the labels' separators for the grammar; saved beside the model.
+    suffixes = [entry["suffix"] for split in ("train", "valid") for entry in splits[split].entries]
+    LABEL_SCHEMA = load_schema(SCHEMA) if SCHEMA else schema_from_labels(suffixes)
+    if LABEL_SCHEMA is not None:
+        LABEL_SCHEMA = with_layout(LABEL_SCHEMA, suffixes)
+        if IS_MAIN_PROCESS:
+            write_json_atomically(LABEL_SCHEMA, os.path.join(OUTPUT_DIR, "schema.json"))
 
 # %% [markdown]
 # ## 4. Load PaliGemma 2 with LoRA, QLoRA or a frozen vision tower
@@ -438,10 +444,14 @@ if __name__ == "__main__" and FLOW:
 # `labels` with -100, ends each label with EOS (or generation never stops), and marks prefix and
 # suffix in `token_type_ids`, which the model needs for its prefix attention. Tensors stay on the CPU:
 # the Trainer moves them, and worker processes cannot touch CUDA. Generation uses the same prompts:
-# batched, left-padded, greedy unless `NUM_BEAMS` > 1, the prompt sliced off before decoding.
+# batched, left-padded, greedy unless `NUM_BEAMS` > 1, the prompt sliced off before decoding. With
+# `CONSTRAINED`, llguidance masks every token that would leave the labels' schema, and each field
+# gets a confidence: the lowest probability the unmasked model gave a token of its value.
 
 # %%
 from tqdm.auto import tqdm
+
+from paligemma_json.constrained import JsonSchemaConstraint, chosen_token_probabilities, field_confidences
 
 
 def collate_fn(batch, processor, dtype: torch.dtype, with_labels: bool = True):
@@ -459,28 +469,55 @@ def collate_fn(batch, processor, dtype: torch.dtype, with_labels: bool = True):
     return inputs
 
 
-def generate_batch(model, processor, batch, dtype: torch.dtype, max_new_tokens: int, num_beams: int) -> list[dict]:
-    """`prediction` per image, and `truncated`: the budget ran out before EOS, so the text is cut off."""
+def build_constraint(schema: dict | None, processor, model, constrained: bool) -> JsonSchemaConstraint | None:
+    """The labels' schema as a grammar, or None (free decoding): turned off, labels that are not JSON."""
+    if not constrained or schema is None:
+        print("decoding: free" + ("" if constrained else " (--no-constrained)") + ("" if schema else ", no schema"))
+        return None
+    constraint = JsonSchemaConstraint(schema, processor.tokenizer, model.config.text_config.vocab_size)
+    print("decoding: constrained to the labels' schema (llguidance)")
+    return constraint
+
+
+def generate_batch(model, processor, batch, dtype: torch.dtype, max_new_tokens: int, num_beams: int,
+                   constraint: JsonSchemaConstraint | None = None, with_confidence: bool = True) -> list[dict]:
+    """`prediction` per image; `truncated`: the budget ran out before EOS, so the text is cut off;
+    `confidence`: per field of the prediction, from the raw logits."""
     processor.tokenizer.padding_side = "left"  # right padding would put pads between prompt and answer
     inputs = collate_fn(batch, processor, dtype, with_labels=False).to(model.device)
-    prompt_length = inputs["input_ids"].shape[-1]
+    prompt_length, eos = inputs["input_ids"].shape[-1], processor.tokenizer.eos_token_id
     with torch.inference_mode():
-        generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=num_beams)
-    answers = generated[:, prompt_length:]
-    texts = processor.batch_decode(answers, skip_special_tokens=True)
-    ended = (answers == processor.tokenizer.eos_token_id).any(dim=-1).tolist()
-    return [{"prediction": text, "truncated": not done} for text, done in zip(texts, ended)]
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=num_beams,
+                                logits_processor=[constraint.logits_processor()] if constraint else None,
+                                output_logits=with_confidence, return_dict_in_generate=True)
+    probabilities = chosen_token_probabilities(output, prompt_length).tolist() if with_confidence else None
+    rows = []
+    for index, answer in enumerate(output.sequences[:, prompt_length:].tolist()):
+        ended = eos in answer
+        answer = answer[:answer.index(eos)] if ended else answer
+        text = processor.tokenizer.decode(answer, skip_special_tokens=True)
+        rows.append({"prediction": text, "truncated": not ended})
+        if with_confidence:
+            rows[-1]["confidence"] = field_confidences(answer, probabilities[index], processor.tokenizer, text)
+    return rows
 
 
 def predict_rows(model, processor, dataset: JSONLDataset, dtype: torch.dtype, batch_size: int,
-                 max_new_tokens: int, num_beams: int, start: int = 0):
+                 max_new_tokens: int, num_beams: int, start: int = 0, constraint=None, also_free: bool = False,
+                 with_confidence: bool = True):
     """One row per dataset entry from `start` on, as soon as its batch is generated: everything
-    needed to score it again later without the model."""
+    needed to score it again later without the model. `also_free`: the same batch decoded without
+    the constraint too, as `free_prediction`, so the raw model's figures are never hidden."""
     was_training = model.training
     model.eval()
     for first in tqdm(range(start, len(dataset), batch_size), desc="generating", unit="batch", leave=False):
         batch = [dataset[i] for i in range(first, min(first + batch_size, len(dataset)))]
-        for (_, entry), output in zip(batch, generate_batch(model, processor, batch, dtype, max_new_tokens, num_beams)):
+        outputs = generate_batch(model, processor, batch, dtype, max_new_tokens, num_beams, constraint, with_confidence)
+        if constraint is not None and also_free:
+            for output, free in zip(outputs, generate_batch(model, processor, batch, dtype, max_new_tokens, num_beams,
+                                                            with_confidence=False)):
+                output.update(free_prediction=free["prediction"], free_truncated=free["truncated"])
+        for (_, entry), output in zip(batch, outputs):
             yield {"image": entry["image"], "image_path": os.path.join(dataset.image_directory_path, entry["image"]),
                    "prefix": entry["prefix"], "suffix": entry["suffix"], **output}
     model.train(was_training)
@@ -512,7 +549,9 @@ class ExtractionTrainer(Trainer):
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
         metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
-        scores = compute_metrics(list(predict_rows(self.model, self.processing_class, dataset, **self.generation)))
+        # Free decoding: the raw model's learning signal, which a constraint would hide.
+        scores = compute_metrics(list(predict_rows(self.model, self.processing_class, dataset, **self.generation,
+                                                   with_confidence=False)))
         extraction = {f"{metric_key_prefix}_{name}": scores[name] for name in ("field_f1", "json_valid_rate")}
         self.log(extraction)
         metrics.update(extraction)
@@ -661,31 +700,35 @@ def predict_to_file(model, processor, dataset: JSONLDataset, predictions_path: s
 
 
 if __name__ == "__main__" and FLOW:
+    constraint = build_constraint(LABEL_SCHEMA, processor, model, CONSTRAINED)
     predictions = predict_to_file(model, processor, test_dataset, os.path.join(OUTPUT_DIR, "predictions.jsonl"),
-                                  RESUME, **generation)
+                                  RESUME, **generation, constraint=constraint, also_free=constraint is not None)
     print(f"example prediction for {predictions[0]['image']}:\n{predictions[0]['prediction'][:400]}")
 
 # %% [markdown]
 # ## 8. Evaluate
 # JSON is judged as JSON, not with BLEU: valid JSON, exact match, Donut's field F1 and tree-edit
-# accuracy, ANLS*, and accuracy per field, worst first. `OUTPUT_DIR/metrics.json` holds the numbers,
-# `OUTPUT_DIR/predictions.png` shows test images with their right and wrong fields.
-# `--evaluate OUTPUT_DIR/predictions.jsonl` does this step again, with no model.
+# accuracy, ANLS*, and accuracy per field, worst first; under the constraint, the same figures for
+# the free decoding as `free_...`, and whether low confidence does flag the wrong fields.
+# `OUTPUT_DIR/metrics.json` holds the numbers, `OUTPUT_DIR/predictions.png` shows test images with
+# their right, wrong and unsure fields. `--evaluate OUTPUT_DIR/predictions.jsonl` does this again,
+# with no model.
 
 # %%
 from paligemma_json.evaluation import evaluate_file, evaluate_predictions
 
 if __name__ == "__main__" and FLOW:
-    metrics = evaluate_predictions(predictions, OUTPUT_DIR, LABEL_SCHEMA)
+    metrics = evaluate_predictions(predictions, OUTPUT_DIR, LABEL_SCHEMA, CONFIDENCE_THRESHOLD)
     end_distributed()
 
 if __name__ == "__main__" and EVALUATE:
-    metrics = evaluate_file(EVALUATE)
+    metrics = evaluate_file(EVALUATE, CONFIDENCE_THRESHOLD)
 
 # %% [markdown]
 # ## 9. Use the trained model: read new documents, export a merged model
 # `--predict PATH` reads an image, or every image in a folder, with `OUTPUT_DIR/final/` and writes one
-# line per image to `OUTPUT_DIR/predict.jsonl`: the image, the prediction, and whether it parses.
+# line per image to `OUTPUT_DIR/predict.jsonl`: the image, the prediction (held to `final/schema.json`
+# unless `--no-constrained`), whether it parses, and each field's value with its confidence.
 # `--merge` folds a LoRA adapter into its base, reloaded in bf16 or fp32 (never 4-bit: merging
 # into a quantized base changes the generations), and saves `OUTPUT_DIR/merged/`, a standalone model
 # with its processor that `from_pretrained` loads without peft.
@@ -722,17 +765,21 @@ def trained_run(output_dir: str) -> str:
 
 
 def predict_documents(output_dir: str, path: str, prompt: str, use_qlora: bool, batch_size: int,
-                      max_new_tokens: int, num_beams: int) -> list[dict]:
+                      max_new_tokens: int, num_beams: int, constrained: bool, threshold: float) -> list[dict]:
     final_dir, dtype = trained_run(output_dir), training_dtype()
     documents = DocumentImages(path, prompt)
     cache_only = cache_only_for(adapter_base(final_dir) or final_dir)
     processor, model = load_processor(final_dir), load_trained_model(final_dir, use_qlora, dtype, cache_only)
+    schema_path = os.path.join(final_dir, "schema.json")
+    constraint = build_constraint(load_schema(schema_path) if os.path.isfile(schema_path) else None,
+                                  processor, model, constrained)
     rows = []
 
     def write(temporary):  # appended as it goes; renamed into place once complete
         with open(temporary, "w", encoding="utf-8") as out:
-            for row in predict_rows(model, processor, documents, dtype, batch_size, max_new_tokens, num_beams):
-                row = {key: row[key] for key in ("image", "image_path", "prefix", "prediction", "truncated")}
+            for row in predict_rows(model, processor, documents, dtype, batch_size, max_new_tokens, num_beams,
+                                    constraint=constraint):
+                row = {key: row[key] for key in ("image", "image_path", "prefix", "prediction", "truncated", "confidence")}
                 row["parsed"] = parse_json(row["prediction"]) is not None
                 out.write(json.dumps(row) + "\n")
                 out.flush()
@@ -740,8 +787,9 @@ def predict_documents(output_dir: str, path: str, prompt: str, use_qlora: bool, 
     target = os.path.join(output_dir, "predict.jsonl")
     replaced = os.path.exists(target)
     replace_atomically(write, target)
-    print(f"predicted: {len(rows)} images, {sum(row['parsed'] for row in rows)} parsed as JSON; "
-          f"{'replaced' if replaced else 'wrote'} {target}")
+    unsure = sum(field["confidence"] < threshold for row in rows for field in row["confidence"])
+    print(f"predicted: {len(rows)} images, {sum(row['parsed'] for row in rows)} parsed as JSON, {unsure} fields "
+          f"below confidence {threshold} to check; {'replaced' if replaced else 'wrote'} {target}")
     return rows
 
 
@@ -767,7 +815,8 @@ def merge_adapter(output_dir: str) -> str:
 
 if __name__ == "__main__" and PREDICT:
     new_predictions = predict_documents(OUTPUT_DIR, PREDICT, PROMPT, USE_QLORA, EVAL_BATCH_SIZE,
-                                        MAX_NEW_TOKENS or 1024, NUM_BEAMS)  # no labels here to size it by
+                                        MAX_NEW_TOKENS or 1024, NUM_BEAMS,  # no labels here to size it by
+                                        CONSTRAINED, CONFIDENCE_THRESHOLD)
 
 if __name__ == "__main__" and MERGE:
     merged_dir = merge_adapter(OUTPUT_DIR)

@@ -34,22 +34,23 @@ def read_predictions(path: str) -> list[dict]:
     return rows
 
 
-def evaluate_predictions(rows: list[dict], output_dir: str, schema: dict | None = None) -> dict:
+def evaluate_predictions(rows: list[dict], output_dir: str, schema: dict | None = None,
+                         threshold: float = 0.8) -> dict:
     """`metrics.json`, `predictions.png` and `report.html` in `output_dir`, each written whole or
-    not at all."""
-    metrics = compute_metrics(rows, schema)
+    not at all. Fields below the confidence `threshold` are flagged."""
+    metrics = compute_metrics(rows, schema, threshold)
     written = [os.path.join(output_dir, name) for name in ("metrics.json", "predictions.png", "report.html")]
     write_json_atomically(metrics, written[0])
-    draw_predictions(rows, written[1])
+    draw_predictions(rows, written[1], threshold=threshold)
     write_html_report(rows, metrics, written[2])
     print(format_metrics_table(metrics))
     print("written: " + ", ".join(written))
     return metrics
 
 
-def evaluate_file(path: str) -> dict:
+def evaluate_file(path: str, threshold: float = 0.8) -> dict:
     """Scores a predictions file again, with the run's `schema.json` beside it when there is one."""
     output_dir = os.path.dirname(os.path.abspath(path))
     schema_path = os.path.join(output_dir, "schema.json")
     schema = load_schema(schema_path) if os.path.isfile(schema_path) else None
-    return evaluate_predictions(read_predictions(path), output_dir, schema)
+    return evaluate_predictions(read_predictions(path), output_dir, schema, threshold)

@@ -7,7 +7,7 @@ import io
 from html import escape
 
 from paligemma_json.files import replace_atomically
-from paligemma_json.metrics import parse_json
+from paligemma_json.metrics import confidence_lookup, parse_json
 from paligemma_json.pictures import field_statuses
 
 STYLE = """
@@ -70,17 +70,18 @@ def thumbnail_data_uri(path: str | None, size: int = 360) -> str | None:
 
 
 def shade(confidence) -> str:
-    """Low confidence as a yellow background, stronger the lower it is."""
+    """Low confidence as a yellow background, stronger the lower it is; the figure on hover."""
     if confidence is None:
         return ""
-    return f' style="background: rgba(255, 200, 0, {max(0.0, min(1.0, 1 - float(confidence))) * 0.6:.2f})"'
+    return (f' style="background: rgba(255, 200, 0, {max(0.0, min(1.0, 1 - float(confidence))) * 0.6:.2f})"'
+            f' title="confidence {float(confidence):.2f}" data-confidence="{float(confidence):.4f}"')
 
 
 def card_html(index: int, row: dict) -> tuple[str, int]:
     """One test row: its image, then each field with the true and predicted value."""
     uri = thumbnail_data_uri(row.get("image_path"))
     image = f'<img src="{uri}" alt="{escape(str(row.get("image", "")))}">' if uri else "<p>(image not found)</p>"
-    confidence = row.get("confidence") or {}
+    confidence = confidence_lookup(row)
     if parse_json(row["prediction"]) is None:
         body, wrong = (f'<p class="wrong">invalid JSON, as generated:</p>'
                        f'<div class="raw">{escape(row["prediction"]) or "(empty)"}</div>'), 1
@@ -92,7 +93,7 @@ def card_html(index: int, row: dict) -> tuple[str, int]:
         lines = []
         for status, key, true, predicted in statuses:
             lines.append(f'<tr data-field="{escape(key)}" data-status="{status}" class="{status}"'
-                         f'{shade(confidence.get(key))}><td>{escape(key)}</td><td>{escape(true)}</td>'
+                         f'{shade(confidence.get((key, predicted)))}><td>{escape(key)}</td><td>{escape(true)}</td>'
                          f'<td>{escape(predicted)}</td><td>{status}</td></tr>')
         body = ("<table><tr><th>field</th><th>true</th><th>predicted</th><th></th></tr>"
                 + "".join(lines) + "</table>")

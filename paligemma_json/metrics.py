@@ -172,10 +172,76 @@ def _ratio(part: float, whole: float, if_empty: float) -> float:
     return part / whole if whole else if_empty
 
 
-def compute_metrics(rows: list[dict], schema: dict | None = None) -> dict:
+def compute_metrics(rows: list[dict], schema: dict | None = None, threshold: float = 0.8) -> dict:
     """Flat figures over prediction rows (each with `prediction` and `suffix`), plus `per_field`.
     Rows whose `suffix` is not JSON (captions, answers) only count in `char_similarity`. With the
-    labels' `schema`, also the share of predictions that validate against it."""
+    labels' `schema`, also the share of predictions that validate against it. Rows decoded under the
+    constraint carry `free_prediction` too: its figures are added as `free_...`. Rows with
+    `confidence` add how well a confidence below `threshold` points at the wrong fields."""
+    metrics = {"decoding": "constrained" if any("free_prediction" in row for row in rows) else "free",
+               **_figures(rows, schema)}
+    if metrics["decoding"] == "constrained":
+        free_rows = [{**row, "prediction": row.get("free_prediction", ""), "truncated": row.get("free_truncated")}
+                     for row in rows]
+        metrics.update({f"free_{name}": value for name, value in _figures(free_rows, schema).items()
+                        if name not in ("rows", "rows_without_json_target", "per_field")})
+    if any("confidence" in row for row in rows):
+        metrics.update(confidence_figures(rows, threshold))
+    metrics["per_field"] = metrics.pop("per_field")  # the one nested object, last
+    return metrics
+
+
+def normalized_leaf(value) -> str | None:
+    """A predicted leaf as Donut's normalization leaves it, or None where it drops the value."""
+    if not value or isinstance(value, (dict, list)):
+        return None
+    return str(value).strip() or None
+
+
+def field_correctness(row: dict) -> list[tuple[float, bool]]:
+    """(confidence, right) per predicted leaf Donut scores: right when the truth has that value at
+    that key path, each true value used once."""
+    truth = parse_json(row["suffix"])
+    if truth is None or parse_json(row["prediction"]) is None:
+        return []
+    unmatched = Counter(flatten(normalize(truth)))
+    marked = []
+    for field in row.get("confidence") or []:
+        value = normalized_leaf(field["value"])
+        if value is not None:
+            right = unmatched[(field["field"], value)] > 0
+            unmatched[(field["field"], value)] -= right
+            marked.append((field["confidence"], right))
+    return marked
+
+
+def confidence_lookup(row: dict) -> dict[tuple[str, str], float]:
+    """(key path, normalized value) -> the lowest confidence of such a predicted leaf, to put beside
+    `field_statuses`' rows."""
+    lookup = {}
+    for field in row.get("confidence") or []:
+        value = normalized_leaf(field["value"])
+        if value is not None:
+            key = (field["field"], value)
+            lookup[key] = min(lookup.get(key, 1.0), field["confidence"])
+    return lookup
+
+
+def confidence_figures(rows: list[dict], threshold: float) -> dict:
+    """Whether confidence means something: field accuracy at or above `threshold` against below it,
+    and the share of wrong fields that a confidence below it flags. None where nothing falls there."""
+    marked = [pair for row in rows for pair in field_correctness(row)]
+    sure = [right for confidence, right in marked if confidence >= threshold]
+    unsure = [right for confidence, right in marked if confidence < threshold]
+    wrong = [confidence < threshold for confidence, right in marked if not right]
+    return {"confidence_threshold": threshold,
+            "confident_field_accuracy": sum(sure) / len(sure) if sure else None,
+            "unsure_field_accuracy": sum(unsure) / len(unsure) if unsure else None,
+            "unsure_field_share": len(unsure) / len(marked) if marked else None,
+            "wrong_fields_flagged": sum(wrong) / len(wrong) if wrong else None}
+
+
+def _figures(rows: list[dict], schema: dict | None) -> dict:
     scored, duplicates = [], 0  # (parsed prediction or {} when invalid, whether it parsed, parsed truth)
     for row in rows:
         truth, prediction = parse_json(row["suffix"]), parse_json(row["prediction"])
@@ -233,7 +299,7 @@ def format_metrics_table(metrics: dict, worst_fields: int = 15) -> str:
     lines = [f"{'metric':<26}{'value':>10}"]
     for name, value in metrics.items():
         if name != "per_field":
-            lines.append(f"{name:<26}{value:>10.3f}" if isinstance(value, float) else f"{name:<26}{value:>10}")
+            lines.append(f"{name:<26}{value:>10.3f}" if isinstance(value, float) else f"{name:<26}{str(value):>10}")
     fields = list(metrics.get("per_field", {}).items())
     if fields:
         width = max(26, max(len(name) for name, _ in fields[:worst_fields]) + 2)

@@ -6,9 +6,10 @@ from collections import Counter
 from PIL import Image, ImageDraw, ImageFont
 
 from paligemma_json.files import replace_atomically
-from paligemma_json.metrics import flatten, normalize, parse_json
+from paligemma_json.metrics import confidence_lookup, flatten, normalize, parse_json
 
 RIGHT, WRONG, MISSING, EXTRA = (20, 130, 50), (200, 30, 30), (215, 120, 0), (120, 60, 170)
+UNSURE = (255, 226, 120)  # the highlight behind a field whose confidence is below the threshold
 CARD_WIDTH, CARD_HEIGHT, THUMB_SIZE, LINE = 860, 400, 300, 15
 
 
@@ -58,7 +59,7 @@ def _load_thumbnail(path: str | None) -> Image.Image:
         return placeholder
 
 
-def _draw_card(row: dict, font, bold) -> Image.Image:
+def _draw_card(row: dict, font, bold, threshold: float) -> Image.Image:
     card = Image.new("RGB", (CARD_WIDTH, CARD_HEIGHT), "white")
     draw = ImageDraw.Draw(card)
     card.paste(_load_thumbnail(row.get("image_path")), (8, 30))
@@ -72,6 +73,7 @@ def _draw_card(row: dict, font, bold) -> Image.Image:
             draw.text((x, y), text[start:start + 60], fill=(60, 60, 60), font=font)
         return card
     statuses = field_statuses(row["prediction"], row["suffix"])
+    confidence = confidence_lookup(row)
     wrong = sum(status != "right" for status, _, _, _ in statuses)
     draw.text((x, y), f"{len(statuses) - wrong} right, {wrong} wrong, missing or extra", fill="black", font=bold)
     marks = {"right": ("✓", RIGHT), "wrong": ("✗", WRONG), "missing": ("–", MISSING), "extra": ("+", EXTRA)}
@@ -83,14 +85,20 @@ def _draw_card(row: dict, font, bold) -> Image.Image:
             break
         mark, colour = marks[status]
         value = f"{predicted} → {true}" if status == "wrong" else true or predicted
-        draw.text((x, y), f"{mark} {key}: {value}"[:78], fill=colour, font=font)
+        text = f"{mark} {key}: {value}"[:70]
+        sureness = confidence.get((key, predicted), 1.0)
+        if sureness < threshold:  # the model itself was unsure: worth a second look, right or wrong
+            text += f"  ? {sureness:.2f}"
+            draw.rectangle((x - 2, y, x + draw.textlength(text, font=font) + 2, y + LINE - 1), fill=UNSURE)
+        draw.text((x, y), text, fill=colour, font=font)
     return card
 
 
-def draw_predictions(rows: list[dict], path: str, max_cards: int = 8, columns: int = 2) -> None:
-    """A grid of test rows: each image beside its fields, errors first and coloured."""
+def draw_predictions(rows: list[dict], path: str, max_cards: int = 8, columns: int = 2, threshold: float = 0.8) -> None:
+    """A grid of test rows: each image beside its fields, errors first and coloured, fields the
+    model was unsure of (confidence below `threshold`) highlighted."""
     font, bold = _font(12), _font(13, bold=True)
-    cards = [_draw_card(row, font, bold) for row in rows[:max_cards]]
+    cards = [_draw_card(row, font, bold, threshold) for row in rows[:max_cards]]
     rows_of_cards = (len(cards) + columns - 1) // columns
     legend_height = 28
     sheet = Image.new("RGB", (columns * (CARD_WIDTH + 8) + 8, rows_of_cards * (CARD_HEIGHT + 8) + 8 + legend_height),
@@ -98,7 +106,10 @@ def draw_predictions(rows: list[dict], path: str, max_cards: int = 8, columns: i
     draw = ImageDraw.Draw(sheet)
     x = 10
     for text, colour in [("✓ right", RIGHT), ("✗ wrong: predicted → true", WRONG), ("– missing", MISSING),
-                         ("+ extra", EXTRA), (f"first {len(cards)} of {len(rows)} test rows", (60, 60, 60))]:
+                         ("+ extra", EXTRA), (f"? confidence < {threshold}", (60, 60, 60)),
+                         (f"first {len(cards)} of {len(rows)} test rows", (60, 60, 60))]:
+        if text.startswith("?"):
+            draw.rectangle((x - 2, 6, x + draw.textlength(text, font=bold) + 2, 22), fill=UNSURE)
         draw.text((x, 7), text, fill=colour, font=bold)
         x += draw.textlength(text, font=bold) + 30
     for index, card in enumerate(cards):

@@ -1,5 +1,5 @@
 """A JSON Schema inferred from the training labels: the structure predictions should have. It is
-what `schema_valid_rate` checks, and what constrained decoding will hold generation to."""
+what `schema_valid_rate` checks, and what constrained decoding holds generation to."""
 
 import json
 import math
@@ -44,6 +44,10 @@ def _merge(values: list) -> dict:
         branch = {"type": scalars[0] if len(scalars) == 1 else scalars}
         if "string" in kinds:
             branch["maxLength"] = _with_margin(max(len(value) for value in values if isinstance(value, str)))
+        numbers = [value for value in values if isinstance(value, (int, float)) and not isinstance(value, bool)]
+        if numbers:  # one more digit than the largest seen: else an unsure model can write digits forever
+            bound = 10 ** (len(str(int(max(map(abs, numbers))))) + 1) - 1
+            branch.update(minimum=0 if min(numbers) >= 0 else -bound, maximum=bound)
         branches.append(branch)
     return branches[0] if len(branches) == 1 else {"anyOf": branches}
 
@@ -51,7 +55,8 @@ def _merge(values: list) -> dict:
 def infer_schema(labels: list) -> dict:
     """From parsed labels: objects with their properties in first-seen order, `required` the keys
     present every time, no other keys; arrays with merged items and a `maxItems`; scalars with the
-    types seen; strings with a `maxLength`. Lengths get a margin over the longest seen."""
+    types seen; strings with a `maxLength`; numbers within one more digit than the largest seen, and
+    not negative unless one was. Lengths get a margin over the longest seen."""
     return {"$schema": "https://json-schema.org/draft/2020-12/schema", **_merge(labels)}
 
 
@@ -61,8 +66,8 @@ def schema_from_labels(suffixes: list[str]):
     from paligemma_json.metrics import parse_json
     labels = [parse_json(suffix) for suffix in suffixes]
     if any(label is None for label in labels):
-        print(f"note: {sum(label is None for label in labels)} train/valid labels are not JSON: no schema, "
-              "so no schema_valid_rate")
+        print(f"note: {sum(label is None for label in labels)} train/valid labels are not JSON: no schema, so free "
+              "decoding and no schema_valid_rate")
         return None
     return infer_schema(labels)
 

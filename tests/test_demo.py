@@ -39,11 +39,19 @@ def test_the_tiny_model_learnt_to_emit_valid_json(run):
     assert metrics == compute_metrics(rows, json.load(open(os.path.join(output_dir, "schema.json"))))
     assert {"json_valid_rate", "schema_valid_rate", "duplicate_key_rate", "truncated_rate", "exact_match", "field_precision", "field_recall", "field_f1", "ted_accuracy",
             "char_similarity", "anls_star", "rows_without_json_target", "per_field"} <= set(metrics)
-    assert [k for k, v in metrics.items() if not isinstance(v, (int, float))] == ["per_field"]  # flat but one
+    assert [k for k, v in metrics.items() if not isinstance(v, (int, float, type(None)))] == ["decoding", "per_field"]
     assert set(metrics["per_field"]) >= {"route", "products.description", "total_cases"}
-    assert metrics["rows"] == 24 and metrics["json_valid_rate"] >= 0.8
-    # It learnt the manifest's shape, not just brackets: keys in the labels' order.
-    parsed = [parse_json(row["prediction"]) for row in rows]
+    # Constrained by default: every prediction parses and fits the schema, by construction. The raw
+    # model's own learning signal is the free decoding's, kept beside it.
+    assert metrics["decoding"] == "constrained"
+    assert metrics["json_valid_rate"] == 1.0 and metrics["schema_valid_rate"] == 1.0
+    assert metrics["rows"] == 24 and metrics["free_json_valid_rate"] >= 0.8
+    assert {"free_field_f1", "free_schema_valid_rate", "confident_field_accuracy", "wrong_fields_flagged"} <= set(metrics)
+    assert all(0 <= field["confidence"] <= 1 for row in rows for field in row["confidence"])
+    # Confidence means something even here: the few fields it is sure of are right more often.
+    assert metrics["confident_field_accuracy"] > metrics["unsure_field_accuracy"]
+    # It learnt the manifest's shape, not just brackets: keys in the labels' order, unconstrained.
+    parsed = [parse_json(row["free_prediction"]) for row in rows]
     keys = list(json.loads(rows[0]["suffix"]))
     assert sum(isinstance(p, dict) and list(p) == keys for p in parsed) >= 0.8 * len(rows)
 

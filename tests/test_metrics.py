@@ -160,8 +160,9 @@ def test_validity_exact_match_and_fields_on_a_small_split():
     assert "z" not in metrics["per_field"]  # per field means per field of the truth
     assert list(metrics["per_field"])[0] == "b"  # worst first: b is right 1 time in 3
     assert 0 < metrics["anls_star"] < 1
-    flat = {k: v for k, v in metrics.items() if k != "per_field"}
+    flat = {k: v for k, v in metrics.items() if k not in ("per_field", "decoding")}
     assert all(isinstance(v, (int, float)) for v in flat.values())
+    assert metrics["decoding"] == "free" and not any(k.startswith("free_") for k in metrics)
 
 
 def test_char_similarity_is_one_minus_normalized_levenshtein():

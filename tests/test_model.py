@@ -114,7 +114,10 @@ def test_batched_generation_equals_one_by_one(demo_run, splits):
     together = flow.generate_batch(model, processor, batch, torch.float32, max_new_tokens=60, num_beams=1)
     alone = [flow.generate_batch(model, processor, [item], torch.float32, max_new_tokens=60, num_beams=1)[0]
              for item in batch]
-    assert together == alone
+    assert [(o["prediction"], o["truncated"]) for o in together] == [(o["prediction"], o["truncated"]) for o in alone]
+    for batched, single in zip(together, alone):  # padding moves the logits by rounding only
+        assert [f["confidence"] for f in batched["confidence"]] == pytest.approx(
+            [f["confidence"] for f in single["confidence"]], abs=1e-3)
     assert all(output["prediction"].startswith("{") for output in alone)  # decoded without the prompt
 
 

@@ -48,7 +48,9 @@ def test_predict_reads_a_folder_or_one_image_with_the_final_model(demo_run):
     rows = [json.loads(line) for line in open(os.path.join(output_dir, "predict.jsonl"))]
     images = sorted(name for name in os.listdir(folder) if name.endswith(".jpg"))
     assert [row["image"] for row in rows] == images
-    assert set(rows[0]) == {"image", "image_path", "prefix", "prediction", "truncated", "parsed"}
+    assert set(rows[0]) == {"image", "image_path", "prefix", "prediction", "truncated", "confidence", "parsed"}
+    assert all(0 <= field["confidence"] <= 1 for row in rows for field in row["confidence"])
+    assert sum(len(row["confidence"]) for row in rows) >= 24 * 10  # a confidence for every field
     assert sum(row["parsed"] for row in rows) >= 0.8 * len(rows)
     assert all(row["parsed"] == (flow.parse_json(row["prediction"]) is not None) for row in rows)
     assert f"predicted: 24 images, {sum(row['parsed'] for row in rows)} parsed as JSON" in result.stdout

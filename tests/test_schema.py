@@ -20,7 +20,8 @@ def test_optional_keys_nested_lists_and_first_seen_order():
     assert schema["required"] == ["a", "items"] and schema["additionalProperties"] is False
     items = schema["properties"]["items"]
     assert items["type"] == "array" and items["maxItems"] == 4  # longest 2, plus a margin of 2
-    assert items["items"]["required"] == ["n"] and items["items"]["properties"]["q"] == {"type": "integer"}
+    assert items["items"]["required"] == ["n"] and items["items"]["properties"]["q"] == {
+        "type": "integer", "minimum": 0, "maximum": 99}  # one digit more than the largest seen
     assert schema["properties"]["b"] == {"type": "string", "maxLength": 3}
     assert all(Draft202012Validator(schema).is_valid(label) for label in labels)
     assert not Draft202012Validator(schema).is_valid({**labels[0], "extra": 1})  # no unknown keys
@@ -29,8 +30,10 @@ def test_optional_keys_nested_lists_and_first_seen_order():
 
 def test_numbers_vs_strings_empty_lists_and_a_single_row():
     schema = infer_schema([{"n": 3, "m": "3", "e": []}, {"n": 2.5, "m": 4, "e": []}])
-    assert schema["properties"]["n"] == {"type": "number"}
-    assert schema["properties"]["m"] == {"type": ["integer", "string"], "maxLength": 3}
+    assert schema["properties"]["n"] == {"type": "number", "minimum": 0, "maximum": 99}
+    assert schema["properties"]["m"] == {"type": ["integer", "string"], "maxLength": 3, "minimum": 0, "maximum": 99}
+    negative = infer_schema([{"t": -120}, {"t": 7}])["properties"]["t"]
+    assert negative == {"type": "integer", "minimum": -9999, "maximum": 9999}
     assert schema["properties"]["e"] == {"type": "array", "maxItems": 2}
     single = infer_schema([{"only": "row"}])
     assert single["required"] == ["only"] and Draft202012Validator(single).is_valid({"only": "row"})

@@ -1,0 +1,230 @@
+"""Constrained decoding and per-field confidence.
+
+Generation is held to the labels' JSON Schema by llguidance (a well-kept Rust grammar engine,
+`benchmarks/grammar_masks.py` compares it with xgrammar on our vocabularies): at every step a
+bitmask says which tokens keep the text a prefix of something the schema accepts, and the others get
+-inf. The schema gives right keys in the right order, right types, closed lists and strings of a
+bounded length; it cannot give right values.
+
+Confidence is the model's own: for each leaf value, the lowest probability among the tokens that
+wrote it, from the raw logits (`output_logits=True`), never from the masked scores, which
+renormalize over the allowed tokens and would look surer than the model is.
+"""
+
+import bisect
+import json
+import re
+from json.decoder import scanstring
+
+import torch
+from transformers import LogitsProcessor
+
+from paligemma_json import FlowError
+
+
+# --- The layout the labels are written in --------------------------------------------------------
+
+def _written_with(suffix: str, item: str, key: str) -> bool:
+    try:
+        data = json.loads(suffix)
+    except json.JSONDecodeError:
+        return False
+    return suffix in (json.dumps(data, separators=(item, key)),
+                      json.dumps(data, separators=(item, key), ensure_ascii=False))
+
+
+def json_layout(suffixes: list[str]) -> dict:
+    """llguidance's options for the separators the labels use: `", "` and `": "` as `json.dumps`
+    writes them, or the compact `","` and `":"`. Otherwise whitespace is free but bounded, so a
+    model cannot spend its budget on spaces."""
+    for item, key in ((", ", ": "), (",", ":")):
+        if suffixes and all(_written_with(suffix, item, key) for suffix in suffixes):
+            return {"item_separator": item, "key_separator": key, "whitespace_flexible": False}
+    return {"whitespace_pattern": r"[\x20\x0A\x0D\x09]{0,64}"}
+
+
+def with_layout(schema: dict, suffixes: list[str]) -> dict:
+    """The schema with the labels' layout under `x-guidance` (llguidance reads it, JSON Schema
+    validators ignore it), unless the user's schema says otherwise: saved with it, so `--predict`
+    writes the way the model was trained to."""
+    return {**schema, "x-guidance": {**json_layout(suffixes), **schema.get("x-guidance", {})}}
+
+
+# --- The grammar, and the logits processor that applies it -------------------------------------
+
+class JsonSchemaConstraint:
+    """A schema compiled for one tokenizer; `logits_processor()` gives a fresh one per `generate`."""
+
+    def __init__(self, schema: dict, tokenizer, logits_width: int):
+        import llguidance.hf
+        from llguidance import LLExecutor, LLMatcher
+        self.ll_tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=len(tokenizer))
+        self.grammar = LLMatcher.grammar_from_json_schema(schema)
+        failed, messages = LLMatcher.validate_grammar_with_warnings(self.grammar, self.ll_tokenizer)
+        if failed:
+            raise FlowError(f"the schema cannot constrain generation ({messages[0][:200]}); fix it, or pass --no-constrained")
+        self.eos_token_id = tokenizer.eos_token_id
+        self.logits_width = logits_width  # PaliGemma 2 pads 257,152 tokens to 257,216 logits
+        self.executor = LLExecutor()
+
+    def matcher(self):
+        from llguidance import LLMatcher
+        return LLMatcher(self.ll_tokenizer, self.grammar, log_level=0)  # errors end the row; no warnings
+
+    def logits_processor(self) -> "SchemaLogitsProcessor":
+        return SchemaLogitsProcessor(self)
+
+
+class SchemaLogitsProcessor(LogitsProcessor):
+    """Masks every token that would leave the schema. Works for greedy and beam search alike: each
+    row's parser state is found by the tokens it generated so far, so beams that are reordered,
+    dropped or duplicated between steps each keep the right state. Special tokens (`<locNNNN>`,
+    `<image>`, padding) are never allowed; EOS only where the JSON is complete."""
+
+    def __init__(self, constraint: JsonSchemaConstraint):
+        self.constraint = constraint
+        self.prompt_length = None
+        self.states = {}  # generated tokens so far (a tuple) -> that row's matcher
+
+    def _state(self, generated: tuple, previous: dict, children: dict):
+        if generated in self.states:
+            return self.states[generated]
+        parent = previous[generated[:-1]]
+        children[generated[:-1]] -= 1
+        if parent.is_stopped():  # a finished row, padded by generate: nothing more to check
+            return parent
+        # The last row to continue a parent takes it over; the others copy it (beams that split).
+        matcher = parent if children[generated[:-1]] == 0 else parent.deep_copy()
+        matcher.consume_token(generated[-1])
+        return matcher
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        from llguidance.torch import allocate_token_bitmask, fill_next_token_bitmask_par
+        if self.prompt_length is None:
+            self.prompt_length = input_ids.shape[1]
+            self.states = {(): self.constraint.matcher()}
+        rows = [tuple(row) for row in input_ids[:, self.prompt_length:].tolist()]
+        previous, self.states = self.states, {}
+        children = {}
+        for generated in rows:
+            if generated:
+                children[generated[:-1]] = children.get(generated[:-1], 0) + 1
+        for generated in rows:
+            self.states[generated] = self._state(generated, previous, children) if generated else previous[()]
+        vocab = self.constraint.ll_tokenizer.vocab_size
+        bitmask = allocate_token_bitmask(len(rows), vocab)
+        first_row = {}  # rows that generated the same tokens share a matcher: one mask each
+        for i, generated in enumerate(rows):
+            if not self.states[generated].is_stopped():
+                first_row.setdefault(generated, i)
+        if first_row:
+            fill_next_token_bitmask_par(self.constraint.executor,
+                                        [(self.states[generated], i) for generated, i in first_row.items()], bitmask)
+        for i, generated in enumerate(rows):
+            if generated in first_row:
+                bitmask[i] = bitmask[first_row[generated]]
+        eos = self.constraint.eos_token_id
+        # A complete JSON (or a parser in error, which allows nothing) leaves only EOS.
+        done = [i for i, generated in enumerate(rows) if self.states[generated].is_stopped()]
+        bitmask[done] = 0
+        dead = ~bitmask.ne(0).any(dim=1)
+        bitmask[dead, eos // 32] |= 1 << (eos % 32)
+        bits = torch.arange(32, dtype=torch.int32)
+        allowed = ((bitmask.unsqueeze(-1) >> bits) & 1).flatten(1)[:, :vocab].bool()
+        allowed = torch.nn.functional.pad(allowed, (0, scores.shape[-1] - vocab))  # padded logits: never
+        return scores.masked_fill(~allowed.to(scores.device), float("-inf"))
+
+
+# --- Confidence per field ---------------------------------------------------------------------
+
+def chosen_token_probabilities(output, prompt_length: int) -> torch.Tensor:
+    """(rows, generated tokens): the probability the raw model gave each token it emitted; 1.0 past
+    the end. `output` is `generate`'s with `output_logits=True`; under beam search `beam_indices`
+    says which beam's logits each step of each returned sequence came from."""
+    tokens = output.sequences[:, prompt_length:]
+    probabilities = torch.ones(tokens.shape, dtype=torch.float32)
+    beam_indices = getattr(output, "beam_indices", None)
+    for step, logits in enumerate(output.logits[:tokens.shape[1]]):
+        if beam_indices is None:
+            source = torch.arange(tokens.shape[0], device=logits.device)
+        else:
+            source = beam_indices[:, step].to(logits.device)
+        log_probs = torch.log_softmax(logits[source.clamp(min=0)].float(), dim=-1)
+        chosen = log_probs.gather(1, tokens[:, step:step + 1].to(logits.device)).squeeze(1).exp().cpu()
+        probabilities[:, step] = torch.where(source.cpu() >= 0, chosen, torch.ones_like(chosen))
+    return probabilities
+
+
+_NUMBER = re.compile(r"-?(?:0|[1-9]\d*)(?:\.\d+)?(?:[eE][-+]?\d+)?")
+_LITERALS = {"true": True, "false": False, "null": None}
+
+
+def leaf_spans(text: str) -> list[tuple[str, object, int, int]]:
+    """(key path, value, start, end) for every scalar in a JSON text, in order, with Donut's key
+    paths (list items share their parent's). [] when the text is not JSON."""
+    leaves = []
+
+    def skip(i):
+        while i < len(text) and text[i] in " \t\n\r":
+            i += 1
+        return i
+
+    def value(i, key):
+        i = skip(i)
+        if text[i] in "{[":
+            closing, i = "}" if text[i] == "{" else "]", skip(i + 1)
+            if text[i] == closing:
+                return i + 1
+            while True:
+                child = key
+                if closing == "}":
+                    name, i = scanstring(text, skip(i) + 1)
+                    i = skip(i)
+                    if text[i] != ":":
+                        raise ValueError("expected ':'")
+                    child, i = f"{key}.{name}" if key else name, i + 1
+                i = skip(value(i, child))
+                if text[i] == closing:
+                    return i + 1
+                if text[i] != ",":
+                    raise ValueError("expected ','")
+                i += 1
+        if text[i] == '"':
+            content, end = scanstring(text, i + 1)
+            leaves.append((key, content, i, end))
+            return end
+        literal = next((word for word in _LITERALS if text.startswith(word, i)), None)
+        if literal:
+            leaves.append((key, _LITERALS[literal], i, i + len(literal)))
+            return i + len(literal)
+        number = _NUMBER.match(text, i)
+        if not number:
+            raise ValueError("expected a value")
+        leaves.append((key, json.loads(number.group()), i, number.end()))
+        return number.end()
+
+    try:
+        if skip(value(0, "")) != len(text):
+            return []
+    except (ValueError, IndexError):
+        return []
+    return leaves
+
+
+def field_confidences(token_ids: list[int], probabilities: list[float], tokenizer, text: str) -> list[dict]:
+    """`{"field", "value", "confidence"}` per leaf value of `text` (the decoded `token_ids`): the
+    lowest probability among the tokens that overlap the value, its quotes included, since the
+    closing quote is where the model decided the value was complete."""
+    leaves = leaf_spans(text)
+    if not leaves:
+        return []
+    ends = [len(prefix) for prefix in tokenizer.batch_decode([token_ids[:k + 1] for k in range(len(token_ids))],
+                                                               skip_special_tokens=True)]
+    for k in range(1, len(ends)):  # a prefix ending inside a UTF-8 character may decode longer
+        ends[k] = max(ends[k], ends[k - 1])
+    fields = []
+    for key, value, start, end in leaves:
+        first, last = bisect.bisect_right(ends, start), bisect.bisect_left(ends, end)
+        covering = probabilities[first:last + 1]
+        fields.append({"field": key, "value": value, "confidence": round(min(covering), 4) if covering else 1.0})
+    return fields
