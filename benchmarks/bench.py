@@ -1,0 +1,454 @@
+"""Times the tutorial's flow as written against ours, on the demo's tiny PaliGemma 2 and synthetic
+data, in one run on one machine, and prints ours-over-tutorial ratios.
+
+    python benchmarks/bench.py --quick        # < 5 min on a 2-core CPU: 480 training samples, not 3,360
+    python benchmarks/bench.py                # the demo's 3,360 training samples; 3 repeats either way
+    python benchmarks/bench.py --repeats 5 --samples 960 --work-dir /tmp/bench
+
+The last line is always `train_speedup=<x> inference_speedup=<y>` (medians, ours over the tutorial's).
+
+What "the tutorial as written" means here (Roboflow's guide, shared/tutorial/):
+- model: `from_pretrained(MODEL_ID, device_map="auto").to(DEVICE)`, `TORCH_DTYPE = model.dtype`
+  (its full fine-tuning branch: LoRA barely moves a random tiny model, so both sides train fully);
+- collate: the processor and `.to(TORCH_DTYPE).to(DEVICE)` inside the data loader's collate;
+- TrainingArguments: batch 3 x accumulation 16, warmup 2, weight decay 1e-6, bf16, logging every
+  200 steps, tensorboard, no pin memory. Substitutions, each forced or neutral: `adamw_hf` was removed from
+  transformers 5.x (-> `adamw_torch`); `bf16=True` raises on a machine without a GPU unless
+  `use_cpu=True` is added (added, so bf16 autocast runs on the CPU, as written); `num_train_epochs`
+  -> `max_steps` so both sides see the same number of samples; learning rate -> the demo's (the
+  tutorial's 5e-5 does not move a random tiny model); `include_num_input_tokens_seen="non_padding"`
+  added, to count its tokens as ours are counted.
+- test inference: one image at a time, beam search with `num_beams=3`. Its `max_new_tokens=256` is
+  replaced by ours (the longest train/valid label + 25%) on both sides, so the comparison is about
+  the method (batching, greedy, grammar), not about how long each side may run on.
+
+"Ours" is the script's own pieces, imported: `load_processor`, `load_model`, `build_trainer` (with
+the demo's overrides, evaluation pushed past the end of the run so neither side evaluates while
+timed), `load_trained_model`, `build_constraint` and `predict_rows` (batched greedy, constrained to the
+labels' schema, with per-field confidence).
+
+Each measurement runs in a fresh subprocess, so one cannot warm the other's caches or allocator.
+Peak memory is the peak resident set size (VmHWM, reset through /proc/self/clear_refs right before the
+timed region) minus the resident size at that moment: what the timed region added. Model loading
+happens before it on both sides.
+"""
+
+import argparse
+import functools
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the demo is local; never wait for the Hub
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+TUTORIAL_BATCH_SIZE, TUTORIAL_GRAD_ACCUM = 3, 16  # its effective batch of 48
+TUTORIAL_NUM_BEAMS = 3
+REFERENCE_STEPS = 400  # the demo's training: the model both sides' inference is timed on
+FULL_SAMPLES = 3360  # 70 tutorial steps of 48, 420 of ours of 8: about the demo's 400 steps
+QUICK_SAMPLES = 480  # 10 tutorial steps, 60 of ours
+# Both sides train on the first 144 of the 150 training rows: 3 of the tutorial's batches of 48, 18
+# of ours of 8. With 150, every epoch ends in a short step (the Trainer steps on the remainder), so
+# steps x effective batch would overstate the tutorial's samples by a fifth.
+TRAIN_ROWS = 144
+LOSS_SAMPLES = 48  # the final loss is measured on the first 48 training rows, the same for both sides
+
+
+# --- Memory and timing helpers ----------------------------------------------------------------
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def reset_peak_rss() -> int:
+    """Resets this process's peak RSS to its current RSS (Linux) and returns that, in KiB."""
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
+    return _status_kib("VmRSS")
+
+
+def peak_rss_delta_mib(baseline_kib: int) -> float:
+    return (_status_kib("VmHWM") - baseline_kib) / 1024
+
+
+# --- The tutorial's flow, as written --------------------------------------------------------
+
+def tutorial_device():
+    import torch
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def tutorial_load(model_dir: str):
+    """Its full fine-tuning branch: no dtype given, `device_map="auto"`, then `.to(DEVICE)`."""
+    from transformers import PaliGemmaForConditionalGeneration, PaliGemmaProcessor
+    processor = PaliGemmaProcessor.from_pretrained(model_dir)
+    model = PaliGemmaForConditionalGeneration.from_pretrained(model_dir, device_map="auto").to(tutorial_device())
+    return processor, model
+
+
+def tutorial_collate(batch, processor, dtype, device):
+    """Its collate_fn: the processor, then every tensor cast and moved inside the data loader."""
+    images, labels = zip(*batch)
+    prefixes = ["<image>" + label["prefix"] for label in labels]
+    suffixes = [label["suffix"] for label in labels]
+    return processor(text=prefixes, images=images, return_tensors="pt", suffix=suffixes,
+                     padding="longest").to(dtype).to(device)
+
+
+def tutorial_arguments(output_dir: str, max_steps: int, learning_rate: float, bf16: bool = True):
+    from transformers import TrainingArguments
+    import torch
+    return TrainingArguments(
+        max_steps=max_steps,  # was num_train_epochs=3: same samples seen on both sides
+        remove_unused_columns=False,
+        per_device_train_batch_size=TUTORIAL_BATCH_SIZE,
+        gradient_accumulation_steps=TUTORIAL_GRAD_ACCUM,
+        warmup_steps=2,
+        learning_rate=learning_rate,  # was 5e-5: the demo's, on both sides
+        weight_decay=1e-6,
+        adam_beta2=0.999,
+        logging_steps=200,
+        optim="adamw_torch",  # was "adamw_hf", removed in transformers 5
+        save_strategy="steps",
+        save_steps=1000,
+        save_total_limit=1,
+        output_dir=output_dir,
+        bf16=bf16,
+        use_cpu=not torch.cuda.is_available(),  # added: bf16=True raises without it on a CPU-only machine
+        report_to=["tensorboard"],
+        dataloader_pin_memory=False,
+        # Added, to count tokens exactly as ours does (attention_mask.sum() per batch). Counting in
+        # the collate instead over-counts: accelerate's loader fetches one batch ahead.
+        include_num_input_tokens_seen="non_padding",
+    )
+
+
+def tutorial_trainer(model, processor, train_dataset, valid_dataset, output_dir, max_steps, learning_rate,
+                     bf16: bool = True):
+    from transformers import Trainer
+    collate = functools.partial(tutorial_collate, processor=processor, dtype=model.dtype, device=tutorial_device())
+    return Trainer(model=model, train_dataset=train_dataset, eval_dataset=valid_dataset, data_collator=collate,
+                   args=tutorial_arguments(output_dir, max_steps, learning_rate, bf16))
+
+
+def tutorial_predict(model, processor, dataset, max_new_tokens: int, num_beams: int = TUTORIAL_NUM_BEAMS) -> list[str]:
+    """Its test inference, once per image: beam search, the prompt sliced off, special tokens skipped."""
+    import torch
+    texts = []
+    for index in range(len(dataset)):
+        image, label = dataset[index]
+        inputs = processor(text="<image>" + label["prefix"], images=image,
+                           return_tensors="pt").to(model.dtype).to(tutorial_device())
+        prefix_length = inputs["input_ids"].shape[-1]
+        with torch.inference_mode():
+            generation = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                        num_beams=num_beams)
+        texts.append(processor.decode(generation[0][prefix_length:], skip_special_tokens=True))
+    return texts
+
+
+# --- Ours: the script's own pieces ------------------------------------------------------------
+
+def our_settings(output_dir: str, max_steps: int, **changes) -> dict:
+    import finetune_paligemma2 as flow
+    from paligemma_json.demo import DEMO_OVERRIDES
+    settings = {**flow.DEFAULTS, **DEMO_OVERRIDES, "OUTPUT_DIR": output_dir, "MAX_STEPS": max_steps, **changes}
+    settings["SAVE_STEPS"] = max_steps + 1  # no checkpoint inside the run; one at its end, as on the tutorial's side
+    return settings
+
+
+def our_trainer(model, processor, train_dataset, valid_dataset, settings: dict):
+    """The script's Trainer, without evaluation: the tutorial never evaluates, and generation on
+    `valid` is not training throughput. (transformers 5.24 also evaluates at the end of any
+    step-based run, so pushing SAVE_STEPS past the end is not enough.)"""
+    import finetune_paligemma2 as flow
+    from transformers.trainer_utils import IntervalStrategy
+    dtype = flow.training_dtype()
+    generation = {"dtype": dtype, "batch_size": settings["EVAL_BATCH_SIZE"], "max_new_tokens": 64, "num_beams": 1}
+    trainer = flow.build_trainer(model, processor, train_dataset, valid_dataset, generation, **settings)
+    trainer.args.eval_strategy = IntervalStrategy.NO  # set in place: dataclasses.replace resets accelerate's state
+    return trainer
+
+
+def our_load(model_dir: str):
+    import finetune_paligemma2 as flow
+    dtype = flow.training_dtype()
+    processor = flow.load_processor(model_dir)
+    model = flow.load_model(model_dir, use_lora=False, use_qlora=False, freeze_vision=False, lora_rank=8,
+                            lora_targets=flow.LORA_TARGET_MODULES, dtype=dtype)
+    return processor, model
+
+
+def our_predict(model, processor, dataset, max_new_tokens: int, schema: dict, batch_size: int = 8,
+                constrained: bool = True, with_confidence: bool = True, also_free: bool = False) -> list[str]:
+    import finetune_paligemma2 as flow
+    constraint = flow.build_constraint(schema, processor, model, constrained)
+    rows = flow.predict_rows(model, processor, dataset, flow.training_dtype(), batch_size, max_new_tokens, 1,
+                             constraint=constraint, with_confidence=with_confidence, also_free=also_free)
+    return [row["prediction"] for row in rows]
+
+
+# --- Shared pieces ----------------------------------------------------------------------------
+
+def load_demo_splits(dataset_dir: str) -> dict:
+    """Both sides read the same rows with the demo's prompt (the tutorial's JSONLDataset reads the
+    same files the same way; replacing the `<JSON>` placeholder prefix is ours)."""
+    import finetune_paligemma2 as flow
+    from paligemma_json.demo import DEMO_OVERRIDES
+    return flow.load_splits(dataset_dir, DEMO_OVERRIDES["PROMPT"])
+
+
+def first_rows(dataset, count: int):
+    """The dataset with only its first `count` rows."""
+    import copy
+    subset = copy.copy(dataset)
+    subset.entries = dataset.entries[:count]
+    return subset
+
+
+def label_schema(splits: dict) -> dict:
+    from paligemma_json.constrained import with_layout
+    from paligemma_json.schema import schema_from_labels
+    suffixes = [entry["suffix"] for split in ("train", "valid") for entry in splits[split].entries]
+    return with_layout(schema_from_labels(suffixes), suffixes)
+
+
+def final_training_loss(model, processor, dataset, samples: int = LOSS_SAMPLES) -> float:
+    """Mean loss per label token of the trained model on the first `samples` training rows, in fp32
+    with our collate for both sides: the last logged loss would compare batches of 3 with batches of 8."""
+    import torch
+    import finetune_paligemma2 as flow
+    was_training, total, count = model.training, 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for first in range(0, min(samples, len(dataset)), 8):
+            batch = [dataset[i] for i in range(first, min(first + 8, samples, len(dataset)))]
+            inputs = flow.collate_fn(batch, processor, torch.float32).to(model.device)
+            tokens = int((inputs["labels"][:, 1:] != -100).sum())  # the positions the shifted loss scores
+            total += float(model(**inputs).loss) * tokens
+            count += tokens
+    model.train(was_training)
+    return total / count
+
+
+def valid_json_count(texts: list[str]) -> int:
+    from paligemma_json.metrics import parse_json
+    return sum(parse_json(text) is not None for text in texts)
+
+
+# --- One measurement (run in its own subprocess) -------------------------------------------------
+
+def measure_training(side: str, work: dict, samples: int, output_dir: str, customize=None, **variant) -> dict:
+    """Trains `samples` samples from the demo's random tiny model; `variant`: a lever's change to
+    ours (settings such as BATCH_SIZE) or the tutorial's (`bf16`); `customize(trainer, processor,
+    splits)`: a lever that changes the built trainer (benchmarks/levers.py)."""
+    from transformers import set_seed
+    from paligemma_json.demo import DEMO_OVERRIDES
+    set_seed(42)
+    splits = load_demo_splits(work["dataset_dir"])
+    splits["train"] = first_rows(splits["train"], TRAIN_ROWS)
+    learning_rate = DEMO_OVERRIDES["LEARNING_RATE"]
+    if side == "tutorial":
+        processor, model = tutorial_load(work["model_dir"])
+        trainer = tutorial_trainer(model, processor, splits["train"], splits["valid"], output_dir,
+                                            samples // (TUTORIAL_BATCH_SIZE * TUTORIAL_GRAD_ACCUM), learning_rate,
+                                            **variant)
+    else:
+        processor, model = our_load(work["model_dir"])
+        batch = {**DEMO_OVERRIDES, **variant}
+        settings = our_settings(output_dir, samples // (batch["BATCH_SIZE"] * batch["GRAD_ACCUM"]), **variant)
+        trainer = our_trainer(model, processor, splits["train"], splits["valid"], settings)
+    if customize:
+        customize(trainer, processor, splits)
+    baseline = reset_peak_rss()
+    result = trainer.train()
+    peak = peak_rss_delta_mib(baseline)
+    runtime = result.metrics["train_runtime"]
+    tokens = trainer.state.num_input_tokens_seen  # non-padding, image tokens included: the same count on both sides
+    seen = result.global_step * trainer.args.per_device_train_batch_size * trainer.args.gradient_accumulation_steps
+    return {"samples_per_s": seen / runtime, "tokens_per_s": tokens / runtime, "samples": seen,
+            "tokens_per_sample": tokens / seen,  # equal on both sides when both saw the same rows
+            "steps": result.global_step, "runtime_s": runtime, "peak_rss_mib": peak,
+            "run_mean_loss": result.metrics["train_loss"],
+            "final_loss": final_training_loss(trainer.model, processor, splits["train"])}
+
+
+def measure_inference(side: str, work: dict, **variant) -> dict:
+    """Predicts the test set with the reference model (the demo's 400-step training);
+    `variant`: a lever's change to ours (batch_size, constrained, with_confidence, also_free) or
+    the tutorial's (num_beams)."""
+    import finetune_paligemma2 as flow
+    splits = load_demo_splits(work["dataset_dir"])
+    test = splits["test"]
+    if side == "tutorial":
+        processor, model = tutorial_load(work["reference_dir"])
+        baseline, start = reset_peak_rss(), time.perf_counter()
+        texts = tutorial_predict(model, processor, test, work["max_new_tokens"], **variant)
+    else:
+        processor = flow.load_processor(work["reference_dir"])
+        model = flow.load_trained_model(work["reference_dir"], False, flow.training_dtype())
+        baseline, start = reset_peak_rss(), time.perf_counter()  # the grammar's compilation is timed too
+        texts = our_predict(model, processor, test, work["max_new_tokens"], work["schema"], **variant)
+    seconds = time.perf_counter() - start
+    return {"images_per_s": len(test) / seconds, "seconds": seconds, "images": len(test),
+            "peak_rss_mib": peak_rss_delta_mib(baseline), "valid_json": valid_json_count(texts)}
+
+
+def child_main(request: dict) -> None:
+    """In a subprocess: one measurement, printed as the last line of stdout (JSON)."""
+    import contextlib
+    with contextlib.redirect_stdout(sys.stderr):  # the flow's own prints stay out of the result line
+        if request["kind"] == "train":
+            result = measure_training(request["side"], request["work"], request["samples"],
+                                      request["output_dir"], **request.get("variant", {}))
+        else:
+            result = measure_inference(request["side"], request["work"], **request.get("variant", {}))
+    print(json.dumps(result))
+
+
+def run_measurement(request: dict, script: str = __file__) -> dict:
+    """`request` measured by `script --child` in a fresh process; its result."""
+    process = subprocess.run([sys.executable, os.path.abspath(script), "--child", json.dumps(request)],
+                             capture_output=True, text=True, cwd=ROOT, timeout=1800)
+    if process.returncode != 0:
+        raise RuntimeError(f"measurement {request['kind']}/{request['side']} failed:\n{process.stderr[-3000:]}")
+    return json.loads(process.stdout.strip().splitlines()[-1])
+
+
+# --- Setup: the demo assets and the reference model ----------------------------------------------
+
+def prepare(work_dir: str, seed: int = 0, reference_steps: int = REFERENCE_STEPS) -> dict:
+    """Builds the demo data and tiny model, the schema and token budget, and trains the reference
+    model that both sides' inference is timed on (ours, the demo's settings: it writes valid JSON,
+    so generation lengths are realistic). Reused when `work_dir` already has them."""
+    from paligemma_json.demo import build_demo
+    manifest_path = os.path.join(work_dir, "work.json")
+    if os.path.isfile(manifest_path):
+        with open(manifest_path) as manifest:
+            work = json.load(manifest)
+        if work.get("reference_steps") == reference_steps:
+            return work
+    dataset_dir, model_dir = build_demo(work_dir, seed)
+    import finetune_paligemma2 as flow
+    from paligemma_json.dataset_report import token_budget
+    from transformers import set_seed
+    splits = load_demo_splits(dataset_dir)
+    processor, model = our_load(model_dir)
+    set_seed(42)
+    reference_dir = os.path.join(work_dir, "reference")
+    trainer = our_trainer(model, processor, splits["train"], splits["valid"],
+                          our_settings(os.path.join(work_dir, "reference-run"), reference_steps, LOGGING_STEPS=1000))
+    trainer.train()
+    flow.save_final_model(trainer.model, processor, reference_dir)
+    work = {"dataset_dir": dataset_dir, "model_dir": model_dir, "reference_dir": reference_dir,
+            "reference_steps": reference_steps, "schema": label_schema(splits),
+            "max_new_tokens": token_budget([splits["train"], splits["valid"]], processor.tokenizer)}
+    with open(manifest_path, "w") as manifest:
+        json.dump(work, manifest)
+    return work
+
+
+# --- Summaries ---------------------------------------------------------------------------------
+
+def spread(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def describe(values: list[float], digits: int = 2) -> str:
+    s = spread(values)
+    return f"{s['median']:.{digits}f} [{s['min']:.{digits}f}-{s['max']:.{digits}f}]"
+
+
+def ratios(ours: list[float], theirs: list[float]) -> list[float]:
+    """Per repeat: each repeat ran both sides back to back, so pairing them cancels slow spells."""
+    return [a / b for a, b in zip(ours, theirs)]
+
+
+def run_benchmark(work: dict, samples: int, repeats: int, scratch: str) -> dict:
+    results = {key: [] for key in ("train/tutorial", "train/ours", "infer/tutorial", "infer/ours")}
+    for repeat in range(repeats):
+        # Alternate which side goes first, so a slow spell on the shared machine hits both.
+        sides = ("tutorial", "ours") if repeat % 2 == 0 else ("ours", "tutorial")
+        for kind in ("train", "infer"):
+            for side in sides:
+                request = {"kind": kind, "side": side, "work": work, "samples": samples,
+                           "output_dir": os.path.join(scratch, f"{kind}-{side}-{repeat}")}
+                started = time.perf_counter()
+                results[f"{kind}/{side}"].append(run_measurement(request))
+                print(f"  repeat {repeat + 1}/{repeats} {kind} {side}: {time.perf_counter() - started:.0f} s wall",
+                      file=sys.stderr)
+                shutil.rmtree(request["output_dir"], ignore_errors=True)
+    return results
+
+
+def print_report(results: dict, samples: int, max_new_tokens: int) -> tuple[float, float]:
+    def column(key, field):
+        return [row[field] for row in results[key]]
+    print(f"\ntraining: {samples} samples on each side (tutorial batch 3 x accumulation 16, ours batch 8 x 1), "
+          f"same learning rate; median [min-max] over {len(results['train/ours'])} repeats")
+    print(f"{'':24}{'tutorial':>26}{'ours':>26}{'ours / tutorial':>22}")
+    for field, label, digits in (("samples_per_s", "samples/s", 1), ("tokens_per_s", "tokens/s", 0),
+                                 ("tokens_per_sample", "tokens per sample", 1),
+                                 ("peak_rss_mib", "peak RSS delta, MiB", 0), ("final_loss", "final loss", 3),
+                                 ("run_mean_loss", "mean loss over the run", 3)):
+        theirs, ours = column("train/tutorial", field), column("train/ours", field)
+        print(f"{label:24}{describe(theirs, digits):>26}{describe(ours, digits):>26}"
+              f"{describe(ratios(ours, theirs)):>22}")
+    print(f"\ninference: {results['infer/ours'][0]['images']} test images, max_new_tokens={max_new_tokens} on both "
+          "sides (tutorial: one by one, beam 3; ours: batches of 8, greedy, constrained, with confidence)")
+    for field, label, digits in (("images_per_s", "images/s", 2), ("peak_rss_mib", "peak RSS delta, MiB", 0),
+                                 ("valid_json", "valid JSON (of test)", 0)):
+        theirs, ours = column("infer/tutorial", field), column("infer/ours", field)
+        print(f"{label:24}{describe(theirs, digits):>26}{describe(ours, digits):>26}"
+              f"{describe(ratios(ours, theirs)) if field != 'valid_json' else '':>22}")
+    train = statistics.median(ratios(column("train/ours", "samples_per_s"), column("train/tutorial", "samples_per_s")))
+    infer = statistics.median(ratios(column("infer/ours", "images_per_s"), column("infer/tutorial", "images_per_s")))
+    return train, infer
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help=f"{QUICK_SAMPLES} training samples: under 5 min")
+    parser.add_argument("--repeats", type=int, default=3, help="measurements per side")
+    parser.add_argument("--samples", type=int, default=None,
+                        help=f"training samples per side, a multiple of 48 (default {FULL_SAMPLES}, quick {QUICK_SAMPLES})")
+    parser.add_argument("--reference-steps", type=int, default=REFERENCE_STEPS,
+                        help="training steps of the model inference is timed on")
+    parser.add_argument("--work-dir", default="", help="keep the demo assets and reference model here, and reuse them")
+    parser.add_argument("--child", default="", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        return child_main(json.loads(args.child))
+    samples = args.samples or (QUICK_SAMPLES if args.quick else FULL_SAMPLES)
+    if samples % 48:
+        parser.error("--samples must be a multiple of 48 (the tutorial's effective batch) and of 8 (ours)")
+    work_dir = args.work_dir or tempfile.mkdtemp(prefix="bench-")
+    started = time.perf_counter()
+    try:
+        work = prepare(work_dir, reference_steps=args.reference_steps)
+        print(f"setup: demo data, tiny model, reference model ({args.reference_steps} steps) in "
+              f"{time.perf_counter() - started:.0f} s", file=sys.stderr)
+        results = run_benchmark(work, samples, args.repeats, os.path.join(work_dir, "runs"))
+    finally:
+        if not args.work_dir:
+            shutil.rmtree(work_dir, ignore_errors=True)
+    import torch
+    import transformers
+    print(f"\nmachine: {os.cpu_count()} CPUs, torch {torch.__version__}, transformers {transformers.__version__}, "
+          f"CUDA {'yes' if torch.cuda.is_available() else 'no'}; {time.perf_counter() - started:.0f} s in all")
+    train, infer = print_report(results, samples, work["max_new_tokens"])
+    print(f"train_speedup={train:.2f} inference_speedup={infer:.2f}")
+
+
+if __name__ == "__main__":
+    main()
