@@ -203,7 +203,7 @@ if __name__ == "__main__" and FLOW:
 # here, before any model is loaded, with the file and line to fix.
 
 # %%
-from paligemma_json.constrained import with_layout
+from paligemma_json.constrained import compile_schema, with_layout
 from paligemma_json.files import write_json_atomically
 from paligemma_json.metrics import parse_json
 from paligemma_json.schema import load_schema, schema_from_labels
@@ -301,6 +301,8 @@ if __name__ == "__main__" and FLOW:
     LABEL_SCHEMA = load_schema(SCHEMA) if SCHEMA else schema_from_labels(suffixes)
     if LABEL_SCHEMA is not None:
         LABEL_SCHEMA = with_layout(LABEL_SCHEMA, suffixes)
+        if CONSTRAINED:
+            compile_schema(LABEL_SCHEMA)  # a schema the grammar library cannot use stops the run now
         if IS_MAIN_PROCESS:
             write_json_atomically(LABEL_SCHEMA, os.path.join(OUTPUT_DIR, "schema.json"))
 
@@ -474,7 +476,7 @@ def build_constraint(schema: dict | None, processor, model, constrained: bool) -
     if not constrained or schema is None:
         print("decoding: free" + ("" if constrained else " (--no-constrained)") + ("" if schema else ", no schema"))
         return None
-    constraint = JsonSchemaConstraint(schema, processor.tokenizer, model.config.text_config.vocab_size)
+    constraint = JsonSchemaConstraint(schema, processor.tokenizer)
     print("decoding: constrained to the labels' schema (llguidance)")
     return constraint
 

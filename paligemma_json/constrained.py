@@ -52,23 +52,31 @@ def with_layout(schema: dict, suffixes: list[str]) -> dict:
 
 # --- The grammar, and the logits processor that applies it -------------------------------------
 
-class JsonSchemaConstraint:
-    """A schema compiled for one tokenizer; `logits_processor()` gives a fresh one per `generate`."""
+def compile_schema(schema: dict, ll_tokenizer=None) -> str:
+    """llguidance's grammar for the schema, or a one-line error: checked when the data is loaded,
+    so a schema it cannot use stops the run before training, not after."""
+    try:
+        from llguidance import LLMatcher
+    except ImportError as error:
+        raise FlowError(f"constrained decoding needs llguidance ({error}): pip install -r requirements.txt, "
+                        "or pass --no-constrained") from None
+    grammar = LLMatcher.grammar_from_json_schema(schema)
+    failed, messages = LLMatcher.validate_grammar_with_warnings(grammar, ll_tokenizer)
+    if failed:
+        raise FlowError(f"the schema cannot constrain generation ({messages[0][:200]}); fix it, or pass --no-constrained")
+    return grammar
 
-    def __init__(self, schema: dict, tokenizer, logits_width: int):
-        try:
-            import llguidance.hf
-            from llguidance import LLExecutor, LLMatcher
-        except ImportError as error:
-            raise FlowError(f"constrained decoding needs llguidance ({error}): pip install -r requirements.txt, "
-                            "or pass --no-constrained") from None
+
+class JsonSchemaConstraint:
+    """A schema compiled for one tokenizer; `logits_processor()` gives a fresh one per `generate`.
+    Logits past the tokenizer's vocabulary (PaliGemma 2 pads 257,152 tokens to 257,216) are masked."""
+
+    def __init__(self, schema: dict, tokenizer):
+        import llguidance.hf
+        from llguidance import LLExecutor
         self.ll_tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=len(tokenizer))
-        self.grammar = LLMatcher.grammar_from_json_schema(schema)
-        failed, messages = LLMatcher.validate_grammar_with_warnings(self.grammar, self.ll_tokenizer)
-        if failed:
-            raise FlowError(f"the schema cannot constrain generation ({messages[0][:200]}); fix it, or pass --no-constrained")
+        self.grammar = compile_schema(schema, self.ll_tokenizer)
         self.eos_token_id = tokenizer.eos_token_id
-        self.logits_width = logits_width  # PaliGemma 2 pads 257,152 tokens to 257,216 logits
         self.executor = LLExecutor()
 
     def matcher(self):
@@ -217,10 +225,12 @@ def leaf_spans(text: str) -> list[tuple[str, object, int, int]]:
 
 
 def field_confidences(token_ids: list[int], probabilities: list[float], tokenizer, text: str) -> list[dict]:
-    """`{"field", "value", "confidence"}` per leaf value of `text` (the decoded `token_ids`): the
-    lowest probability among the tokens that overlap the value, its quotes included, since the
-    closing quote is where the model decided the value was complete."""
-    leaves = leaf_spans(text)
+    """`{"field", "value", "confidence"}` per leaf value of `text` (the decoded `token_ids`; none
+    when it is not JSON): the lowest probability among the tokens that overlap the value, with its
+    closing quote, or for a number or literal the character after it, since that is where the model
+    decided the value was complete."""
+    from paligemma_json.metrics import parse_json
+    leaves = leaf_spans(text) if parse_json(text) is not None else []
     if not leaves:
         return []
     ends = [len(prefix) for prefix in tokenizer.batch_decode([token_ids[:k + 1] for k in range(len(token_ids))],
@@ -229,6 +239,8 @@ def field_confidences(token_ids: list[int], probabilities: list[float], tokenize
         ends[k] = max(ends[k], ends[k - 1])
     fields = []
     for key, value, start, end in leaves:
+        if not isinstance(value, str):  # the token after a number is where it stopped: 29, not 290
+            end = min(end + 1, len(text))
         first, last = bisect.bisect_right(ends, start), bisect.bisect_left(ends, end)
         covering = probabilities[first:last + 1]
         fields.append({"field": key, "value": value, "confidence": round(min(covering), 4) if covering else 1.0})

@@ -181,8 +181,9 @@ def compute_metrics(rows: list[dict], schema: dict | None = None, threshold: flo
     metrics = {"decoding": "constrained" if any("free_prediction" in row for row in rows) else "free",
                **_figures(rows, schema)}
     if metrics["decoding"] == "constrained":
-        free_rows = [{**row, "prediction": row.get("free_prediction", ""), "truncated": row.get("free_truncated")}
-                     for row in rows]
+        # A row without `free_prediction` (an older or --no-constrained run, resumed) was decoded free.
+        free_rows = [{**row, "prediction": row.get("free_prediction", row["prediction"]),
+                      "truncated": row.get("free_truncated", row.get("truncated"))} for row in rows]
         metrics.update({f"free_{name}": value for name, value in _figures(free_rows, schema).items()
                         if name not in ("rows", "rows_without_json_target", "per_field")})
     if any("confidence" in row for row in rows):
@@ -191,27 +192,34 @@ def compute_metrics(rows: list[dict], schema: dict | None = None, threshold: flo
     return metrics
 
 
-def normalized_leaf(value) -> str | None:
-    """A predicted leaf as Donut's normalization leaves it, or None where it drops the value."""
-    if not value or isinstance(value, (dict, list)):
-        return None
-    return str(value).strip() or None
+def scored_confidences(row: dict) -> list[tuple[str, str, float]]:
+    """(key path, normalized value, confidence) for the predicted leaves Donut scores: the
+    prediction's own normalized pairs, each used once, so a value Donut drops (a falsy one, a
+    boolean in a list) gets no mark."""
+    prediction = parse_json(row["prediction"])
+    if prediction is None:
+        return []
+    scored, marked = Counter(flatten(normalize(prediction))), []
+    for field in row.get("confidence") or []:
+        pair = (field["field"], str(field["value"]).strip())
+        if scored[pair] > 0:
+            scored[pair] -= 1
+            marked.append((*pair, field["confidence"]))
+    return marked
 
 
 def field_correctness(row: dict) -> list[tuple[float, bool]]:
     """(confidence, right) per predicted leaf Donut scores: right when the truth has that value at
     that key path, each true value used once."""
     truth = parse_json(row["suffix"])
-    if truth is None or parse_json(row["prediction"]) is None:
+    if truth is None:
         return []
     unmatched = Counter(flatten(normalize(truth)))
     marked = []
-    for field in row.get("confidence") or []:
-        value = normalized_leaf(field["value"])
-        if value is not None:
-            right = unmatched[(field["field"], value)] > 0
-            unmatched[(field["field"], value)] -= right
-            marked.append((field["confidence"], right))
+    for key, value, confidence in scored_confidences(row):
+        right = unmatched[(key, value)] > 0
+        unmatched[(key, value)] -= right
+        marked.append((confidence, right))
     return marked
 
 
@@ -219,11 +227,8 @@ def confidence_lookup(row: dict) -> dict[tuple[str, str], float]:
     """(key path, normalized value) -> the lowest confidence of such a predicted leaf, to put beside
     `field_statuses`' rows."""
     lookup = {}
-    for field in row.get("confidence") or []:
-        value = normalized_leaf(field["value"])
-        if value is not None:
-            key = (field["field"], value)
-            lookup[key] = min(lookup.get(key, 1.0), field["confidence"])
+    for key, value, confidence in scored_confidences(row):
+        lookup[(key, value)] = min(lookup.get((key, value), 1.0), confidence)
     return lookup
 
 

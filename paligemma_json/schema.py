@@ -45,7 +45,9 @@ def _merge(values: list) -> dict:
         if "string" in kinds:
             branch["maxLength"] = _with_margin(max(len(value) for value in values if isinstance(value, str)))
         numbers = [value for value in values if isinstance(value, (int, float)) and not isinstance(value, bool)]
-        if numbers:  # one more digit than the largest seen: else an unsure model can write digits forever
+        # One digit more than the largest seen, else an unsure model writes digits forever (after
+        # a decimal point it still can: a schema cannot bound those).
+        if numbers:
             bound = 10 ** (len(str(int(max(map(abs, numbers))))) + 1) - 1
             branch.update(minimum=0 if min(numbers) >= 0 else -bound, maximum=bound)
         branches.append(branch)

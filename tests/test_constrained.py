@@ -9,9 +9,10 @@ import torch
 from jsonschema import Draft202012Validator
 
 import finetune_paligemma2 as flow
-from paligemma_json.constrained import field_confidences, json_layout, leaf_spans, with_layout
+from paligemma_json.constrained import (chosen_token_probabilities, compile_schema, field_confidences, json_layout,
+                                        leaf_spans, with_layout)
 from paligemma_json.demo import make_manifest
-from paligemma_json.metrics import compute_metrics
+from paligemma_json.metrics import compute_metrics, scored_confidences
 from paligemma_json.schema import schema_from_labels
 
 PROMPT = "extract data in JSON format"
@@ -82,7 +83,7 @@ def test_an_untrained_model_under_the_constraint_writes_only_schema_valid_json(u
 
 def test_the_mask_covers_padded_logits_and_a_complete_json_allows_only_eos(untrained, schema):
     model, processor = untrained
-    constraint = flow.JsonSchemaConstraint(schema, processor.tokenizer, len(processor.tokenizer) + 64)
+    constraint = flow.JsonSchemaConstraint(schema, processor.tokenizer)
     mask = constraint.logits_processor()
     prompt = torch.zeros((1, 3), dtype=torch.long)
     scores = mask(prompt, torch.zeros((1, len(processor.tokenizer) + 64)))
@@ -119,6 +120,48 @@ def test_field_confidences_take_the_least_likely_token_of_each_value(untrained):
     fields = field_confidences(ids, probabilities, tokenizer, text)
     assert [(f["field"], f["value"]) for f in fields] == [("route", "R12"), ("n", 7)]
     assert fields[0]["confidence"] == 0.9 and fields[1]["confidence"] == 0.3
+    # Where a number stops counts too: an unsure `}` after 7 means 7 might have been 70.
+    probabilities = [0.9] * len(ids)
+    probabilities[-1] = 0.2
+    assert [f["confidence"] for f in field_confidences(ids, probabilities, tokenizer, text)] == [0.9, 0.2]
+    assert field_confidences(ids[:-1], probabilities[:-1], tokenizer, text[:-1]) == []  # not JSON: no fields
+
+
+def test_confidence_under_beam_search_is_the_models_own_probability(demo_run, splits):
+    """beam_indices pick each step's logits row: check against a teacher-forced forward pass."""
+    final = os.path.join(demo_run[0], "final")
+    model = flow.PaliGemmaForConditionalGeneration.from_pretrained(final).eval()
+    processor = flow.load_processor(final)
+    inputs = flow.collate_fn([splits["test"][i] for i in range(2)], processor, torch.float32, with_labels=False)
+    prompt = inputs["input_ids"].shape[1]
+    with torch.inference_mode():
+        output = model.generate(**inputs, max_new_tokens=30, do_sample=False, num_beams=2, output_logits=True,
+                                return_dict_in_generate=True)
+        probabilities = chosen_token_probabilities(output, prompt)
+        sequences = output.sequences
+        answer = torch.ones_like(sequences[:, prompt:])  # attended causally, as a suffix (type 1)
+        forced = model(input_ids=sequences, pixel_values=inputs["pixel_values"],
+                       attention_mask=torch.cat([inputs["attention_mask"], answer], 1),
+                       token_type_ids=torch.cat([inputs["token_type_ids"], answer], 1)).logits
+    expected = torch.softmax(forced[:, prompt - 1:-1].float(), -1).gather(-1, sequences[:, prompt:, None])[..., 0]
+    eos = processor.tokenizer.eos_token_id
+    for row in range(2):
+        length = (sequences[row, prompt:] == eos).nonzero().flatten()
+        length = int(length[0]) + 1 if len(length) else sequences.shape[1] - prompt
+        assert probabilities[row, :length] == pytest.approx(expected[row, :length], abs=1e-3)
+
+
+def test_a_schema_the_grammar_cannot_use_stops_in_one_line():
+    with pytest.raises(flow.FlowError, match="the schema cannot constrain generation .*--no-constrained"):
+        compile_schema({"type": "foo"})
+
+
+def test_only_the_values_donut_scores_get_a_confidence_mark():
+    row = {"prediction": '{"a": [0, 1, true, "x"], "b": "  ", "c": 2.50}',
+           "confidence": [{"field": "a", "value": v, "confidence": 0.5} for v in (0, 1, True, "x")]
+           + [{"field": "b", "value": "  ", "confidence": 0.5}, {"field": "c", "value": 2.5, "confidence": 0.5}]}
+    assert [(key, value) for key, value, _ in scored_confidences(row)] == [
+        ("a", "0"), ("a", "1"), ("a", "x"), ("b", ""), ("c", "2.5")]  # Donut drops the true in a list
 
 
 def test_confidence_is_lower_on_a_corrupted_model(demo_run, splits):
