@@ -533,6 +533,8 @@ def predict_rows(model, processor, dataset: JSONLDataset, dtype: torch.dtype, ba
 # `OUTPUT_DIR/final`; `OUTPUT_DIR/training_curves.png` shows the run.
 
 # %%
+import time
+
 from transformers import Trainer, TrainingArguments
 
 from paligemma_json.files import replace_atomically
@@ -547,8 +549,10 @@ class ExtractionTrainer(Trainer):
     def __init__(self, *args, generation: dict, **kwargs):
         super().__init__(*args, **kwargs)
         self.generation = generation  # predict_rows' settings: dtype, batch_size, max_new_tokens, num_beams
+        self.evaluation_seconds = 0.0  # kept out of the training throughput
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+        started = time.perf_counter()
         metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         # Free decoding: the raw model's learning signal, which a constraint would hide.
@@ -557,6 +561,7 @@ class ExtractionTrainer(Trainer):
         extraction = {f"{metric_key_prefix}_{name}": scores[name] for name in ("field_f1", "json_valid_rate")}
         self.log(extraction)
         metrics.update(extraction)
+        self.evaluation_seconds += time.perf_counter() - started
         return metrics
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
@@ -564,6 +569,15 @@ class ExtractionTrainer(Trainer):
         load none of them and warn about every key. Adapters it restores correctly."""
         if hasattr(self.model, "peft_config"):
             super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+
+def training_throughput(trainer: ExtractionTrainer, train_result) -> tuple[float, float, float]:
+    """(seconds, samples/s, tokens/s) of the training steps alone: the Trainer's own rates also
+    count the validation loss and generation, which would understate speed and MFU."""
+    runtime = train_result.metrics["train_runtime"]
+    seconds = max(runtime - trainer.evaluation_seconds, 1e-6)
+    samples = train_result.metrics["train_samples_per_second"] * runtime
+    return seconds, samples / seconds, trainer.state.num_input_tokens_seen / seconds
 
 
 def training_arguments(output_dir: str, dtype: torch.dtype, **settings) -> TrainingArguments:
@@ -659,18 +673,18 @@ if __name__ == "__main__" and FLOW:
         if not trainer.is_world_process_zero():  # the first process alone saves, predicts and scores
             end_distributed()
             sys.exit(0)
-        # This session's tokens per second, as the Trainer logged it at its last logging step.
-        tokens_per_second = next((entry["train_tokens_per_second"] for entry in reversed(trainer.state.log_history)
-                                  if "train_tokens_per_second" in entry), float("nan"))
-        print(f"training: {train_result.global_step} steps in {train_result.metrics['train_runtime']:.0f} s, "
-              f"{train_result.metrics['train_samples_per_second']:.2f} samples/s, {tokens_per_second:.0f} tokens/s "
-              f"(image and text, no padding), final loss {train_result.metrics['train_loss']:.4f}")
+        seconds, samples_per_second, tokens_per_second = training_throughput(trainer, train_result)
+        print(f"training: {train_result.global_step} steps in {train_result.metrics['train_runtime']:.0f} s "
+              f"({trainer.evaluation_seconds:.0f} s of it validation); the steps alone: {samples_per_second:.2f} "
+              f"samples/s, {tokens_per_second:.0f} tokens/s (image and text, no padding); final loss "
+              f"{train_result.metrics['train_loss']:.4f}" + (" (rates include the steps before the resume)"
+                                                             if RESUME_CHECKPOINT else ""))
         if torch.cuda.is_available():  # model FLOPs per second over the GPUs' peak: paligemma_json/speed.py
             from paligemma_json.speed import mfu
-            utilisation = mfu(model.config, tokens_per_second, train_result.metrics["train_samples_per_second"],
-                              USE_LORA, FREEZE_VISION, devices=trainer.args.world_size)
+            utilisation = mfu(model.config, tokens_per_second, samples_per_second, USE_LORA, FREEZE_VISION,
+                              devices=trainer.args.world_size)
             print(f"MFU: {utilisation:.1%} of {trainer.args.world_size} x 989 TFLOP/s (H100 SXM, bf16 dense), "
-                  "evaluation time included")
+                  "over the training steps alone")
         model = load_best_checkpoint(trainer, trainer.model, TORCH_DTYPE)
         save_final_model(model, processor, os.path.join(OUTPUT_DIR, "final"), LABEL_SCHEMA)
         draw_training_curves(trainer.state.log_history, os.path.join(OUTPUT_DIR, "training_curves.png"),

@@ -95,7 +95,12 @@ def test_the_run_says_what_it_did(run):
     assert "demo: overriding USE_LORA=False" in result.stdout
     trainable, total = re.search(r"trainable ([\d,]+) of ([\d,]+) parameters", result.stdout).groups()
     assert trainable == total  # the demo fine-tunes fully
-    assert re.search(r"^training: 400 steps in \d+ s, [\d.]+ samples/s, \d+ tokens/s", result.stdout, re.M)
+    line = re.search(r"^training: 400 steps in (\d+) s \((\d+) s of it validation\); the steps alone: "
+                     r"([\d.]+) samples/s, \d+ tokens/s", result.stdout, re.M)
+    runtime, validation, samples_per_second = int(line[1]), int(line[2]), float(line[3])
+    # 400 steps of 8: the rate leaves out the 4 validations (loss and generation on `valid`).
+    assert 0 < validation < runtime
+    assert samples_per_second == pytest.approx(3200 / (runtime - validation), rel=0.15)
     assert re.search(r"^json_valid_rate +[01]\.\d{3}$", result.stdout, re.M)
     assert "Traceback" not in result.stderr
 
