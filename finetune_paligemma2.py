@@ -284,6 +284,14 @@ def load_splits(dataset_dir: str, prompt: str) -> dict[str, JSONLDataset]:
     return splits
 
 
+def label_schema(splits: dict[str, JSONLDataset], schema_path: str = "") -> dict | None:
+    """The structure predictions should have: the user's schema, or one inferred from the train and
+    valid labels (None when they are not JSON), with the labels' separators for the grammar."""
+    suffixes = [entry["suffix"] for split in ("train", "valid") for entry in splits[split].entries]
+    schema = load_schema(schema_path) if schema_path else schema_from_labels(suffixes)
+    return None if schema is None else with_layout(schema, suffixes)
+
+
 def count_non_json_labels(dataset: JSONLDataset) -> int:
     return sum(parse_json(entry["suffix"]) is None for entry in dataset.entries)
 
@@ -295,12 +303,9 @@ if __name__ == "__main__" and FLOW:
     non_json = sum(count_non_json_labels(data) for data in splits.values())
     if non_json:
         print(f"warning: {non_json} labels are not JSON objects or arrays; the JSON metrics leave them out")
-    # The structure predictions should have: what constrained decoding holds generation to and
-    # schema_valid_rate checks, with the labels' separators for the grammar; saved beside the model.
-    suffixes = [entry["suffix"] for split in ("train", "valid") for entry in splits[split].entries]
-    LABEL_SCHEMA = load_schema(SCHEMA) if SCHEMA else schema_from_labels(suffixes)
+    # What constrained decoding holds generation to and schema_valid_rate checks; saved beside the model.
+    LABEL_SCHEMA = label_schema(splits, SCHEMA)
     if LABEL_SCHEMA is not None:
-        LABEL_SCHEMA = with_layout(LABEL_SCHEMA, suffixes)
         if CONSTRAINED:
             compile_schema(LABEL_SCHEMA)  # a schema the grammar library cannot use stops the run now
         if IS_MAIN_PROCESS:
@@ -571,13 +576,13 @@ class ExtractionTrainer(Trainer):
             super()._load_from_checkpoint(resume_from_checkpoint, model)
 
 
-def training_throughput(trainer: ExtractionTrainer, train_result) -> tuple[float, float, float]:
-    """(seconds, samples/s, tokens/s) of the training steps alone: the Trainer's own rates also
-    count the validation loss and generation, which would understate speed and MFU."""
+def training_throughput(trainer: ExtractionTrainer, train_result) -> tuple[float, float]:
+    """(samples/s, tokens/s) of the training steps alone: the Trainer's own rates also count the
+    validation loss and generation, which would understate speed and MFU."""
     runtime = train_result.metrics["train_runtime"]
     seconds = max(runtime - trainer.evaluation_seconds, 1e-6)
     samples = train_result.metrics["train_samples_per_second"] * runtime
-    return seconds, samples / seconds, trainer.state.num_input_tokens_seen / seconds
+    return samples / seconds, trainer.state.num_input_tokens_seen / seconds
 
 
 def training_arguments(output_dir: str, dtype: torch.dtype, **settings) -> TrainingArguments:
@@ -673,7 +678,7 @@ if __name__ == "__main__" and FLOW:
         if not trainer.is_world_process_zero():  # the first process alone saves, predicts and scores
             end_distributed()
             sys.exit(0)
-        seconds, samples_per_second, tokens_per_second = training_throughput(trainer, train_result)
+        samples_per_second, tokens_per_second = training_throughput(trainer, train_result)
         print(f"training: {train_result.global_step} steps in {train_result.metrics['train_runtime']:.0f} s "
               f"({trainer.evaluation_seconds:.0f} s of it validation); the steps alone: {samples_per_second:.2f} "
               f"samples/s, {tokens_per_second:.0f} tokens/s (image and text, no padding); final loss "

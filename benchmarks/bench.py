@@ -216,13 +216,6 @@ def first_rows(dataset, count: int):
     return subset
 
 
-def label_schema(splits: dict) -> dict:
-    from paligemma_json.constrained import with_layout
-    from paligemma_json.schema import schema_from_labels
-    suffixes = [entry["suffix"] for split in ("train", "valid") for entry in splits[split].entries]
-    return with_layout(schema_from_labels(suffixes), suffixes)
-
-
 def final_training_loss(model, processor, dataset, samples: int = LOSS_SAMPLES) -> float:
     """Mean loss per label token of the trained model on the first `samples` training rows, in fp32
     with our collate for both sides: the last logged loss would compare batches of 3 with batches of 8."""
@@ -351,7 +344,7 @@ def prepare(work_dir: str, seed: int = 0, reference_steps: int = REFERENCE_STEPS
     trainer.train()
     flow.save_final_model(trainer.model, processor, reference_dir)
     work = {"dataset_dir": dataset_dir, "model_dir": model_dir, "reference_dir": reference_dir,
-            "reference_steps": reference_steps, "schema": label_schema(splits),
+            "reference_steps": reference_steps, "schema": flow.label_schema(splits),
             "max_new_tokens": token_budget([splits["train"], splits["valid"]], processor.tokenizer)}
     with open(manifest_path, "w") as manifest:
         json.dump(work, manifest)

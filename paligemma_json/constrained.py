@@ -52,14 +52,22 @@ def with_layout(schema: dict, suffixes: list[str]) -> dict:
 
 # --- The grammar, and the logits processor that applies it -------------------------------------
 
-def compile_schema(schema: dict, ll_tokenizer=None) -> str:
-    """llguidance's grammar for the schema, or a one-line error: checked when the data is loaded,
-    so a schema it cannot use stops the run before training, not after."""
+def require_llguidance():
+    """The llguidance module, or a one-line error saying how to get it or do without."""
     try:
-        from llguidance import LLMatcher
+        import llguidance
+        import llguidance.hf  # noqa: F401 (the tokenizer bridge, used below)
+        import llguidance.torch  # noqa: F401 (the bitmask helpers)
     except ImportError as error:
         raise FlowError(f"constrained decoding needs llguidance ({error}): pip install -r requirements.txt, "
                         "or pass --no-constrained") from None
+    return llguidance
+
+
+def compile_schema(schema: dict, ll_tokenizer=None) -> str:
+    """llguidance's grammar for the schema, or a one-line error: checked when the data is loaded,
+    so a schema it cannot use stops the run before training, not after."""
+    LLMatcher = require_llguidance().LLMatcher
     grammar = LLMatcher.grammar_from_json_schema(schema)
     failed, messages = LLMatcher.validate_grammar_with_warnings(grammar, ll_tokenizer)
     if failed:
@@ -72,16 +80,14 @@ class JsonSchemaConstraint:
     Logits past the tokenizer's vocabulary (PaliGemma 2 pads 257,152 tokens to 257,216) are masked."""
 
     def __init__(self, schema: dict, tokenizer):
-        import llguidance.hf
-        from llguidance import LLExecutor
-        self.ll_tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=len(tokenizer))
+        self.llguidance = require_llguidance()
+        self.ll_tokenizer = self.llguidance.hf.from_tokenizer(tokenizer, n_vocab=len(tokenizer))
         self.grammar = compile_schema(schema, self.ll_tokenizer)
         self.eos_token_id = tokenizer.eos_token_id
-        self.executor = LLExecutor()
+        self.executor = self.llguidance.LLExecutor()
 
     def matcher(self):
-        from llguidance import LLMatcher
-        return LLMatcher(self.ll_tokenizer, self.grammar, log_level=0)  # errors end the row; no warnings
+        return self.llguidance.LLMatcher(self.ll_tokenizer, self.grammar, log_level=0)  # errors end the row
 
     def logits_processor(self) -> "SchemaLogitsProcessor":
         return SchemaLogitsProcessor(self)
@@ -111,7 +117,7 @@ class SchemaLogitsProcessor(LogitsProcessor):
         return matcher
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        from llguidance.torch import allocate_token_bitmask, fill_next_token_bitmask_par
+        llguidance_torch = self.constraint.llguidance.torch
         if self.prompt_length is None:
             self.prompt_length = input_ids.shape[1]
             self.states = {(): self.constraint.matcher()}
@@ -124,21 +130,21 @@ class SchemaLogitsProcessor(LogitsProcessor):
         for generated in rows:
             self.states[generated] = self._state(generated, previous, children) if generated else previous[()]
         vocab = self.constraint.ll_tokenizer.vocab_size
-        bitmask = allocate_token_bitmask(len(rows), vocab)
+        bitmask = llguidance_torch.allocate_token_bitmask(len(rows), vocab)
+        stopped = [self.states[generated].is_stopped() for generated in rows]
         first_row = {}  # rows that generated the same tokens share a matcher: one mask each
         for i, generated in enumerate(rows):
-            if not self.states[generated].is_stopped():
+            if not stopped[i]:
                 first_row.setdefault(generated, i)
         if first_row:
-            fill_next_token_bitmask_par(self.constraint.executor,
-                                        [(self.states[generated], i) for generated, i in first_row.items()], bitmask)
+            llguidance_torch.fill_next_token_bitmask_par(
+                self.constraint.executor, [(self.states[generated], i) for generated, i in first_row.items()], bitmask)
         for i, generated in enumerate(rows):
             if generated in first_row:
                 bitmask[i] = bitmask[first_row[generated]]
         eos = self.constraint.eos_token_id
         # A complete JSON (or a parser in error, which allows nothing) leaves only EOS.
-        done = [i for i, generated in enumerate(rows) if self.states[generated].is_stopped()]
-        bitmask[done] = 0
+        bitmask[torch.tensor(stopped, dtype=torch.bool)] = 0
         dead = ~bitmask.ne(0).any(dim=1)
         bitmask[dead, eos // 32] |= 1 << (eos % 32)
         # Unpacked where the logits are: 32 times fewer bytes cross to the GPU than a bool mask.

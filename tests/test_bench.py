@@ -10,12 +10,14 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 import bench  # noqa: E402
 
+import finetune_paligemma2 as flow  # noqa: E402
+
 
 @pytest.fixture(scope="module")
 def work(demo_assets):
     dataset_dir, model_dir = demo_assets
     splits = bench.load_demo_splits(dataset_dir)
-    return {"dataset_dir": dataset_dir, "model_dir": model_dir, "splits": splits, "schema": bench.label_schema(splits)}
+    return {"dataset_dir": dataset_dir, "model_dir": model_dir, "splits": splits, "schema": flow.label_schema(splits)}
 
 
 def test_both_sides_train_and_count_tokens_as_the_trainer_does(work, tmp_path):

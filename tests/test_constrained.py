@@ -13,7 +13,6 @@ from paligemma_json.constrained import (chosen_token_probabilities, compile_sche
                                         leaf_spans, with_layout)
 from paligemma_json.demo import make_manifest
 from paligemma_json.metrics import compute_metrics, scored_confidences
-from paligemma_json.schema import schema_from_labels
 
 PROMPT = "extract data in JSON format"
 
@@ -25,8 +24,7 @@ def splits(demo_assets):
 
 @pytest.fixture(scope="module")
 def schema(splits):
-    suffixes = [entry["suffix"] for split in ("train", "valid") for entry in splits[split].entries]
-    return with_layout(schema_from_labels(suffixes), suffixes)
+    return flow.label_schema(splits)
 
 
 @pytest.fixture(scope="module")
