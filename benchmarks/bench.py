@@ -5,7 +5,17 @@ data, in one run on one machine, and prints ours-over-tutorial ratios.
     python benchmarks/bench.py                # the demo's 3,360 training samples; 3 repeats either way
     python benchmarks/bench.py --repeats 5 --samples 960 --work-dir /tmp/bench
 
-The last line is always `train_speedup=<x> inference_speedup=<y>` (medians, ours over the tutorial's).
+The last line is always `train_speedup=<x> inference_speedup=<y> train_time_to_loss_speedup=<z>`
+(medians of per-repeat ratios: ours' rates over the tutorial's, and for z the tutorial's time over
+ours'; z is `not_reached` when ours never got there).
+
+train_time_to_loss_speedup: the training time the tutorial needs to reach its own final loss over the
+time ours needs to reach that same loss, in the same run. The loss is `final_training_loss`, measured
+at the start and at up to CURVE_POINTS - 1 evenly spaced optimizer steps of each run, clock paused
+(`LossCurve`), and once more after the last step; the crossing is interpolated linearly in time
+between the two measured points that bracket it (`time_to_loss`). The tutorial's curve ends on its
+own final loss by construction, so its time is its whole training time, unless an earlier measured
+point is already at or below it (its loss went back up); the report says which.
 
 What "the tutorial as written" means here (Roboflow's guide, shared/tutorial/):
 - model: `from_pretrained(MODEL_ID, device_map="auto").to(DEVICE)`, `TORCH_DTYPE = model.dtype`
@@ -34,6 +44,7 @@ happens before it on both sides.
 """
 
 import argparse
+import ctypes
 import functools
 import json
 import os
@@ -48,6 +59,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the demo is local; never wait fo
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from transformers import TrainerCallback  # noqa: E402  (after HF_HUB_OFFLINE)
+
 TUTORIAL_BATCH_SIZE, TUTORIAL_GRAD_ACCUM = 3, 16  # its effective batch of 48
 TUTORIAL_NUM_BEAMS = 3
 REFERENCE_STEPS = 400  # the demo's training: the model both sides' inference is timed on
@@ -58,6 +71,7 @@ QUICK_SAMPLES = 480  # 10 tutorial steps, 60 of ours
 # steps x effective batch would overstate the tutorial's samples by a fifth.
 TRAIN_ROWS = 144
 LOSS_SAMPLES = 48  # the final loss is measured on the first 48 training rows, the same for both sides
+CURVE_POINTS = 20  # loss measurements (untimed) along each run, for the time to reach the tutorial's final loss
 
 
 # --- Memory and timing helpers ----------------------------------------------------------------
@@ -234,6 +248,59 @@ def final_training_loss(model, processor, dataset, samples: int = LOSS_SAMPLES) 
     return total / count
 
 
+# --- Time to reach a loss ----------------------------------------------------------------------
+
+class LossCurve(TrainerCallback):
+    """Records (training seconds, loss) at the start and after the given optimizer steps. The clock
+    is paused while `measure()` runs, so the times are training alone, comparable with the run's
+    training time less `paused_s`. So is the peak RSS: `training_peak_kib` is the highest before any
+    measurement; after each, the memory it freed goes back to the system and the peak is reset, so
+    its own memory is not counted (without the trim, the tutorial's peak rose by ~5%, measured)."""
+
+    def __init__(self, measure, steps, clock=time.perf_counter):
+        self.measure, self.steps, self.clock = measure, set(steps), clock
+        self.points, self.paused_s, self.started, self.training_peak_kib = [], 0.0, None, 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started, self.paused_s, self.points = None, 0.0, []
+        self.record()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step in self.steps:
+            self.record()
+
+    def record(self):
+        paused_at = self.clock()
+        self.started = paused_at if self.started is None else self.started  # the first point is at 0 s
+        self.training_peak_kib = max(self.training_peak_kib, _status_kib("VmHWM"))
+        loss = self.measure()
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        reset_peak_rss()
+        self.points.append((paused_at - self.started - self.paused_s, loss))
+        self.paused_s += self.clock() - paused_at
+
+
+def curve_steps(max_steps: int, points: int = CURVE_POINTS) -> list[int]:
+    """Up to `points - 1` evenly spaced optimizer steps strictly inside the run: its start and its end
+    are measured apart (before the first step, and as the final loss)."""
+    return sorted({round(k * max_steps / points) for k in range(1, points)} - {0, max_steps})
+
+
+def time_to_loss(curve, target: float) -> float | None:
+    """The training time at which `curve` ((seconds, loss) in time order) first reaches `target`:
+    linear in time between the last point above it and the first at or below it; a point exactly on
+    it gives its own time. None when no point reaches it."""
+    previous = None
+    for seconds, loss in curve:
+        if loss == target or (loss < target and previous is None):
+            return seconds
+        if loss < target:
+            before_s, before_loss = previous
+            return before_s + (before_loss - target) / (before_loss - loss) * (seconds - before_s)
+        previous = (seconds, loss)
+    return None
+
+
 def valid_json_count(texts: list[str]) -> int:
     from paligemma_json.metrics import parse_json
     return sum(parse_json(text) is not None for text in texts)
@@ -241,10 +308,12 @@ def valid_json_count(texts: list[str]) -> int:
 
 # --- One measurement (run in its own subprocess) -------------------------------------------------
 
-def measure_training(side: str, work: dict, samples: int, output_dir: str, customize=None, **variant) -> dict:
+def measure_training(side: str, work: dict, samples: int, output_dir: str, customize=None, curve_points: int = 0,
+                     **variant) -> dict:
     """Trains `samples` samples from the demo's random tiny model; `variant`: a lever's change to
     ours (settings such as BATCH_SIZE) or the tutorial's (`bf16`); `customize(trainer, processor,
-    splits)`: a lever that changes the built trainer (benchmarks/levers.py)."""
+    splits)`: a lever that changes the built trainer (benchmarks/levers.py); `curve_points`: also
+    measure the loss that many times along the run, untimed (`loss_curve`, ending on the final loss)."""
     from transformers import set_seed
     from paligemma_json.demo import DEMO_OVERRIDES
     set_seed(42)
@@ -263,17 +332,25 @@ def measure_training(side: str, work: dict, samples: int, output_dir: str, custo
         trainer = our_trainer(model, processor, splits["train"], splits["valid"], settings)
     if customize:
         customize(trainer, processor, splits)
+    curve = LossCurve(lambda: final_training_loss(trainer.model, processor, splits["train"]),
+                      curve_steps(trainer.args.max_steps, curve_points) if curve_points else [])
+    if curve_points:
+        trainer.add_callback(curve)
     baseline = reset_peak_rss()
     result = trainer.train()
-    peak = peak_rss_delta_mib(baseline)
-    runtime = result.metrics["train_runtime"]
+    peak = max(peak_rss_delta_mib(baseline), (curve.training_peak_kib - baseline) / 1024)
+    runtime = result.metrics["train_runtime"] - curve.paused_s  # training alone, as without the curve
     tokens = trainer.state.num_input_tokens_seen  # non-padding, image tokens included: the same count on both sides
     seen = result.global_step * trainer.args.per_device_train_batch_size * trainer.args.gradient_accumulation_steps
+    final_loss = final_training_loss(trainer.model, processor, splits["train"])
     return {"samples_per_s": seen / runtime, "tokens_per_s": tokens / runtime, "samples": seen,
             "tokens_per_sample": tokens / seen,  # equal on both sides when both saw the same rows
             "steps": result.global_step, "runtime_s": runtime, "peak_rss_mib": peak,
-            "run_mean_loss": result.metrics["train_loss"],
-            "final_loss": final_training_loss(trainer.model, processor, splits["train"])}
+            "run_mean_loss": result.metrics["train_loss"], "final_loss": final_loss,
+            # Its last point is the final loss at the whole training time, so a run always reaches
+            # its own final loss, at its end at the latest.
+            "loss_curve": curve.points + [(runtime, final_loss)] if curve_points else [],
+            "loss_measurement_s": curve.paused_s}
 
 
 def measure_inference(side: str, work: dict, **variant) -> dict:
@@ -302,8 +379,8 @@ def child_main(request: dict) -> None:
     import contextlib
     with contextlib.redirect_stdout(sys.stderr):  # the flow's own prints stay out of the result line
         if request["kind"] == "train":
-            result = measure_training(request["side"], request["work"], request["samples"],
-                                      request["output_dir"], **request.get("variant", {}))
+            result = measure_training(request["side"], request["work"], request["samples"], request["output_dir"],
+                                      curve_points=request.get("curve_points", 0), **request.get("variant", {}))
         else:
             result = measure_inference(request["side"], request["work"], **request.get("variant", {}))
     print(json.dumps(result))
@@ -375,7 +452,8 @@ def run_benchmark(work: dict, samples: int, repeats: int, scratch: str) -> dict:
         for kind in ("train", "infer"):
             for side in sides:
                 request = {"kind": kind, "side": side, "work": work, "samples": samples,
-                           "output_dir": os.path.join(scratch, f"{kind}-{side}-{repeat}")}
+                           "output_dir": os.path.join(scratch, f"{kind}-{side}-{repeat}"),
+                           "curve_points": CURVE_POINTS}
                 started = time.perf_counter()
                 results[f"{kind}/{side}"].append(run_measurement(request))
                 print(f"  repeat {repeat + 1}/{repeats} {kind} {side}: {time.perf_counter() - started:.0f} s wall",
@@ -384,7 +462,7 @@ def run_benchmark(work: dict, samples: int, repeats: int, scratch: str) -> dict:
     return results
 
 
-def print_report(results: dict, samples: int, max_new_tokens: int) -> tuple[float, float]:
+def print_report(results: dict, samples: int, max_new_tokens: int) -> tuple[float, float, float | None]:
     def column(key, field):
         return [row[field] for row in results[key]]
     print(f"\ntraining: {samples} samples on each side (tutorial batch 3 x accumulation 16, ours batch 8 x 1), "
@@ -406,7 +484,46 @@ def print_report(results: dict, samples: int, max_new_tokens: int) -> tuple[floa
               f"{describe(ratios(ours, theirs)) if field != 'valid_json' else '':>22}")
     train = statistics.median(ratios(column("train/ours", "samples_per_s"), column("train/tutorial", "samples_per_s")))
     infer = statistics.median(ratios(column("infer/ours", "images_per_s"), column("infer/tutorial", "images_per_s")))
-    return train, infer
+    return train, infer, print_time_to_loss(results["train/tutorial"], results["train/ours"])
+
+
+def time_to_tutorial_loss(tutorial: dict, ours: dict) -> dict:
+    """One repeat: each side's training time to the tutorial's final loss; ours_s is None when ours
+    never got there."""
+    target = tutorial["final_loss"]
+    if list(tutorial["loss_curve"][-1]) != [tutorial["runtime_s"], target]:
+        raise ValueError("the tutorial's loss curve must end on its final loss at its whole training time")
+    tutorial_s = time_to_loss(tutorial["loss_curve"], target)
+    return {"target": target, "tutorial_s": tutorial_s, "tutorial_at_end": tutorial_s == tutorial["runtime_s"],
+            "ours_s": time_to_loss(ours["loss_curve"], target), "ours_run_s": ours["runtime_s"]}
+
+
+def print_time_to_loss(tutorial_runs: list[dict], our_runs: list[dict]) -> float | None:
+    """Prints the time-to-loss block; the median of tutorial time over ours, or None (said why)
+    when ours did not reach the tutorial's final loss in every repeat."""
+    repeats = [time_to_tutorial_loss(tutorial, ours) for tutorial, ours in zip(tutorial_runs, our_runs)]
+    count, at_end = len(repeats), sum(repeat["tutorial_at_end"] for repeat in repeats)
+    print(f"\ntime to the tutorial's final loss ({describe([r['target'] for r in repeats], 3)}), training time alone: "
+          f"the loss measured untimed at the start, at up to {CURVE_POINTS - 1} steps along and at the end of each run, "
+          "linear in time between the two points that bracket it")
+    print(f"{'tutorial, s':24}{describe([r['tutorial_s'] for r in repeats]):>26}  its whole run (the target is its "
+          f"own final loss) in {at_end} of {count} repeats"
+          + ("; in the others an earlier point was already at or below it" if at_end < count else ""))
+    missed = [repeat for repeat in repeats if repeat["ours_s"] is None]
+    if missed:
+        bound = max(repeat["tutorial_s"] / repeat["ours_run_s"] for repeat in missed)
+        print(f"ours never reached it in {len(missed)} of {count} repeats (it would need more than its whole run: "
+              f"a ratio below {bound:.2f} there); train_time_to_loss_speedup=not_reached")
+        return None
+    speedups = [repeat["tutorial_s"] / repeat["ours_s"] for repeat in repeats]
+    print(f"{'ours, s':24}{describe([r['ours_s'] for r in repeats]):>26}  reached in {count} of {count} repeats")
+    print(f"{'tutorial / ours':24}{describe(speedups):>26}  (train_time_to_loss_speedup)")
+    return statistics.median(speedups)
+
+
+def speedup_line(train: float, infer: float, time_to_loss_speedup: float | None) -> str:
+    to_loss = "not_reached" if time_to_loss_speedup is None else f"{time_to_loss_speedup:.2f}"
+    return f"train_speedup={train:.2f} inference_speedup={infer:.2f} train_time_to_loss_speedup={to_loss}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -439,8 +556,7 @@ def main(argv: list[str] | None = None) -> None:
     import transformers
     print(f"\nmachine: {os.cpu_count()} CPUs, torch {torch.__version__}, transformers {transformers.__version__}, "
           f"CUDA {'yes' if torch.cuda.is_available() else 'no'}; {time.perf_counter() - started:.0f} s in all")
-    train, infer = print_report(results, samples, work["max_new_tokens"])
-    print(f"train_speedup={train:.2f} inference_speedup={infer:.2f}")
+    print(speedup_line(*print_report(results, samples, work["max_new_tokens"])))
 
 
 if __name__ == "__main__":
