@@ -2,6 +2,8 @@
 quickly: without a network, `from_pretrained` retries every file for minutes before failing; and
 the optional upload of a finished model."""
 
+import contextlib
+import logging
 import os
 
 from paligemma_json import FlowError
@@ -48,13 +50,33 @@ def cache_only_for(model_id: str) -> bool:
                         "not cached: check the network, or point --model-id at a local folder") from None
 
 
+@contextlib.contextmanager
+def masked_in_logs(secret: str | None):
+    """`secret` as *** in every log record made meanwhile: huggingface_hub logs the error of each
+    request it retries, and an error can quote the request, token included."""
+    make_record = logging.getLogRecordFactory()
+
+    def masked(*args, **kwargs):
+        record = make_record(*args, **kwargs)
+        message = record.getMessage()
+        if secret and secret in message:
+            record.msg, record.args = message.replace(secret, "***"), ()
+        return record
+    logging.setLogRecordFactory(masked)
+    try:
+        yield
+    finally:
+        logging.setLogRecordFactory(make_record)
+
+
 def push_to_hub(final_dir: str, repo_id: str) -> None:
     """Uploads `final/` to a private Hub repo. `huggingface_hub` reads HF_TOKEN from the
     environment itself: a token passed to TrainingArguments would be pickled into every checkpoint."""
-    from huggingface_hub import HfApi
+    from huggingface_hub import HfApi, get_token
     try:
-        HfApi().create_repo(repo_id, private=True, exist_ok=True)
-        HfApi().upload_folder(folder_path=final_dir, repo_id=repo_id, commit_message="Fine-tuned PaliGemma 2")
+        with masked_in_logs(get_token()):
+            HfApi().create_repo(repo_id, private=True, exist_ok=True)
+            HfApi().upload_folder(folder_path=final_dir, repo_id=repo_id, commit_message="Fine-tuned PaliGemma 2")
     except Exception as error:
         raise FlowError(f"pushing {final_dir} to {repo_id} failed ({type(error).__name__}); check HF_TOKEN and "
                         "that it may write there; final/ is saved locally either way") from None

@@ -3,12 +3,14 @@
 import json
 import os
 import shutil
+import types
 
 import pytest
 from PIL import Image
 
 import finetune_paligemma2 as flow
-from paligemma_json.dataset_report import build_dataset_report, dataset_warnings, field_paths, report_dataset
+from paligemma_json.dataset_report import (build_dataset_report, dataset_warnings, field_paths, report_dataset,
+                                            token_budget)
 
 
 @pytest.fixture(scope="module")
@@ -78,3 +80,15 @@ def test_field_paths_fill_rates_and_types():
     found = field_paths({"a": "x", "b": "", "n": 0, "items": [{"c": 1}, {"c": "2"}], "empty": [], "o": {"d": None}})
     assert found == {"a": (True, {"string"}), "b": (False, {"string"}), "n": (True, {"number"}),
                      "items.c": (True, {"number", "string"}), "empty": (False, {"array"}), "o.d": (False, {"null"})}
+
+
+def test_the_token_budget_is_the_longest_label_with_eos_plus_a_quarter_or_16():
+    def characters(text):  # one token per character, so lengths are plain to read
+        return {"input_ids": list(text)}
+
+    def split(*lengths):
+        return types.SimpleNamespace(entries=[{"suffix": "x" * n} for n in lengths])
+    assert token_budget([split(10, 30), split(5)], characters) == 31 + 16  # short labels: at least 16 spare
+    assert token_budget([split(10), split(199, 40)], characters) == 200 + 50  # long ones: a quarter more
+    assert token_budget([split(99)], characters) == 100 + 25
+

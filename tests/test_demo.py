@@ -4,13 +4,14 @@ import glob
 import json
 import os
 import re
+import shutil
 
 import pytest
 
 from paligemma_json.metrics import compute_metrics, parse_json
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def run(demo_run):
     output_dir, result = demo_run
     assert result.returncode == 0, result.stderr[-3000:]
@@ -54,6 +55,33 @@ def test_the_tiny_model_learnt_to_emit_valid_json(run):
     parsed = [parse_json(row["free_prediction"]) for row in rows]
     keys = list(json.loads(rows[0]["suffix"]))
     assert sum(isinstance(p, dict) and list(p) == keys for p in parsed) >= 0.8 * len(rows)
+
+
+def loads(text):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
+def test_the_figures_count_what_the_predictions_hold(run):
+    """The figures in metrics.json, counted again by hand from predictions.jsonl."""
+    output_dir, _ = run
+    metrics = json.load(open(os.path.join(output_dir, "metrics.json")))
+    rows = read_jsonl(os.path.join(output_dir, "predictions.jsonl"))
+    truths = [json.loads(row["suffix"]) for row in rows]
+    held, free = [loads(row["prediction"]) for row in rows], [loads(row["free_prediction"]) for row in rows]
+    assert metrics["rows"] == 24 and metrics["rows_without_json_target"] == 0
+    assert metrics["free_json_valid_rate"] == sum(isinstance(p, (dict, list)) for p in free) / 24
+    assert metrics["exact_match"] == sum(p == t for p, t in zip(held, truths)) / 24
+    assert metrics["free_exact_match"] == sum(p == t for p, t in zip(free, truths)) / 24
+    assert metrics["truncated_rate"] == sum(row["truncated"] for row in rows) / 24
+    route = metrics["per_field"]["route"]  # one route per manifest, scored on its stripped text
+    assert route["support"] == 24 and route["predicted"] == sum("route" in p for p in held)
+    assert route["correct"] == sum(str(p.get("route", "")).strip() == t["route"].strip() for p, t in zip(held, truths))
+    descriptions = metrics["per_field"]["products.description"]
+    assert descriptions["support"] == sum(len(t["products"]) for t in truths)
+    assert route["accuracy"] == route["correct"] / 24
 
 
 def test_final_model_and_processor_are_safetensors_that_load_back(run):
@@ -117,19 +145,38 @@ def test_the_metrics_table_is_printed(run):
     assert "field (worst first)" in result.stdout and "ted_accuracy" in result.stdout
 
 
-def test_evaluate_rescores_a_predictions_file_without_a_model(run, tmp_path):
-    from conftest import run_script
+def edited_predictions(run, folder):
+    """The demo's predictions, two of them spoilt, written to `folder`: (rows, path)."""
     rows = read_jsonl(os.path.join(run[0], "predictions.jsonl"))
-    rows[1]["image_path"] = str(tmp_path / "gone.jpg")  # a missing image becomes a placeholder
+    rows[1]["image_path"] = str(folder / "gone.jpg")  # a missing image becomes a placeholder
     rows[2]["prediction"] = rows[2]["prediction"][:40]  # cut off: invalid JSON
-    path = tmp_path / "predictions.jsonl"
+    rows[3]["prediction"] = json.dumps({**json.loads(rows[3]["prediction"]), "signature": "x"})  # JSON, off the schema
+    path = folder / "predictions.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return rows, path
+
+
+def test_evaluate_rescores_a_predictions_file_without_a_model(run, tmp_path):
+    """With the run's schema.json beside the file, schema_valid_rate is scored again too."""
+    from conftest import run_script
+    rows, path = edited_predictions(run, tmp_path)
+    shutil.copy(os.path.join(run[0], "schema.json"), tmp_path / "schema.json")
     result = run_script("--evaluate", str(path), env={"CUDA_VISIBLE_DEVICES": ""})
     assert result.returncode == 0, result.stderr[-2000:]
     metrics = json.load(open(tmp_path / "metrics.json"))
-    assert metrics == compute_metrics(rows) and metrics["json_valid_rate"] < 1
-    assert (tmp_path / "predictions.png").is_file() and not (tmp_path / "metrics.json.tmp").exists()
+    assert metrics["rows"] == 24 and metrics["json_valid_rate"] == 23 / 24  # every other row was constrained
+    assert metrics["schema_valid_rate"] == 22 / 24
+    truths = [json.loads(row["suffix"]) for row in rows]
+    assert metrics["exact_match"] == sum(loads(row["prediction"]) == t for row, t in zip(rows, truths)) / 24
+    assert (tmp_path / "predictions.png").is_file() and (tmp_path / "report.html").is_file()
     assert "field (worst first)" in result.stdout and "model:" not in result.stdout
+
+
+def test_evaluate_without_a_schema_beside_scores_no_schema_validity(run, tmp_path):
+    from paligemma_json.evaluation import evaluate_file
+    _, path = edited_predictions(run, tmp_path)
+    metrics = evaluate_file(str(path))
+    assert "schema_valid_rate" not in metrics and metrics["json_valid_rate"] == 23 / 24
 
 
 def test_evaluate_names_a_broken_line(tmp_path):

@@ -1,6 +1,7 @@
 """report.html: one card per test row, wrong fields marked, data escaped, nothing fetched, and it
 renders in a real browser."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -8,8 +9,10 @@ from html.parser import HTMLParser
 
 import pytest
 
+from conftest import missing_check
 from paligemma_json.html_report import write_html_report
 from paligemma_json.metrics import compute_metrics
+from paligemma_json.pictures import field_statuses
 
 ATTACKS = ["<script>alert(1)</script>", '"><img src=x onerror=alert(2)>', "</textarea><svg onload=alert(3)>"]
 
@@ -92,22 +95,25 @@ def test_the_demo_writes_the_report(demo_run):
     assert "label tokens min/med/max" in result.stdout
 
 
-def chromium_path():
+@pytest.fixture(scope="session")
+def chromium():
+    """Debian's chromium, driven by playwright. Requested before the demo run, so a missing browser
+    is reported at once."""
     path = shutil.which("chromium") or shutil.which("chromium-browser")
     if path is None:
-        pytest.skip("CHROMIUM NOT INSTALLED: report.html was not rendered (apt-get install chromium)")
+        missing_check("CHROMIUM NOT INSTALLED: report.html was not rendered (apt-get install chromium)")
     try:
         import playwright.sync_api  # noqa: F401
     except ImportError:
-        pytest.skip("PLAYWRIGHT NOT INSTALLED: report.html was not rendered (pip install playwright)")
+        missing_check("PLAYWRIGHT NOT INSTALLED: report.html was not rendered (pip install playwright)")
     return path
 
 
-@pytest.mark.parametrize("width", [1280, 390], ids=["laptop", "phone"])
-def test_the_report_renders_in_headless_chromium(demo_run, width, tmp_path):
+@contextlib.contextmanager
+def opened(executable, path, width=1280):
+    """(page, problems): the report in headless chromium, with every console error, page error and
+    request for anything but the file itself or a data: URI collected in `problems`."""
     from playwright.sync_api import sync_playwright
-    executable = chromium_path()
-    path = os.path.join(demo_run[0], "report.html")
     problems = []
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=executable, args=[
@@ -119,13 +125,68 @@ def test_the_report_renders_in_headless_chromium(demo_run, width, tmp_path):
         page.on("request", lambda request: None if request.url.startswith(("file:", "data:"))
                 else problems.append(f"fetched {request.url}"))
         page.goto(f"file://{path}")
+        yield page, problems
+        browser.close()
+
+
+def shown_cards(page):
+    """The rows (data-index) of the cards on show, top to bottom."""
+    return page.eval_on_selector_all(".card:not(.hidden)", "cards => cards.map(card => Number(card.dataset.index))")
+
+
+def shown_fields(page, index):
+    return page.eval_on_selector_all(f'.card[data-index="{index}"] tr[data-field]:not(.hidden)',
+                                     "rows => rows.map(row => row.dataset.field)")
+
+
+def test_each_filter_shows_what_it_must(chromium, tmp_path):
+    truth = {"route": "R1", "dock": "D2", "total": 5}
+    predictions = [truth,                                  # 0: right
+                   {**truth, "route": "R9"},               # 1: route wrong
+                   {"route": "R1", "dock": "D7"},          # 2: dock wrong, total missing
+                   '{"route": "R1", "do',                  # 3: not JSON: no field rows at all
+                   {**truth, "note": "x"}]                 # 4: one extra field
+    rows = [{"image": f"{n}.jpg", "image_path": "/nowhere.jpg", "suffix": json.dumps(truth),
+             "prediction": p if isinstance(p, str) else json.dumps(p)} for n, p in enumerate(predictions)]
+    path = tmp_path / "report.html"
+    write_html_report(rows, compute_metrics(rows), str(path))
+    with opened(chromium, path) as (page, problems):
+        assert shown_cards(page) == [0, 1, 2, 3, 4]
+        page.check("#only-errors")
+        assert shown_cards(page) == [1, 2, 3, 4]
+        page.select_option("#order", "wrong")
+        assert shown_cards(page) == [2, 1, 3, 4]  # most wrong first, then as in the dataset
+        page.select_option("#field", "route")
+        assert shown_cards(page) == [1] and shown_fields(page, 1) == ["route"]  # route wrong, its row alone
+        page.uncheck("#only-errors")
+        assert shown_cards(page) == [2, 1, 4, 0]  # every card with a route, showing its route alone
+        assert all(shown_fields(page, index) == ["route"] for index in (2, 1, 4, 0))
+        page.select_option("#field", "")
+        page.select_option("#order", "index")
+        assert shown_cards(page) == [0, 1, 2, 3, 4]
+        assert shown_fields(page, 2) == ["dock", "route", "total"]  # every field again, keys sorted as Donut does
+    assert problems == []
+
+
+@pytest.mark.parametrize("width", [1280, 390], ids=["laptop", "phone"])
+def test_the_report_renders_in_headless_chromium(chromium, demo_run, width, tmp_path):
+    output_dir = demo_run[0]
+    rows = [json.loads(line) for line in open(os.path.join(output_dir, "predictions.jsonl"))]
+    statuses = [field_statuses(row["prediction"], row["suffix"]) for row in rows]
+    wrong = [sum(status != "right" for status, *_ in row) for row in statuses]  # every prediction parses here
+    route_wrong = {index for index, row in enumerate(statuses)
+                   if any(key == "route" and status != "right" for status, key, *_ in row)}
+    with opened(chromium, os.path.join(output_dir, "report.html"), width) as (page, problems):
         assert page.locator(".card").count() == 24 and page.locator(".card").first.is_visible()
         assert page.evaluate("document.documentElement.scrollWidth") <= width  # no sideways scrolling
         page.check("#only-errors")
+        with_errors = [index for index in range(24) if wrong[index]]
+        assert shown_cards(page) == with_errors
         page.select_option("#order", "wrong")
+        assert shown_cards(page) == sorted(with_errors, key=lambda index: (-wrong[index], index))
         page.select_option("#field", "route")
-        shown = page.locator(".card:not(.hidden)")
-        assert 0 < shown.count() <= 24
+        assert shown_cards(page) == [index for index in sorted(with_errors, key=lambda index: (-wrong[index], index))
+                                     if index in route_wrong]
+        assert all(shown_fields(page, index) == ["route"] for index in route_wrong)
         page.screenshot(path=str(tmp_path / f"report-{width}.png"))
-        browser.close()
     assert problems == []

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -123,3 +124,28 @@ def test_the_hub_push_code_path_uploads_final_and_passes_no_token(monkeypatch, t
     assert calls[0][1] == ("someone/pallet-model",) and calls[0][2]["private"] is True
     assert calls[1][2]["folder_path"] == str(tmp_path) and calls[1][2]["repo_id"] == "someone/pallet-model"
     assert not any("token" in call[2] for call in calls)
+
+
+def test_predict_no_constrained_decodes_free(demo_assets, tmp_path, capsys):
+    """The untrained tiny model writes `<locNNNN>` tokens left to itself and a small object when
+    held to final/schema.json: which of the two `--predict` wrote shows whether it was constrained."""
+    model = flow.PaliGemmaForConditionalGeneration.from_pretrained(demo_assets[1]).eval()
+    schema = flow.with_layout({"type": "object", "properties": {"route": {"type": "string", "maxLength": 4}},
+                               "required": ["route"], "additionalProperties": False}, ['{"route": "R12"}'])
+    flow.save_final_model(model, flow.load_processor(demo_assets[1]), str(tmp_path / "final"), schema)
+    source, images = os.path.join(demo_assets[0], "test"), tmp_path / "images"
+    names = sorted(name for name in os.listdir(source) if name.endswith(".jpg"))[:3]
+    images.mkdir()
+    for name in names:
+        shutil.copy(os.path.join(source, name), images)
+    images = str(images)
+
+    def predict(constrained):
+        rows = flow.predict_documents(str(tmp_path), images, "extract data in JSON format", False, 3, 30, 1,
+                                      constrained, 0.8)
+        return rows, capsys.readouterr().out
+    held, printed = predict(True)
+    assert "decoding: constrained" in printed and all(row["parsed"] for row in held)
+    free, printed = predict(False)
+    assert "decoding: free (--no-constrained)" in printed
+    assert [row["image"] for row in free] == names and not any(row["parsed"] for row in free)

@@ -28,6 +28,16 @@ def test_optional_keys_nested_lists_and_first_seen_order():
     assert not Draft202012Validator(schema).is_valid({**labels[0], "b": "x" * 40})  # strings are bounded
 
 
+def test_a_value_somewhat_longer_than_any_seen_is_allowed_and_far_longer_is_not():
+    """Real documents outgrow the training labels a little: 40% longer is past the margin's floor
+    of 2 characters or items, and still fits; ten times longer does not."""
+    labels = [{"name": "x" * 20, "items": [1] * 10}, {"name": "short", "items": [1]}]
+    validator = Draft202012Validator(infer_schema(labels))
+    assert validator.is_valid({"name": "y" * 28, "items": [2] * 14})
+    assert not validator.is_valid({"name": "y" * 200, "items": [2]})
+    assert not validator.is_valid({"name": "y", "items": [2] * 100})
+
+
 def test_numbers_vs_strings_empty_lists_and_a_single_row():
     schema = infer_schema([{"n": 3, "m": "3", "e": []}, {"n": 2.5, "m": 4, "e": []}])
     assert schema["properties"]["n"] == {"type": "number", "minimum": 0, "maximum": 99}
