@@ -1,0 +1,229 @@
+"""What only a GPU decides, checked on the CPU with stand-ins for `torch.cuda`: the one training
+dtype, one GPU per process without a launcher, an fp32 merge, and MFU against the card's own peak."""
+
+import functools
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import Trainer, TrainingArguments
+
+import finetune_paligemma2 as flow
+from paligemma_json.speed import (PEAK_FLOPS, SessionStart, mfu, mfu_report, paligemma2_3b_config, peak_flops,
+                                  training_rates)
+
+PROMPT = "extract data in JSON format"
+T4, A100, H100 = (7, 5), (8, 0), (9, 0)
+
+
+def stand_in_gpu(monkeypatch, capability, name="a GPU"):
+    """`torch.cuda` as a machine with one such GPU (None: no GPU). torch's own bf16 check counts
+    emulation, so it says yes on every GPU: the decision must not ask it."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: capability is not None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: capability is not None)
+
+
+# 1. One dtype decision
+
+@pytest.mark.parametrize("capability, expected", [(None, torch.float32), (T4, torch.float32),
+                                                  (A100, torch.bfloat16), (H100, torch.bfloat16)])
+def test_native_bf16_is_decided_by_compute_capability(monkeypatch, capsys, capability, expected):
+    stand_in_gpu(monkeypatch, capability, "Tesla T4" if capability == T4 else "a GPU")
+    assert flow.training_dtype() == expected
+    note = capsys.readouterr().out
+    if capability == T4:  # the T4 user is told what fp32 costs and what to do
+        assert "compute capability 7.5" in note and "12 GB" in note and "--use-qlora" in note
+    else:
+        assert "no native bf16" not in note
+
+
+@pytest.mark.parametrize("capability", [T4, A100])
+def test_trainer_flag_lora_base_and_qlora_compute_follow_the_decision(monkeypatch, tmp_path, capability):
+    stand_in_gpu(monkeypatch, capability)
+    dtype = flow.training_dtype()
+    loads = []
+    monkeypatch.setattr(flow, "hub_load", lambda load, name, **kwargs: loads.append(kwargs) or torch.nn.Linear(1, 1))
+    monkeypatch.setattr(flow, "get_peft_model", lambda model, config: model)
+    flow.load_model("base", True, False, False, 8, flow.LORA_TARGET_MODULES, dtype)  # LoRA
+    flow.load_model("base", True, True, False, 8, flow.LORA_TARGET_MODULES, dtype)  # QLoRA
+    assert loads[0]["dtype"] == loads[1]["dtype"] == dtype
+    assert loads[1]["quantization_config"].bnb_4bit_compute_dtype == dtype
+    monkeypatch.setattr(flow, "OneGPUPerProcessArguments", lambda **kwargs: kwargs)  # no CUDA to set up here
+    arguments = flow.training_arguments(str(tmp_path), dtype, **flow.DEFAULTS)
+    assert arguments["bf16"] == (capability == A100)
+    assert not arguments.get("fp16")  # Gemma 2 overflows in fp16
+
+
+# 2. Plain `python` on a machine with two GPUs
+
+@pytest.fixture
+def two_gpus_without_launcher(monkeypatch):
+    """transformers' device setup as on a machine with two GPUs and no torchrun or accelerate: it
+    counts them all as this process's `n_gpu`."""
+    real = TrainingArguments.__dict__["_setup_devices"].func
+
+    def setup(self):
+        device = real(self)
+        self._n_gpu = 2
+        return device
+    stand_in = functools.cached_property(setup)
+    stand_in.__set_name__(TrainingArguments, "_setup_devices")
+    monkeypatch.setattr(TrainingArguments, "_setup_devices", stand_in)
+
+
+def trainer_on_two_gpus(demo_assets, tmp_path, batch_size):
+    model = flow.load_model(demo_assets[1], False, False, False, 8, flow.LORA_TARGET_MODULES, torch.float32)
+    splits = flow.load_splits(demo_assets[0], PROMPT)
+    settings = dict(flow.DEFAULTS, OUTPUT_DIR=str(tmp_path), BATCH_SIZE=batch_size, MAX_STEPS=4)
+    generation = {"dtype": torch.float32, "batch_size": 4, "max_new_tokens": 8, "num_beams": 1}
+    return flow.build_trainer(model, flow.load_processor(demo_assets[1]), splits["train"], splits["valid"],
+                              generation, **settings)
+
+
+def test_two_gpus_without_a_launcher_train_on_one_and_say_how_to_use_both(two_gpus_without_launcher, demo_assets,
+                                                                         tmp_path, capsys):
+    trainer = trainer_on_two_gpus(demo_assets, tmp_path, batch_size=3)
+    assert trainer.args.n_gpu == 1 and trainer.args.train_batch_size == 3
+    assert len(next(iter(trainer.get_train_dataloader()))["input_ids"]) == 3  # the recipe's batch, not 2 x 3
+    assert not isinstance(trainer._wrap_model(trainer.model), torch.nn.DataParallel)
+    assert "torchrun --nproc_per_node 2" in capsys.readouterr().out
+
+
+def test_the_stand_in_reproduces_transformers_data_parallel(two_gpus_without_launcher, demo_assets, tmp_path,
+                                                            monkeypatch):
+    """Without the capped arguments the same stand-in doubles the batch and wraps DataParallel, so the
+    test above could fail."""
+    monkeypatch.setattr(flow, "OneGPUPerProcessArguments", TrainingArguments)
+    trainer = trainer_on_two_gpus(demo_assets, tmp_path, batch_size=3)
+    assert trainer.args.train_batch_size == 6
+    assert isinstance(trainer._wrap_model(trainer.model), torch.nn.DataParallel)
+
+
+# 3. --merge on a bf16 GPU
+
+@pytest.fixture(scope="module")
+def adapter_run(demo_assets, tmp_path_factory):
+    """A run's final/ holding a LoRA adapter whose lora_B is N(0, 1e-3), the size training leaves it,
+    on a base whose weights are exact in bf16 (as a bf16 checkpoint's are), so that the merge's
+    rounding is the only thing that can differ from base + adapter."""
+    from peft import LoraConfig, get_peft_model
+    root = tmp_path_factory.mktemp("merge")
+    base_dir, final_dir = str(root / "base"), str(root / "run" / "final")
+    base = flow.PaliGemmaForConditionalGeneration.from_pretrained(demo_assets[1], dtype=torch.float32)
+    with torch.no_grad():
+        for parameter in base.parameters():
+            parameter.copy_(parameter.bfloat16().float())
+    base.save_pretrained(base_dir)
+    processor = flow.load_processor(demo_assets[1])
+    processor.save_pretrained(base_dir)
+    torch.manual_seed(0)
+    model = get_peft_model(flow.PaliGemmaForConditionalGeneration.from_pretrained(base_dir),
+                           LoraConfig(r=8, target_modules=flow.LORA_TARGET_MODULES, task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=1e-3)
+    model.save_pretrained(final_dir)
+    processor.save_pretrained(final_dir)
+    return str(root / "run"), base_dir
+
+
+def logits(model, demo_assets):
+    processor = flow.load_processor(demo_assets[1])
+    batch = [flow.load_splits(demo_assets[0], PROMPT)["test"][i] for i in range(2)]
+    inputs = flow.collate_fn(batch, processor, torch.float32)
+    inputs.pop("labels")
+    with torch.no_grad():
+        return model.eval()(**inputs).logits.float()
+
+
+def test_merge_on_a_bf16_gpu_equals_base_plus_adapter_in_fp32(adapter_run, demo_assets, monkeypatch):
+    from peft import PeftModel
+    run_dir, base_dir = adapter_run
+    monkeypatch.setattr(flow, "training_dtype", lambda: torch.bfloat16)  # as on an A100 or H100
+    merged_dir = flow.merge_adapter(run_dir)
+    base = flow.PaliGemmaForConditionalGeneration.from_pretrained(base_dir, dtype=torch.float32)
+    without_adapter = logits(base, demo_assets)
+    expected = logits(PeftModel.from_pretrained(base, os.path.join(run_dir, "final")), demo_assets)
+    merged = flow.PaliGemmaForConditionalGeneration.from_pretrained(merged_dir, dtype=torch.float32)
+    error = (logits(merged, demo_assets) - expected).abs().max().item()
+    adapter_effect = (expected - without_adapter).abs().max().item()
+    assert error < 1e-5 < adapter_effect / 100  # the adapter moves the logits; the merge keeps all of it
+    weights = load_file(os.path.join(merged_dir, "model.safetensors"))
+    assert {tensor.dtype for tensor in weights.values() if tensor.is_floating_point()} == {torch.float32}
+
+
+# 4. MFU against the card's own peak, over this session's steps
+
+@pytest.mark.parametrize("name, dtype, expected", [
+    ("NVIDIA H100 80GB HBM3", torch.bfloat16, 989e12),
+    ("NVIDIA H100 PCIe", torch.bfloat16, 756e12),
+    ("NVIDIA H200", torch.bfloat16, 989e12),
+    ("NVIDIA A100-SXM4-80GB", torch.bfloat16, 312e12),
+    ("NVIDIA A100 80GB PCIe", torch.bfloat16, 312e12),
+    ("NVIDIA A10", torch.bfloat16, 125e12),
+    ("NVIDIA L4", torch.bfloat16, 121e12),
+    ("NVIDIA L40S", torch.bfloat16, 362e12),
+    ("NVIDIA GeForce RTX 4090", torch.bfloat16, 165e12),
+    ("Tesla T4", torch.float32, 8.1e12),  # a T4 trains in fp32 here
+    ("Tesla V100-SXM2-16GB", torch.float32, 15.7e12),
+    ("Tesla V100S-PCIE-32GB", torch.float32, 16.4e12),
+    # Not their namesakes' figures: no MFU rather than a wrong one.
+    ("NVIDIA A10G", torch.bfloat16, None),
+    ("NVIDIA H200 NVL", torch.bfloat16, None),
+    ("NVIDIA L40", torch.bfloat16, None),
+    ("Tesla T4", torch.bfloat16, None),  # the peak of the dtype the run trains in, or none
+    ("NVIDIA A100-SXM4-80GB", torch.float32, None),
+])
+def test_the_peak_is_the_cards_own_in_the_training_dtype(name, dtype, expected):
+    assert peak_flops(name, dtype) == expected
+
+
+def test_every_table_entry_names_its_dtype():
+    assert all(peaks is None or set(peaks) <= {"bf16", "fp32"} for peaks in PEAK_FLOPS.values())
+
+
+def test_mfu_line_uses_the_cards_peak_or_says_why_there_is_none():
+    config = paligemma2_3b_config(224)
+    on_h100 = mfu(config, 4 * 356, 4, True, False)
+    line = mfu_report(config, 4 * 356, 4, True, False, 1, "NVIDIA A100-SXM4-40GB", torch.bfloat16)
+    assert f"{on_h100 * 989 / 312:.1%}" in line and "312 TFLOP/s" in line and "bf16" in line  # ~3.2x the H100 figure
+    t4 = mfu_report(config, 356, 1, True, False, 1, "Tesla T4", torch.float32)
+    assert f"{mfu(config, 356, 1, True, False, peak_flops=8.1e12):.1%}" in t4 and "fp32" in t4
+    unknown = mfu_report(config, 356, 1, True, False, 1, "NVIDIA A10G", torch.bfloat16)
+    assert unknown.startswith("MFU: not computed") and "NVIDIA A10G" in unknown and "PEAK_FLOPS" in unknown
+
+
+def test_rates_count_the_same_steps_as_the_time():
+    # Resumed at step 8 of 16: 8,000 tokens before, 16,000 at the end; this session ran 10 s, 2 s of
+    # it validation, and the Trainer's samples/s is this session's (32 samples over 10 s).
+    trainer = SimpleNamespace(state=SimpleNamespace(num_input_tokens_seen=16000),
+                              session_start=SimpleNamespace(tokens_seen=8000), evaluation_seconds=2.0)
+    result = SimpleNamespace(metrics={"train_runtime": 10.0, "train_samples_per_second": 3.2})
+    assert flow.training_throughput(trainer, result) == pytest.approx((4.0, 1000.0))
+    assert training_rates(32, 8000, 10.0, 2.0) == pytest.approx((4.0, 1000.0))
+
+
+def test_a_resumed_trainer_reports_the_tokens_seen_before_this_session(demo_assets, tmp_path):
+    """The Trainer restores num_input_tokens_seen from the checkpoint before on_train_begin."""
+    model = flow.load_model(demo_assets[1], False, False, False, 8, flow.LORA_TARGET_MODULES, torch.float32)
+    processor = flow.load_processor(demo_assets[1])
+    train = flow.load_splits(demo_assets[0], PROMPT)["train"]
+
+    def run(steps, resume=None):
+        session = SessionStart()
+        arguments = TrainingArguments(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=2,
+                                      save_steps=2, save_strategy="steps", report_to=[], use_cpu=True,
+                                      include_num_input_tokens_seen="non_padding", remove_unused_columns=False)
+        trainer = Trainer(model=model, args=arguments, train_dataset=train, callbacks=[session],
+                          data_collator=functools.partial(flow.collate_fn, processor=processor, dtype=torch.float32))
+        trainer.train(resume_from_checkpoint=resume)
+        return session.tokens_seen, trainer.state.num_input_tokens_seen
+    before_first, after_first = run(2)
+    before_second, after_second = run(4, resume=os.path.join(tmp_path, "checkpoint-2"))
+    assert before_first == 0 and before_second == after_first > 0
+    assert after_second > after_first
