@@ -7,8 +7,9 @@ bitmask says which tokens keep the text a prefix of something the schema accepts
 bounded length; it cannot give right values.
 
 Confidence is the model's own: for each leaf value, the lowest probability among the tokens that
-wrote it, from the raw logits (`output_logits=True`), never from the masked scores, which
-renormalize over the allowed tokens and would look surer than the model is.
+wrote it, from the raw logits, never from the masked scores, which renormalize over the allowed
+tokens and would look surer than the model is. `ChosenTokenProbabilities` records them step by step,
+so generation need not keep every step's 257,216-wide logits (`output_logits=True`).
 """
 
 import bisect
@@ -156,22 +157,77 @@ class SchemaLogitsProcessor(LogitsProcessor):
 
 # --- Confidence per field ---------------------------------------------------------------------
 
-def chosen_token_probabilities(output, prompt_length: int) -> torch.Tensor:
-    """(rows, generated tokens): the probability the raw model gave each token it emitted; 1.0 past
-    the end. `output` is `generate`'s with `output_logits=True`; under beam search `beam_indices`
-    says which beam's logits each step of each returned sequence came from."""
-    tokens = output.sequences[:, prompt_length:]
-    probabilities = torch.ones(tokens.shape, dtype=torch.float32)
-    beam_indices = getattr(output, "beam_indices", None)
-    for step, logits in enumerate(output.logits[:tokens.shape[1]]):
-        if beam_indices is None:
-            source = torch.arange(tokens.shape[0], device=logits.device)
+class ChosenTokenProbabilities(LogitsProcessor):
+    """Records the probability the raw model gave each token it emitted, keeping only the last
+    step's log-probabilities (rows x vocabulary), not every step's logits: 2.2 GiB less at 8 images x
+    256 new tokens at PaliGemma 2's vocabulary (BENCHMARKS.md). It changes no score. Put it first in
+    `logits_processor`: processors run in list order, so it sees the scores before the schema's
+    mask (raw logits in greedy search, their log-softmax in beam search; `generate`'s own processors,
+    none under PaliGemma 2's generation config, would run before it). A step's choice is known at
+    the next call, as the last column of `input_ids`, or after `generate` returns for the last step.
+    Beam search reorders, drops and duplicates rows between steps without telling processors, so,
+    as in SchemaLogitsProcessor, a row is found by the tokens it generated (per image): every
+    prefix is a node (step, row) of a tree, and a finished beam, never continued, is found through
+    the EOS probability recorded for its last row."""
+
+    def __init__(self, num_beams: int, eos_token_id: int):
+        self.num_beams, self.eos_token_id = num_beams, eos_token_id
+        self.prompt_length = None
+        self.rows = {}  # (image, generated tokens) at the last step -> that row
+        self.roots = {}  # the same at step 0
+        self.children = {}  # (node, token) -> node; node = (step, row)
+        # Per step, as Python floats, and one buffer for the log-softmax, rewritten in place: with a
+        # small tensor kept per step and a new log-softmax each step, the CPU's allocator held on to
+        # up to 1.1 GiB over 256 steps (measured), as if every step's were kept.
+        self.chosen = []  # per step: each row's probability of its last token
+        self.eos = []  # per step: each row's probability of EOS
+        self.log_probs = None  # the last step's
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.prompt_length is None:
+            self.prompt_length = input_ids.shape[1]
+        step, generated = input_ids.shape[1] - self.prompt_length, input_ids[:, self.prompt_length:].tolist()
+        keys = [(row // self.num_beams, tuple(tokens)) for row, tokens in enumerate(generated)]
+        if step == 0:
+            self.chosen.append([1.0] * len(keys))
         else:
-            source = beam_indices[:, step].to(logits.device)
-        log_probs = torch.log_softmax(logits[source.clamp(min=0)].float(), dim=-1)
-        chosen = log_probs.gather(1, tokens[:, step:step + 1].to(logits.device)).squeeze(1).exp().cpu()
-        probabilities[:, step] = torch.where(source.cpu() >= 0, chosen, torch.ones_like(chosen))
-    return probabilities
+            parents = [self.rows[image, tokens[:-1]] for image, tokens in keys]
+            self.chosen.append(self.log_probs[parents, input_ids[:, -1]].exp().tolist())
+            for row, ((_, tokens), parent) in enumerate(zip(keys, parents)):
+                self.children[(step - 1, parent), tokens[-1]] = (step, row)
+        self.rows = {key: row for row, key in enumerate(keys)}  # identical beams (all, at step 0): the last one
+        if step == 0:
+            self.roots = dict(self.rows)
+        if self.log_probs is None or self.log_probs.shape != scores.shape:
+            self.log_probs = torch.empty(scores.shape, dtype=torch.float32, device=scores.device)
+        torch.log_softmax(scores.float(), dim=-1, out=self.log_probs)
+        self.eos.append(self.log_probs[:, self.eos_token_id].exp().tolist())
+        return scores
+
+    def probabilities(self, sequences: torch.LongTensor) -> torch.Tensor:
+        """(images, generated tokens) for `generate`'s sequences (one per image): each token's
+        probability up to EOS, 1.0 past it."""
+        tokens = sequences[:, self.prompt_length:].tolist()
+        if not self.chosen:  # no step ran
+            return torch.ones((len(tokens), 0))
+        last_step = len(self.chosen) - 1
+        probabilities = torch.ones((len(tokens), len(tokens[0]) if tokens else 0), dtype=torch.float32)
+        for image, row_tokens in enumerate(tokens):
+            node = (0, self.roots[image, ()])
+            for position, token in enumerate(row_tokens):
+                child = self.children.get((node, token))
+                if child is not None:
+                    probabilities[image, position] = self.chosen[child[0]][child[1]]
+                elif token == self.eos_token_id:  # a beam that ended here and was never continued
+                    probabilities[image, position] = self.eos[node[0]][node[1]]
+                elif node[0] == last_step:  # the last step's choice: no later call saw it
+                    probabilities[image, position] = self.log_probs[node[1], token].exp().item()
+                else:
+                    raise RuntimeError(f"no step of generation chose token {token} at position {position}")
+                if token == self.eos_token_id:
+                    break
+                node = child
+        return probabilities
 
 
 _NUMBER = re.compile(r"-?(?:0|[1-9]\d*)(?:\.\d+)?(?:[eE][-+]?\d+)?")

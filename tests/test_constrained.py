@@ -3,18 +3,27 @@
 import json
 import os
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
 from jsonschema import Draft202012Validator
 
 import finetune_paligemma2 as flow
-from paligemma_json.constrained import (chosen_token_probabilities, compile_schema, field_confidences, json_layout,
-                                        leaf_spans, with_layout)
+from paligemma_json.constrained import (ChosenTokenProbabilities, JsonSchemaConstraint, compile_schema,
+                                        field_confidences, json_layout, leaf_spans, with_layout)
 from paligemma_json.demo import make_manifest
 from paligemma_json.metrics import compute_metrics, scored_confidences
 
 PROMPT = "extract data in JSON format"
+# A schema an untrained model completes in about 20 tokens, so rows end (EOS, then padding) at
+# different steps, and beams finish while others run on.
+SHORT_SCHEMA = {"type": "object", "properties": {"route": {"type": "string", "maxLength": 6},
+                                                 "dock": {"type": "integer", "minimum": 0, "maximum": 99},
+                                                 "ok": {"type": "boolean"}},
+                "required": ["route", "dock", "ok"], "additionalProperties": False,
+                "x-guidance": {"item_separator": ", ", "key_separator": ": ", "whitespace_flexible": False}}
 
 
 @pytest.fixture(scope="module")
@@ -125,28 +134,134 @@ def test_field_confidences_take_the_least_likely_token_of_each_value(untrained):
     assert field_confidences(ids[:-1], probabilities[:-1], tokenizer, text[:-1]) == []  # not JSON: no fields
 
 
-def test_confidence_under_beam_search_is_the_models_own_probability(demo_run, splits):
-    """beam_indices pick each step's logits row: check against a teacher-forced forward pass."""
-    final = os.path.join(demo_run[0], "final")
-    model = flow.PaliGemmaForConditionalGeneration.from_pretrained(final).eval()
-    processor = flow.load_processor(final)
-    inputs = flow.collate_fn([splits["test"][i] for i in range(2)], processor, torch.float32, with_labels=False)
-    prompt = inputs["input_ids"].shape[1]
+@pytest.fixture(scope="module")
+def nudged(demo_assets):
+    """The untrained tiny model with a fixed bias on its logits: toward the tokens of one short JSON,
+    and almost as much toward special tokens the schema forbids (as an untrained PaliGemma leans to
+    `<locNNNN>`). Its raw probabilities of the JSON's tokens are low, and the schema's mask, which
+    renormalizes over the allowed tokens, makes them several times higher."""
+    model = flow.PaliGemmaForConditionalGeneration.from_pretrained(demo_assets[1]).eval()
+    tokenizer = flow.load_processor(demo_assets[1]).tokenizer
+    bias = torch.zeros(model.lm_head.out_features)
+    favoured = tokenizer('{"route": "R12", "dock": 7, "ok": true}', add_special_tokens=False)["input_ids"]
+    bias[favoured] = 4 + torch.rand(len(favoured), generator=torch.Generator().manual_seed(0))
+    bias[sorted(tokenizer.added_tokens_decoder)[-8:]] = 3.0  # `<segNNN>`
+    model.lm_head.register_forward_hook(lambda module, args, logits: logits + bias)
+    return model
+
+
+def left_padded_batch(splits, count):
+    """Prompts of different lengths, so the batch is left-padded as the script pads it."""
+    return [(image, {**entry, "prefix": entry["prefix"] + " now" * i})
+            for i, (image, entry) in enumerate(splits["test"][j] for j in range(count))]
+
+
+def kept_logits_probabilities(output, prompt_length: int) -> torch.Tensor:
+    """The way confidence was read before issue 16: every step's raw logits kept
+    (`output_logits=True`), and under beam search `beam_indices` naming each step's row."""
+    tokens = output.sequences[:, prompt_length:]
+    probabilities = torch.ones(tokens.shape, dtype=torch.float32)
+    beam_indices = getattr(output, "beam_indices", None)
+    for step, logits in enumerate(output.logits[:tokens.shape[1]]):
+        source = torch.arange(tokens.shape[0]) if beam_indices is None else beam_indices[:, step]
+        log_probs = torch.log_softmax(logits[source.clamp(min=0)].float(), dim=-1)
+        chosen = log_probs.gather(1, tokens[:, step:step + 1]).squeeze(1).exp()
+        probabilities[:, step] = torch.where(source >= 0, chosen, torch.ones_like(chosen))
+    return probabilities
+
+
+def answer_length(tokens: list[int], eos: int) -> int:
+    return tokens.index(eos) + 1 if eos in tokens else len(tokens)
+
+
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_recorded_probabilities_equal_the_kept_logits_way(nudged, untrained, splits, num_beams):
+    """Greedy: bit for bit; beam search: within 1e-6 (its processors get log-softmaxed logits, and
+    the recorder log-softmaxes them again). Free and constrained, left-padded, rows ending apart."""
+    processor = untrained[1]
+    processor.tokenizer.padding_side = "left"
+    inputs = flow.collate_fn(left_padded_batch(splits, 3), processor, torch.float32, with_labels=False)
+    assert not inputs["attention_mask"][:, 0].all()  # some prompt is padded
+    prompt, eos = inputs["input_ids"].shape[1], processor.tokenizer.eos_token_id
+    for constraint in (None, JsonSchemaConstraint(SHORT_SCHEMA, processor.tokenizer)):
+        recorder = ChosenTokenProbabilities(num_beams, eos)
+        processors = [recorder] + ([constraint.logits_processor()] if constraint else [])
+        with torch.inference_mode():
+            output = nudged.generate(**inputs, max_new_tokens=30, do_sample=False, num_beams=num_beams,
+                                     logits_processor=processors, output_logits=True, return_dict_in_generate=True)
+        recorded, kept = recorder.probabilities(output.sequences), kept_logits_probabilities(output, prompt)
+        lengths = [answer_length(tokens, eos) for tokens in output.sequences[:, prompt:].tolist()]
+        for row, length in enumerate(lengths):
+            if num_beams == 1:
+                assert torch.equal(recorded[row, :length], kept[row, :length])
+            else:
+                assert recorded[row, :length] == pytest.approx(kept[row, :length], abs=1e-6, rel=0)
+            assert (recorded[row, length:] == 1).all()  # past EOS
+        if constraint:  # rows ended at different steps: some were padded after their EOS
+            assert len(set(lengths)) > 1
+
+
+RECORDING_32_STEPS = """
+import torch
+from paligemma_json.constrained import ChosenTokenProbabilities
+def status(field):
+    return next(int(line.split()[1]) for line in open('/proc/self/status') if line.startswith(field + ':'))
+recorder, ids = ChosenTokenProbabilities(num_beams=1, eos_token_id=1), torch.zeros((8, 20), dtype=torch.long)
+with torch.inference_mode():
+    open('/proc/self/clear_refs', 'w').write('5')  # peak RSS := RSS
+    start = status('VmRSS')
+    for step in range(32):
+        scores = recorder(ids, torch.randn(8, 257216))
+        ids = torch.cat([ids, scores.argmax(-1, keepdim=True)], 1)
+print((status('VmHWM') - start) / 1024)
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="peak RSS reset is Linux-only")
+def test_recording_holds_one_steps_log_probabilities_not_every_steps():
+    """32 steps of 8 rows at PaliGemma 2's 257,216 logits, in a fresh process: every step's logits
+    kept would be 256 MiB; the recorder holds one step's (8 MiB) and the one being computed."""
+    done = subprocess.run([sys.executable, "-c", RECORDING_32_STEPS], capture_output=True, text=True, timeout=120,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert float(done.stdout.split()[-1]) < 128  # MiB above the RSS before the first step
+
+
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_confidence_under_the_constraint_is_the_raw_models_teacher_forced_probability(nudged, untrained, splits,
+                                                                                      num_beams):
+    """Each value's confidence, through `generate_batch`, against the softmax of the raw logits of
+    one teacher-forced forward pass over prompt + output (not generate's logits). The masked
+    scores, replayed over the same logits, give other confidences, so reading them would fail."""
+    processor = untrained[1]
+    batch = [splits["test"][i] for i in range(2)]
+    constraint = JsonSchemaConstraint(SHORT_SCHEMA, processor.tokenizer)
+    rows = flow.generate_batch(nudged, processor, batch, torch.float32, 40, num_beams, constraint)
+    inputs = flow.collate_fn(batch, processor, torch.float32, with_labels=False)
+    prompt, eos = inputs["input_ids"].shape[1], processor.tokenizer.eos_token_id
     with torch.inference_mode():
-        output = model.generate(**inputs, max_new_tokens=30, do_sample=False, num_beams=2, output_logits=True,
-                                return_dict_in_generate=True)
-        probabilities = chosen_token_probabilities(output, prompt)
-        sequences = output.sequences
+        sequences = nudged.generate(**inputs, max_new_tokens=40, do_sample=False, num_beams=num_beams,
+                                       logits_processor=[constraint.logits_processor()])
         answer = torch.ones_like(sequences[:, prompt:])  # attended causally, as a suffix (type 1)
-        forced = model(input_ids=sequences, pixel_values=inputs["pixel_values"],
-                       attention_mask=torch.cat([inputs["attention_mask"], answer], 1),
-                       token_type_ids=torch.cat([inputs["token_type_ids"], answer], 1)).logits
-    expected = torch.softmax(forced[:, prompt - 1:-1].float(), -1).gather(-1, sequences[:, prompt:, None])[..., 0]
-    eos = processor.tokenizer.eos_token_id
-    for row in range(2):
-        length = (sequences[row, prompt:] == eos).nonzero().flatten()
-        length = int(length[0]) + 1 if len(length) else sequences.shape[1] - prompt
-        assert probabilities[row, :length] == pytest.approx(expected[row, :length], abs=1e-3)
+        forced = nudged(input_ids=sequences, pixel_values=inputs["pixel_values"],
+                           attention_mask=torch.cat([inputs["attention_mask"], answer], 1),
+                           token_type_ids=torch.cat([inputs["token_type_ids"], answer], 1)).logits[:, prompt - 1:-1]
+        mask, masked = constraint.logits_processor(), []
+        for step in range(forced.shape[1]):  # what the mask made of each step's logits
+            masked.append(mask(sequences[:, :prompt + step], forced[:, step].clone()))
+    tokens = sequences[:, prompt:, None]
+    raw = torch.softmax(forced.float(), -1).gather(-1, tokens)[..., 0]
+    renormalized = torch.softmax(torch.stack(masked, 1), -1).gather(-1, tokens)[..., 0]
+    for row, (generated, output) in enumerate(zip(sequences[:, prompt:].tolist(), rows)):
+        answer_ids = generated[:answer_length(generated, eos) - 1]
+        text = processor.tokenizer.decode(answer_ids, skip_special_tokens=True)
+        assert output["prediction"] == text and output["confidence"], "a complete JSON, as generate_batch decoded it"
+        expected = field_confidences(answer_ids, raw[row].tolist(), processor.tokenizer, text)
+        wrong = field_confidences(answer_ids, renormalized[row].tolist(), processor.tokenizer, text)
+        assert [f["confidence"] for f in output["confidence"]] == pytest.approx(
+            [f["confidence"] for f in expected], abs=1e-4)
+        assert max(abs(w["confidence"] - e["confidence"]) for w, e in zip(wrong, expected)) > 0.05
 
 
 def test_a_schema_the_grammar_cannot_use_stops_in_one_line():
