@@ -74,6 +74,7 @@ EPOCHS = 20  # passes over the training split
 MAX_STEPS = -1  # > 0 stops after this many optimizer steps (short runs, smoke tests)
 BATCH_SIZE = 2  # images per device per step
 GRAD_ACCUM = 4  # batches per optimizer step: BATCH_SIZE × GRAD_ACCUM = effective batch 8
+GRADIENT_CHECKPOINTING = False  # recompute activations in the backward: less memory, ~30% slower steps (BENCHMARKS.md)
 LEARNING_RATE = 2e-5  # the measured run's; the tutorial's 5e-5 saw ~9 steps
 LR_SCHEDULER = "linear"  # any transformers scheduler name
 WARMUP_STEPS = 2  # the tutorial's
@@ -93,7 +94,7 @@ CONSTRAINED = True  # hold test and --predict generation to the labels' schema (
 CONFIDENCE_THRESHOLD = 0.8  # a field whose least likely token is below this is flagged for a second look
 
 DEMO = False  # offline: synthetic manifests and a tiny random PaliGemma 2, then the same flow
-PUSH_TO_HUB = ""  # a Hub repo id: upload final/ there after training (reads HF_TOKEN; untested here)
+PUSH_TO_HUB = ""  # a Hub repo id: upload final/ there after training (reads HF_TOKEN; tested on a stand-in Hub only)
 
 # Modes that use a finished run instead of training one; each writes beside it
 EVALUATE = ""  # a predictions.jsonl to score again, with no model: metrics.json and pictures beside it
@@ -313,12 +314,14 @@ if __name__ == "__main__" and FLOW:
 
 # %% [markdown]
 # ## 4. Load PaliGemma 2 with LoRA, QLoRA or a frozen vision tower
-# bf16 where the GPU has it; fp32 on a T4 (Gemma 2 overflows in fp16) and on CPU. A 4-bit model is
+# bf16 where the GPU has it natively; fp32 on a T4 (Gemma 2 overflows in fp16) and on CPU. A 4-bit model is
 # placed by loading, never moved with `.to()`. Attention: no argument gives Gemma 2 `eager` (its
 # logit soft-capping has no SDPA path in transformers) and SigLIP `sdpa`. Between the processor and
 # the model, the dataset report looks at the data (`OUTPUT_DIR/dataset_report.json`): image sizes,
 # label lengths in the model's tokens against `MAX_NEW_TOKENS`, how often each field is filled, and
-# leaks between splits (the same photo by perceptual hash, or the same label).
+# leaks between splits (the same photo by perceptual hash, or the same label). On a GPU, the
+# estimated peak memory of these settings is then printed against the card's free memory, with the
+# cheapest change that fits when they do not (README, "Will it fit on my GPU?").
 
 # %%
 import logging
@@ -329,16 +332,11 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from transformers import BitsAndBytesConfig, PaliGemmaForConditionalGeneration, PaliGemmaProcessor, set_seed
 
-from paligemma_json.dataset_report import report_dataset, token_budget
+from paligemma_json.dataset_report import label_lengths, report_dataset, token_budget
+from paligemma_json.devices import training_dtype  # bf16 from compute capability 8.0, else fp32; never fp16
 from paligemma_json.hub import cache_only_for, hub_load, push_to_hub
-
-
-def training_dtype() -> torch.dtype:
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    if torch.cuda.is_available():
-        print("note: this GPU has no bf16 (a T4?): training in fp32, since Gemma 2 overflows in fp16")
-    return torch.float32
+from paligemma_json.memory import check_fit  # on a GPU: will this setting fit? (a CPU-derived estimate)
+from paligemma_json.training import enable_gradient_checkpointing
 
 
 def model_device_map() -> dict:
@@ -439,8 +437,12 @@ if __name__ == "__main__" and FLOW:
     if TRAINING_DONE:
         model = load_trained_model(os.path.join(OUTPUT_DIR, "final"), USE_QLORA, TORCH_DTYPE, cache_only)
     else:
+        if IS_MAIN_PROCESS:  # before anything big loads; it warns and goes on
+            check_fit(MODEL_ID, globals(), TORCH_DTYPE, MAX_NEW_TOKENS, cache_only)
         model = load_model(MODEL_ID, USE_LORA, USE_QLORA, FREEZE_VISION, LORA_RANK, LORA_TARGET_MODULES,
                            TORCH_DTYPE, cache_only, checkpoint=RESUME_CHECKPOINT)
+        if GRADIENT_CHECKPOINTING:  # here, not in TrainingArguments: see enable_gradient_checkpointing
+            enable_gradient_checkpointing(model)
     trainable, total = count_parameters(model)
     print(f"model: {MODEL_ID}, {TORCH_DTYPE}, trainable {trainable:,} of {total:,} parameters "
           f"({100 * trainable / total:.2f}%)")
@@ -458,7 +460,8 @@ if __name__ == "__main__" and FLOW:
 # %%
 from tqdm.auto import tqdm
 
-from paligemma_json.constrained import JsonSchemaConstraint, chosen_token_probabilities, field_confidences
+from paligemma_json.constrained import ChosenTokenProbabilities, JsonSchemaConstraint, field_confidences
+from paligemma_json.training import label_only_inputs
 
 
 def collate_fn(batch, processor, dtype: torch.dtype, with_labels: bool = True):
@@ -473,6 +476,8 @@ def collate_fn(batch, processor, dtype: torch.dtype, with_labels: bool = True):
     inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
     if not with_labels:
         inputs.pop("labels", None)  # the processor adds all -100 labels even without a suffix
+    else:  # logits and loss on the label positions only: paligemma_json/training.py
+        inputs.update(label_only_inputs(inputs["labels"]))
     return inputs
 
 
@@ -493,11 +498,13 @@ def generate_batch(model, processor, batch, dtype: torch.dtype, max_new_tokens: 
     processor.tokenizer.padding_side = "left"  # right padding would put pads between prompt and answer
     inputs = collate_fn(batch, processor, dtype, with_labels=False).to(model.device)
     prompt_length, eos = inputs["input_ids"].shape[-1], processor.tokenizer.eos_token_id
+    recorder = ChosenTokenProbabilities(num_beams, eos) if with_confidence else None
+    processors = [recorder] if recorder else []  # first: it must see the scores before the schema's mask
+    processors += [constraint.logits_processor()] if constraint else []
     with torch.inference_mode():
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=num_beams,
-                                logits_processor=[constraint.logits_processor()] if constraint else None,
-                                output_logits=with_confidence, return_dict_in_generate=True)
-    probabilities = chosen_token_probabilities(output, prompt_length).tolist() if with_confidence else None
+                                logits_processor=processors, return_dict_in_generate=True)
+    probabilities = recorder.probabilities(output.sequences).tolist() if with_confidence else None
     rows = []
     for index, answer in enumerate(output.sequences[:, prompt_length:].tolist()):
         ended = eos in answer
@@ -542,9 +549,11 @@ import time
 
 from transformers import Trainer, TrainingArguments
 
+from paligemma_json.devices import OneGPUPerProcessArguments
 from paligemma_json.files import replace_atomically
 from paligemma_json.metrics import compute_metrics
 from paligemma_json.pictures import draw_training_curves
+from paligemma_json.speed import SessionStart, mfu_report, training_rates
 
 
 class ExtractionTrainer(Trainer):
@@ -555,6 +564,8 @@ class ExtractionTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.generation = generation  # predict_rows' settings: dtype, batch_size, max_new_tokens, num_beams
         self.evaluation_seconds = 0.0  # kept out of the training throughput
+        self.session_start = SessionStart()  # after --resume, throughput counts this session's tokens only
+        self.add_callback(self.session_start)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
         started = time.perf_counter()
@@ -577,17 +588,17 @@ class ExtractionTrainer(Trainer):
 
 
 def training_throughput(trainer: ExtractionTrainer, train_result) -> tuple[float, float]:
-    """(samples/s, tokens/s) of the training steps alone: the Trainer's own rates also count the
-    validation loss and generation, which would understate speed and MFU."""
-    runtime = train_result.metrics["train_runtime"]
-    seconds = max(runtime - trainer.evaluation_seconds, 1e-6)
+    """(samples/s, tokens/s) of this session's training steps alone: the Trainer's own rates also
+    count the validation loss and generation, which would understate speed and MFU."""
+    runtime = train_result.metrics["train_runtime"]  # this session's; so are its samples/s
     samples = train_result.metrics["train_samples_per_second"] * runtime
-    return samples / seconds, trainer.state.num_input_tokens_seen / seconds
+    tokens = trainer.state.num_input_tokens_seen - trainer.session_start.tokens_seen
+    return training_rates(samples, tokens, runtime, trainer.evaluation_seconds)
 
 
 def training_arguments(output_dir: str, dtype: torch.dtype, **settings) -> TrainingArguments:
     every = "steps" if settings["SAVE_STEPS"] > 0 else "epoch"
-    return TrainingArguments(
+    return OneGPUPerProcessArguments(  # plain `python` on several GPUs: one GPU, never DataParallel
         output_dir=output_dir,
         num_train_epochs=settings["EPOCHS"],
         max_steps=settings["MAX_STEPS"],
@@ -682,14 +693,12 @@ if __name__ == "__main__" and FLOW:
         print(f"training: {train_result.global_step} steps in {train_result.metrics['train_runtime']:.0f} s "
               f"({trainer.evaluation_seconds:.0f} s of it validation); the steps alone: {samples_per_second:.2f} "
               f"samples/s, {tokens_per_second:.0f} tokens/s (image and text, no padding); final loss "
-              f"{train_result.metrics['train_loss']:.4f}" + (" (rates include the steps before the resume)"
+              f"{train_result.metrics['train_loss']:.4f}" + (" (time and rates: this session's steps alone)"
                                                              if RESUME_CHECKPOINT else ""))
-        if torch.cuda.is_available():  # model FLOPs per second over the GPUs' peak: paligemma_json/speed.py
-            from paligemma_json.speed import mfu
-            utilisation = mfu(model.config, tokens_per_second, samples_per_second, USE_LORA, FREEZE_VISION,
-                              devices=trainer.args.world_size)
-            print(f"MFU: {utilisation:.1%} of {trainer.args.world_size} x 989 TFLOP/s (H100 SXM, bf16 dense), "
-                  "over the training steps alone")
+        if torch.cuda.is_available():  # model FLOPs per second over this card's peak: paligemma_json/speed.py
+            label_positions = sum(label_lengths(train_dataset, processor.tokenizer)) / len(train_dataset)  # where the LM head runs
+            print(mfu_report(model.config, tokens_per_second, samples_per_second, USE_LORA, FREEZE_VISION,
+                             trainer.args.world_size, torch.cuda.get_device_name(), TORCH_DTYPE, label_positions))
         model = load_best_checkpoint(trainer, trainer.model, TORCH_DTYPE)
         save_final_model(model, processor, os.path.join(OUTPUT_DIR, "final"), LABEL_SCHEMA)
         draw_training_curves(trainer.state.log_history, os.path.join(OUTPUT_DIR, "training_curves.png"),
@@ -756,9 +765,9 @@ if __name__ == "__main__" and EVALUATE:
 # `--predict PATH` reads an image, or every image in a folder, with `OUTPUT_DIR/final/` and writes one
 # line per image to `OUTPUT_DIR/predict.jsonl`: the image, the prediction (held to `final/schema.json`
 # unless `--no-constrained`), whether it parses, and each field's value with its confidence.
-# `--merge` folds a LoRA adapter into its base, reloaded in bf16 or fp32 (never 4-bit: merging
-# into a quantized base changes the generations), and saves `OUTPUT_DIR/merged/`, a standalone model
-# with its processor that `from_pretrained` loads without peft.
+# `--merge` folds a LoRA adapter into its base, reloaded in fp32 (never 4-bit: merging into a
+# quantized base changes the generations; bf16 drops small changes), and saves `OUTPUT_DIR/merged/`
+# in fp32, a standalone model with its processor that `from_pretrained` loads without peft.
 
 # %%
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
@@ -826,7 +835,9 @@ def merge_adapter(output_dir: str) -> str:
     base_id = adapter_base(final_dir)
     if base_id is None:
         raise FlowError(f"{final_dir} holds full weights, not a LoRA adapter: it already loads on its own")
-    base = hub_load(PaliGemmaForConditionalGeneration.from_pretrained, base_id, dtype=training_dtype(),
+    # fp32, and saved so: peft adds the adapter's change in the base's dtype, and bf16, in the merge or
+    # in the saved file, rounds away every part of it below half a bf16 step of the weight.
+    base = hub_load(PaliGemmaForConditionalGeneration.from_pretrained, base_id, dtype=torch.float32,
                     use_safetensors=True, device_map=model_device_map(), local_files_only=cache_only_for(base_id))
     merged = PeftModel.from_pretrained(base, final_dir).merge_and_unload()
     processor, target = load_processor(final_dir), os.path.join(output_dir, "merged")

@@ -7,31 +7,84 @@ FLOPs are counted from the architecture, never measured, so a run's MFU compares
                      + m_head   x 2 x d x V    x H      (LM head: hidden x padded vocabulary)
 
 T: the tokens the language model sees (image tokens + prompt + label, padding excluded);
-P: image patches (256 at 224 px); H: positions the LM head is applied to (every position in training);
+P: image patches (256 at 224 px); H: positions the LM head is applied to (the label's tokens under the
+script's label-only loss, paligemma_json/training.py; every position in a plain forward);
 m = 6 for trained weights (forward 2 + backward 4), 4 for frozen weights that gradients still pass
 through (forward 2 + gradient of the activations 2), 2 where no gradient flows (forward only).
 Attention's own T^2 term is left out, as is LoRA's rank-8 matmuls: each is ~2% or less at 224 px.
 
-MFU = FLOPs per sample x samples per second / (peak FLOP/s x devices).
+MFU = FLOPs per sample x samples per second / (peak FLOP/s x devices), with the peak of the GPU
+the run is on, in the dtype it trains in (bf16 from compute capability 8.0, fp32 below).
 """
 
+import re
+
 import torch
+from transformers import TrainerCallback
 
 H100_SXM_BF16_DENSE_FLOPS = 989e12  # NVIDIA's datasheet, dense (no sparsity)
 
+# Dense peaks (no sparsity) in the dtype this project trains in on each card, from NVIDIA's
+# datasheets, which print bf16 "with sparsity" (twice dense) for Hopper, Ada and the L4. Keys are
+# `torch.cuda.get_device_name()` substrings, matched at word boundaries, the longest matching key
+# wins; None marks a variant whose figure is not in a datasheet at hand, so that it is not taken
+# for its namesake. Cards below compute capability 8.0 train in fp32 here: their fp32 peak.
+PEAK_FLOPS = {
+    "H100 80GB HBM3": {"bf16": 989e12},  # H100 SXM5 datasheet: BF16 1,979 TFLOPS with sparsity
+    "H100 SXM": {"bf16": 989e12},  # the same card, named by its form factor
+    "H100 PCIe": {"bf16": 756e12},  # H100 datasheet: PCIe BF16 1,513 TFLOPS with sparsity
+    "H100 NVL": None,  # its datasheet's figure changed between editions (a pair of cards, then one)
+    "H200": {"bf16": 989e12},  # H200 datasheet: SXM BF16 1,979 TFLOPS with sparsity
+    "H200 NVL": None,  # a lower-clocked card: not the SXM's figure
+    "A100": {"bf16": 312e12},  # A100 datasheet (SXM and PCIe, 40 and 80 GB): BF16 312 TFLOPS dense
+    "A10": {"bf16": 125e12},  # A10 datasheet: BF16 125 TFLOPS dense (250 with sparsity)
+    "A10G": None,  # AWS's variant of the A10: NVIDIA publishes no datasheet for it
+    "L4": {"bf16": 121e12},  # L4 datasheet: BF16 242 TFLOPS with sparsity
+    "L40S": {"bf16": 362e12},  # L40S datasheet: BF16 362 TFLOPS dense (733 with sparsity)
+    "RTX 4090": {"bf16": 165e12},  # Ada whitepaper: BF16 with FP32 accumulate 165.2 TFLOPS dense
+    "RTX 4090 D": None,  # the cut-down 4090: fewer SMs
+    "T4": {"fp32": 8.1e12},  # T4 datasheet: FP32 8.1 TFLOPS (no bf16; fp16 tensor cores 65)
+    "V100-SXM2": {"fp32": 15.7e12},  # V100 datasheet: SXM2 FP32 15.7 TFLOPS (no bf16)
+    "V100-PCIE": {"fp32": 14e12},  # V100 datasheet: PCIe FP32 14 TFLOPS
+    "V100S": {"fp32": 16.4e12},  # V100S datasheet: FP32 16.4 TFLOPS
+}
+DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+# Text (Gemma 2) and projector widths per PaliGemma 2 size: Google's published conversion configs for
+# the 3B; the 10B's and 28B's follow Gemma 2 9B's and 27B's public configs, recalled rather than checked
+# offline (shared/DECISIONS.md, "GPU work"). SigLIP So400m/14 is the same vision tower in all three.
+PALIGEMMA2_TEXT = {
+    "3b": dict(hidden_size=2304, num_hidden_layers=26, num_attention_heads=8, num_key_value_heads=4, head_dim=256,
+               intermediate_size=9216, query_pre_attn_scalar=256),
+    "10b": dict(hidden_size=3584, num_hidden_layers=42, num_attention_heads=16, num_key_value_heads=8, head_dim=256,
+                intermediate_size=14336, query_pre_attn_scalar=256),
+    "28b": dict(hidden_size=4608, num_hidden_layers=46, num_attention_heads=32, num_key_value_heads=16, head_dim=128,
+                intermediate_size=36864, query_pre_attn_scalar=144),
+}
+
+
+def paligemma2_config(size: str = "3b", image_size: int = 224, text_layers: int | None = None,
+                      vision_layers: int | None = None):
+    """PaliGemma 2's architecture for random weights (the real config cannot be downloaded
+    everywhere). `text_layers`/`vision_layers`: fewer layers at the real widths, for measuring."""
+    from transformers import Gemma2Config, PaliGemmaConfig, SiglipVisionConfig
+    text_widths = dict(PALIGEMMA2_TEXT[size])
+    if text_layers is not None:
+        text_widths["num_hidden_layers"] = text_layers
+    hidden = text_widths["hidden_size"]
+    text = Gemma2Config(**text_widths, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+                        sliding_window=4096, vocab_size=257216, hidden_activation="gelu_pytorch_tanh")
+    vision = SiglipVisionConfig(hidden_size=1152, num_hidden_layers=27 if vision_layers is None else vision_layers,
+                                num_attention_heads=16, intermediate_size=4304, patch_size=14, image_size=image_size,
+                                projection_dim=hidden, vision_use_head=False)
+    return PaliGemmaConfig(text_config=text, vision_config=vision, projection_dim=hidden, hidden_size=2048,
+                           image_token_index=257152)
+
 
 def paligemma2_3b_config(image_size: int = 224):
-    """PaliGemma 2 3B's architecture (Google's published conversion config), for random weights:
-    the real config cannot be downloaded everywhere."""
-    from transformers import Gemma2Config, PaliGemmaConfig, SiglipVisionConfig
-    text = Gemma2Config(hidden_size=2304, num_hidden_layers=26, num_attention_heads=8, num_key_value_heads=4,
-                        head_dim=256, intermediate_size=9216, attn_logit_softcapping=50.0,
-                        final_logit_softcapping=30.0, sliding_window=4096, query_pre_attn_scalar=256,
-                        vocab_size=257216, hidden_activation="gelu_pytorch_tanh")
-    vision = SiglipVisionConfig(hidden_size=1152, num_hidden_layers=27, num_attention_heads=16, intermediate_size=4304,
-                                patch_size=14, image_size=image_size, projection_dim=2304, vision_use_head=False)
-    return PaliGemmaConfig(text_config=text, vision_config=vision, projection_dim=2304, hidden_size=2048,
-                           image_token_index=257152)
+    """PaliGemma 2 3B's architecture (Google's published conversion config), for random weights."""
+    return paligemma2_config("3b", image_size)
 
 
 def image_tokens(config) -> int:
@@ -83,8 +136,50 @@ def training_flops_per_sample(config, tokens_per_sample: float, use_lora: bool, 
 
 
 def mfu(config, tokens_per_second: float, samples_per_second: float, use_lora: bool, freeze_vision: bool,
-        devices: int = 1, peak_flops: float = H100_SXM_BF16_DENSE_FLOPS) -> float:
+        devices: int = 1, peak_flops: float = H100_SXM_BF16_DENSE_FLOPS, lm_head_positions: float | None = None) -> float:
     """Model FLOPs utilisation of a training run: the rates are the whole run's (all devices);
-    `peak_flops` per device (H100 SXM bf16 dense by default)."""
-    flops = training_flops_per_sample(config, tokens_per_second / samples_per_second, use_lora, freeze_vision)
+    `peak_flops` per device (H100 SXM bf16 dense by default); `lm_head_positions` per sample, every
+    token when None (the script's label-only loss applies the head to the label's tokens alone)."""
+    flops = training_flops_per_sample(config, tokens_per_second / samples_per_second, use_lora, freeze_vision,
+                                      lm_head_positions)
     return flops * samples_per_second / (peak_flops * devices)
+
+
+def peak_flops(device_name: str, dtype: torch.dtype) -> float | None:
+    """The card's dense peak FLOP/s in `dtype`, or None when the table has no figure for it."""
+    matches = [key for key in PEAK_FLOPS if re.search(rf"(?<!\w){re.escape(key)}(?!\w)", device_name, re.IGNORECASE)]
+    if not matches:
+        return None
+    peaks = PEAK_FLOPS[max(matches, key=len)]
+    return None if peaks is None else peaks.get(DTYPE_NAMES.get(dtype, str(dtype)))
+
+
+def mfu_report(config, tokens_per_second: float, samples_per_second: float, use_lora: bool, freeze_vision: bool,
+               devices: int, device_name: str, dtype: torch.dtype, lm_head_positions: float | None = None) -> str:
+    """The line the script prints: MFU against this card's peak in the training dtype, or why there is none."""
+    dtype_name = DTYPE_NAMES.get(dtype, str(dtype))
+    peak = peak_flops(device_name, dtype)
+    if peak is None:
+        return (f"MFU: not computed: no dense {dtype_name} peak for {device_name} in paligemma_json/speed.py's "
+                "PEAK_FLOPS (add it from the card's datasheet)")
+    utilisation = mfu(config, tokens_per_second, samples_per_second, use_lora, freeze_vision, devices, peak,
+                      lm_head_positions)
+    return (f"MFU: {utilisation:.1%} of {devices} x {peak / 1e12:g} TFLOP/s ({device_name}, {dtype_name} dense), "
+            "over the training steps alone")
+
+
+def training_rates(samples: float, tokens: float, runtime_s: float, evaluation_s: float) -> tuple[float, float]:
+    """(samples/s, tokens/s) of the training steps alone. `samples`, `tokens` and `runtime_s` must
+    cover the same steps (this session's, after a resume); `evaluation_s` of the runtime was validation."""
+    seconds = max(runtime_s - evaluation_s, 1e-6)
+    return samples / seconds, tokens / seconds
+
+
+class SessionStart(TrainerCallback):
+    """The tokens a resumed run had seen before this session: the Trainer restores that count from the
+    checkpoint, while its runtime covers this session alone."""
+
+    tokens_seen = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.tokens_seen = state.num_input_tokens_seen

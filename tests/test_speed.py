@@ -68,3 +68,10 @@ def test_mfu_is_model_flops_over_the_peak(config):
     assert value == pytest.approx(4 * per_sample / H100_SXM_BF16_DENSE_FLOPS)
     assert 0.045 < value < 0.055
     assert mfu(config, 8 * 356, 8, False, False, devices=2) == pytest.approx(value)  # twice the rate on two GPUs
+
+
+def test_mfu_counts_the_lm_head_where_the_label_only_loss_runs_it(config):
+    # The script's loss applies the 257,216-wide head to the label's tokens alone: MFU counts that.
+    everywhere = mfu(config, 4 * 356, 4, True, False)
+    on_labels = mfu(config, 4 * 356, 4, True, False, lm_head_positions=150)
+    assert everywhere - on_labels == pytest.approx(4 * 4 * 2 * 2304 * 257216 * (356 - 150) / H100_SXM_BF16_DENSE_FLOPS)
