@@ -345,7 +345,8 @@ def measure_training(side: str, work: dict, samples: int, output_dir: str, custo
     final_loss = final_training_loss(trainer.model, processor, splits["train"])
     return {"samples_per_s": seen / runtime, "tokens_per_s": tokens / runtime, "samples": seen,
             "tokens_per_sample": tokens / seen,  # equal on both sides when both saw the same rows
-            "steps": result.global_step, "runtime_s": runtime, "peak_rss_mib": peak,
+            "steps": result.global_step, "runtime_s": runtime, "trainer_runtime_s": result.metrics["train_runtime"],
+            "peak_rss_mib": peak,
             "run_mean_loss": result.metrics["train_loss"], "final_loss": final_loss,
             # Its last point is the final loss at the whole training time, so a run always reaches
             # its own final loss, at its end at the latest.
