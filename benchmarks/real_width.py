@@ -1,6 +1,6 @@
 """The memory of the real PaliGemma 2 on the GPUs people have, measured at its real widths on a CPU.
 
-    OMP_NUM_THREADS=1 python benchmarks/real_width.py --markdown  # ~15 min on one core, < 12 GiB RAM
+    OMP_NUM_THREADS=1 python benchmarks/real_width.py --markdown  # ~15 min on one core, ~12 GiB RAM at most
     OMP_NUM_THREADS=1 python benchmarks/real_width.py --save m.json    # then: --refit m.json (no measuring)
 
 It builds PaliGemma 2 3B and 10B at their real widths (paligemma_json/speed.py's `paligemma2_config`:

@@ -141,7 +141,6 @@ class Architecture:
     patches: int
     parameters: int  # every parameter (tied embedding once)
     linear_weights: int  # nn.Linear weights that QLoRA quantizes (all but the LM head)
-    linear_biases: int
     vision_parameters: int  # SigLIP and the projector: what FREEZE_VISION freezes
     text_layer_weights: int  # one Gemma 2 layer's linear weights (a full fine-tune's per-layer extra)
     vision_layer_weights: int
@@ -165,7 +164,6 @@ def architecture(config) -> Architecture:
         patches=(vision.image_size // vision.patch_size) ** 2,
         parameters=sum(p.numel() for p in model.parameters()),
         linear_weights=sum(module.weight.numel() for _, module in linears),
-        linear_biases=sum(module.bias.numel() for _, module in linears if module.bias is not None),
         vision_parameters=sum(p.numel() for part in vision_parts for p in part.parameters()),
         text_layer_weights=layer_weights("language_model.layers.0."),
         vision_layer_weights=layer_weights("encoder.layers.0."),
