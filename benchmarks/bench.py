@@ -76,7 +76,7 @@ CURVE_POINTS = 20  # loss measurements (untimed) along each run, for the time to
 
 # --- Memory and timing helpers ----------------------------------------------------------------
 
-def _status_kib(field: str) -> int:
+def status_kib(field: str) -> int:
     with open("/proc/self/status") as status:
         for line in status:
             if line.startswith(field + ":"):
@@ -88,11 +88,11 @@ def reset_peak_rss() -> int:
     """Resets this process's peak RSS to its current RSS (Linux) and returns that, in KiB."""
     with open("/proc/self/clear_refs", "w") as clear_refs:
         clear_refs.write("5")
-    return _status_kib("VmRSS")
+    return status_kib("VmRSS")
 
 
 def peak_rss_delta_mib(baseline_kib: int) -> float:
-    return (_status_kib("VmHWM") - baseline_kib) / 1024
+    return (status_kib("VmHWM") - baseline_kib) / 1024
 
 
 # --- The tutorial's flow, as written --------------------------------------------------------
@@ -272,7 +272,7 @@ class LossCurve(TrainerCallback):
     def record(self):
         paused_at = self.clock()
         self.started = paused_at if self.started is None else self.started  # the first point is at 0 s
-        self.training_peak_kib = max(self.training_peak_kib, _status_kib("VmHWM"))
+        self.training_peak_kib = max(self.training_peak_kib, status_kib("VmHWM"))
         loss = self.measure()
         ctypes.CDLL("libc.so.6").malloc_trim(0)
         reset_peak_rss()

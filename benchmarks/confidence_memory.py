@@ -40,16 +40,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from bench import status_kib  # noqa: E402  (/proc/self/status, as bench.py reads peak RSS)
+
 VARIANTS = ("none", "kept_logits", "recorded")
 LOGITS = 257_216
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
 
 
 def kept_logits_probabilities(output, prompt_length: int):
@@ -94,7 +88,7 @@ def child_main(variant: str, images: int, new_tokens: int, text_layers: int) -> 
     maxrss_after_load_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     with open("/proc/self/clear_refs", "w") as clear_refs:
         clear_refs.write("5")  # peak RSS := current RSS
-    loaded_kib = _status_kib("VmRSS")
+    loaded_kib = status_kib("VmRSS")
     start = time.perf_counter()
     with torch.inference_mode():
         if variant == "kept_logits":
@@ -113,7 +107,7 @@ def child_main(variant: str, images: int, new_tokens: int, text_layers: int) -> 
     return {"variant": variant, "seconds": round(seconds, 1), "generated": generated,
             "rss_after_load_mib": round(loaded_kib / 1024),
             "ru_maxrss_before_reset_mib": round(maxrss_after_load_kib / 1024),
-            "added_mib": round((_status_kib("VmHWM") - loaded_kib) / 1024, 1),
+            "added_mib": round((status_kib("VmHWM") - loaded_kib) / 1024, 1),
             "added_ru_maxrss_mib": round((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - loaded_kib) / 1024, 1),
             "probability_sum": None if probabilities is None else round(float(probabilities.sum()), 4)}
 

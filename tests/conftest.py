@@ -99,3 +99,17 @@ def short_run_args(dataset_dir, model_dir, output_dir, *extra):
             "--no-use-lora", "--learning-rate", "2e-3", "--batch-size", "4", "--grad-accum", "1",
             "--warmup-steps", "0", "--max-steps", "24", "--save-steps", "8", "--logging-steps", "1",
             "--max-new-tokens", "40", "--eval-batch-size", "8", "--seed", "3", *extra]
+
+
+@pytest.fixture(scope="module")
+def processor(demo_assets):
+    """The demo model's processor."""
+    import finetune_paligemma2 as flow
+    return flow.load_processor(demo_assets[1])
+
+
+@pytest.fixture(scope="module")
+def splits(demo_assets):
+    """The demo export's three splits, with the script's prompt."""
+    import finetune_paligemma2 as flow
+    return flow.load_splits(demo_assets[0], prompt="extract data in JSON format")

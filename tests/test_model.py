@@ -8,16 +8,6 @@ import torch
 import finetune_paligemma2 as flow
 
 
-@pytest.fixture(scope="module")
-def processor(demo_assets):
-    return flow.load_processor(demo_assets[1])
-
-
-@pytest.fixture(scope="module")
-def splits(demo_assets):
-    return flow.load_splits(demo_assets[0], prompt="extract data in JSON format")
-
-
 def load(demo_assets, use_lora=False, use_qlora=False, freeze_vision=False, dtype=torch.float32):
     return flow.load_model(demo_assets[1], use_lora, use_qlora, freeze_vision, 8,
                            flow.LORA_TARGET_MODULES, dtype)

@@ -19,16 +19,6 @@ MODES = {  # name -> (use_lora, use_qlora, freeze_vision)
 }
 
 
-@pytest.fixture(scope="module")
-def processor(demo_assets):
-    return flow.load_processor(demo_assets[1])
-
-
-@pytest.fixture(scope="module")
-def splits(demo_assets):
-    return flow.load_splits(demo_assets[0], prompt="extract data in JSON format")
-
-
 def load(demo_assets, mode: str):
     """The model as the script loads it, seeded; LoRA's B matrices made non-zero, or every A
     matrix would get a zero gradient and a lost gradient could not show."""
