@@ -145,6 +145,8 @@ def nudged(demo_assets):
     bias = torch.zeros(model.lm_head.out_features)
     favoured = tokenizer('{"route": "R12", "dock": 7, "ok": true}', add_special_tokens=False)["input_ids"]
     bias[favoured] = 4 + torch.rand(len(favoured), generator=torch.Generator().manual_seed(0))
+    # Digits tie, so the model's own logits choose how long each row's route is: rows end apart.
+    bias[tokenizer.convert_tokens_to_ids(list("0123456789"))] = bias[favoured].max()
     bias[sorted(tokenizer.added_tokens_decoder)[-8:]] = 3.0  # `<segNNN>`
     model.lm_head.register_forward_hook(lambda module, args, logits: logits + bias)
     return model
@@ -180,7 +182,7 @@ def test_recorded_probabilities_equal_the_kept_logits_way(nudged, untrained, spl
     the recorder log-softmaxes them again). Free and constrained, left-padded, rows ending apart."""
     processor = untrained[1]
     processor.tokenizer.padding_side = "left"
-    inputs = flow.collate_fn(left_padded_batch(splits, 3), processor, torch.float32, with_labels=False)
+    inputs = flow.collate_fn(left_padded_batch(splits, 8), processor, torch.float32, with_labels=False)
     assert not inputs["attention_mask"][:, 0].all()  # some prompt is padded
     prompt, eos = inputs["input_ids"].shape[1], processor.tokenizer.eos_token_id
     for constraint in (None, JsonSchemaConstraint(SHORT_SCHEMA, processor.tokenizer)):
@@ -197,8 +199,8 @@ def test_recorded_probabilities_equal_the_kept_logits_way(nudged, untrained, spl
             else:
                 assert recorded[row, :length] == pytest.approx(kept[row, :length], abs=1e-6, rel=0)
             assert (recorded[row, length:] == 1).all()  # past EOS
-        if constraint:  # rows ended at different steps: some were padded after their EOS
-            assert len(set(lengths)) > 1
+        if constraint and num_beams == 1:  # rows ended at different steps: some were padded after their EOS
+            assert len(set(lengths)) > 1  # (beam search picks the same shortest route on every row here)
 
 
 RECORDING_32_STEPS = """
