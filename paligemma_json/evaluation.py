@@ -5,6 +5,7 @@ import json
 import os
 
 from paligemma_json import FlowError
+from paligemma_json.confidence import threshold_for
 from paligemma_json.files import write_json_atomically
 from paligemma_json.metrics import compute_metrics, format_metrics_table
 from paligemma_json.html_report import write_html_report
@@ -35,10 +36,10 @@ def read_predictions(path: str) -> list[dict]:
 
 
 def evaluate_predictions(rows: list[dict], output_dir: str, schema: dict | None = None,
-                         threshold: float = 0.8) -> dict:
+                         threshold: float = 0.8, threshold_source: str = "given") -> dict:
     """`metrics.json`, `predictions.png` and `report.html` in `output_dir`, each written whole or
     not at all. Fields below the confidence `threshold` are flagged."""
-    metrics = compute_metrics(rows, schema, threshold)
+    metrics = compute_metrics(rows, schema, threshold, threshold_source)
     written = [os.path.join(output_dir, name) for name in ("metrics.json", "predictions.png", "report.html")]
     write_json_atomically(metrics, written[0])
     draw_predictions(rows, written[1], threshold=threshold)
@@ -48,9 +49,12 @@ def evaluate_predictions(rows: list[dict], output_dir: str, schema: dict | None 
     return metrics
 
 
-def evaluate_file(path: str, threshold: float = 0.8) -> dict:
-    """Scores a predictions file again, with the run's `schema.json` beside it when there is one."""
+def evaluate_file(path: str, threshold: float = 0.0) -> dict:
+    """Scores a predictions file again, with the run's `schema.json` beside it when there is one.
+    `threshold` 0: the one saved beside it (`confidence.json`, else the run's `final/confidence.json`)."""
     output_dir = os.path.dirname(os.path.abspath(path))
     schema_path = os.path.join(output_dir, "schema.json")
     schema = load_schema(schema_path) if os.path.isfile(schema_path) else None
-    return evaluate_predictions(read_predictions(path), output_dir, schema, threshold)
+    rows = read_predictions(path)
+    chosen = threshold_for(threshold, [output_dir, os.path.join(output_dir, "final")])
+    return evaluate_predictions(rows, output_dir, schema, chosen["threshold"], chosen["source"])

@@ -172,12 +172,14 @@ def _ratio(part: float, whole: float, if_empty: float) -> float:
     return part / whole if whole else if_empty
 
 
-def compute_metrics(rows: list[dict], schema: dict | None = None, threshold: float = 0.8) -> dict:
+def compute_metrics(rows: list[dict], schema: dict | None = None, threshold: float = 0.8,
+                    threshold_source: str = "given") -> dict:
     """Flat figures over prediction rows (each with `prediction` and `suffix`), plus `per_field`.
     Rows whose `suffix` is not JSON (captions, answers) only count in `char_similarity`. With the
     labels' `schema`, also the share of predictions that validate against it. Rows decoded under the
     constraint carry `free_prediction` too: its figures are added as `free_...`. Rows with
-    `confidence` add how well a confidence below `threshold` points at the wrong fields."""
+    `confidence` add how well confidence ranks and calibrates the fields, and what a confidence below
+    `threshold` (chosen as `threshold_source` says: paligemma_json/confidence.py) flags."""
     metrics = {"decoding": "constrained" if any("free_prediction" in row for row in rows) else "free",
                **_figures(rows, schema)}
     if metrics["decoding"] == "constrained":
@@ -187,7 +189,7 @@ def compute_metrics(rows: list[dict], schema: dict | None = None, threshold: flo
         metrics.update({f"free_{name}": value for name, value in _figures(free_rows, schema).items()
                         if name not in ("rows", "rows_without_json_target", "per_field")})
     if any("confidence" in row for row in rows):
-        metrics.update(confidence_figures(rows, threshold))
+        metrics.update(confidence_figures(rows, threshold, threshold_source))
     metrics["per_field"] = metrics.pop("per_field")  # the one nested object, last
     return metrics
 
@@ -232,14 +234,53 @@ def confidence_lookup(row: dict) -> dict[tuple[str, str], float]:
     return lookup
 
 
-def confidence_figures(rows: list[dict], threshold: float) -> dict:
-    """Whether confidence means something: field accuracy at or above `threshold` against below it,
-    and the share of wrong fields that a confidence below it flags. None where nothing falls there."""
-    marked = [pair for row in rows for pair in field_correctness(row)]
+def marked_fields(rows: list[dict]) -> list[tuple[float, bool]]:
+    """(confidence, right) for every scored predicted field of `rows`."""
+    return [pair for row in rows for pair in field_correctness(row)]
+
+
+def confidence_auroc(marked: list[tuple[float, bool]]) -> float | None:
+    """The chance that a right field has a higher confidence than a wrong one, a tie counting half
+    (the Mann-Whitney U over both counts); None without both right and wrong fields."""
+    right = sum(is_right for _, is_right in marked)
+    wrong = len(marked) - right
+    if not right or not wrong:
+        return None
+    ordered, rank_sum, start = sorted(marked), 0.0, 0
+    while start < len(ordered):  # tied confidences share the mean of their ranks (1-based)
+        end = start
+        while end < len(ordered) and ordered[end][0] == ordered[start][0]:
+            end += 1
+        rank_sum += (start + end + 1) / 2 * sum(is_right for _, is_right in ordered[start:end])
+        start = end
+    return (rank_sum - right * (right + 1) / 2) / (right * wrong)
+
+
+def confidence_ece(marked: list[tuple[float, bool]], bins: int = 10) -> float | None:
+    """Expected calibration error: over `bins` equal-width confidence bins (the last one holds 1.0),
+    |accuracy - mean confidence| weighted by the bin's share of the fields; None without fields."""
+    if not marked:
+        return None
+    binned = {}
+    for confidence, right in marked:
+        binned.setdefault(min(int(confidence * bins), bins - 1), []).append((confidence, right))
+    return sum(abs(sum(right for _, right in members) - sum(confidence for confidence, _ in members))
+               for members in binned.values()) / len(marked)
+
+
+def confidence_figures(rows: list[dict], threshold: float, threshold_source: str = "given") -> dict:
+    """Whether confidence means something: how well it ranks right fields above wrong ones
+    (`confidence_auroc`) and matches their accuracy (`confidence_ece`); field accuracy at or above
+    `threshold` against below it, the share of all fields a confidence below it sends for a check
+    and the share of wrong fields it flags. None where nothing falls there."""
+    marked = marked_fields(rows)
     sure = [right for confidence, right in marked if confidence >= threshold]
     unsure = [right for confidence, right in marked if confidence < threshold]
     wrong = [confidence < threshold for confidence, right in marked if not right]
-    return {"confidence_threshold": threshold,
+    return {"confidence_auroc": confidence_auroc(marked),
+            "confidence_ece": confidence_ece(marked),
+            "confidence_threshold": threshold,
+            "confidence_threshold_source": threshold_source,
             "confident_field_accuracy": sum(sure) / len(sure) if sure else None,
             "unsure_field_accuracy": sum(unsure) / len(unsure) if unsure else None,
             "unsure_field_share": len(unsure) / len(marked) if marked else None,
@@ -301,10 +342,12 @@ def _figures(rows: list[dict], schema: dict | None) -> dict:
 
 def format_metrics_table(metrics: dict, worst_fields: int = 15) -> str:
     """The overall figures, then the fields the model gets wrong most often."""
-    lines = [f"{'metric':<26}{'value':>10}"]
+    width = max([26] + [len(name) + 2 for name in metrics])
+    lines = [f"{'metric':<{width}}{'value':>10}"]
     for name, value in metrics.items():
         if name != "per_field":
-            lines.append(f"{name:<26}{value:>10.3f}" if isinstance(value, float) else f"{name:<26}{str(value):>10}")
+            shown = f"{value:>10.3f}" if isinstance(value, float) else f"{str(value):>10}"
+            lines.append(f"{name:<{width}}{shown}")
     fields = list(metrics.get("per_field", {}).items())
     if fields:
         width = max(26, max(len(name) for name, _ in fields[:worst_fields]) + 2)

@@ -1,0 +1,182 @@
+"""The confidence threshold: a field whose confidence is below it is sent for a check by hand.
+
+`CONFIDENCE_THRESHOLD = 0` asks for it to be picked on the validation split, decoded once after
+training exactly as the test set is. There a temperature is fitted first (temperature scaling of
+the logit of each field's raw confidence: benchmarks/calibration.py measured it to lower the test
+set's calibration error on three demo seeds, and as a monotone map it changes no ranking and no
+flag), then the threshold is the smallest whose flags catch `FLAG_WRONG_SHARE` of the wrong
+validation fields, on the calibrated confidences. Both are saved as `final/confidence.json`, beside
+the model; the test set and `--predict` calibrate with that temperature. `--evaluate FILE` reads
+`confidence.json` beside FILE, else `final/confidence.json` there (a run's directory). Any other
+setting is used as given, on the confidences as the run wrote them.
+"""
+
+import json
+import math
+import os
+
+from paligemma_json import FlowError
+from paligemma_json.files import write_json_atomically
+from paligemma_json.metrics import marked_fields
+
+FALLBACK_THRESHOLD = 0.8  # the fixed threshold used before, when none can be picked or found
+MINIMUM_WRONG_FIELDS = 5  # fewer wrong validation fields than this say nothing about a share of them
+RECORD_NAME = "confidence.json"
+VALIDATION_PREDICTIONS = "validation_predictions.jsonl"  # in OUTPUT_DIR, beside predictions.jsonl
+CLIP = 1e-5  # confidences are clipped to [CLIP, 1 - CLIP] before their logit is taken
+
+
+def check_confidence_settings(threshold: float, flag_wrong_share: float) -> None:
+    """Refused before training, not after it."""
+    if threshold < 0:
+        raise FlowError(f"CONFIDENCE_THRESHOLD={threshold}: pass 0 to pick it on the validation split, "
+                        "or a confidence between 0 and 1")
+    if not 0 < flag_wrong_share <= 1:
+        raise FlowError(f"FLAG_WRONG_SHARE={flag_wrong_share}: pass the share of wrong fields the flags "
+                        "should catch, above 0 and at most 1 (0.9: nine in ten)")
+
+
+def pick_threshold(marked: list[tuple[float, bool]], flag_wrong_share: float) -> dict:
+    """The smallest threshold whose flags (confidence below it) catch at least `flag_wrong_share`
+    of the wrong fields among `marked` (confidence, right), and what it does there. With fewer
+    than MINIMUM_WRONG_FIELDS wrong fields, the fallback."""
+    wrong = sorted(confidence for confidence, right in marked if not right)
+    record = {"flag_wrong_share": flag_wrong_share, "validation_fields": len(marked),
+              "validation_wrong_fields": len(wrong)}
+    if len(wrong) < MINIMUM_WRONG_FIELDS:
+        return {"threshold": FALLBACK_THRESHOLD, "source": "fallback", **record}
+    to_catch = math.ceil(flag_wrong_share * len(wrong) - 1e-9)  # 0.28 × 25 is 7.000000000000001 in floats: 7
+    # Flags are strict (below), so the threshold is the next float above the last wrong field caught.
+    threshold = math.nextafter(wrong[to_catch - 1], math.inf)
+    return {"threshold": threshold, "source": "validation", **record,
+            "validation_wrong_fields_flagged": sum(confidence < threshold for confidence in wrong) / len(wrong),
+            "validation_fields_flagged": sum(confidence < threshold for confidence, _ in marked) / len(marked)}
+
+
+def _logit(confidence: float) -> float:
+    # Confidences are recorded to 4 decimals: clipping at 1e-5 keeps 0.9999 below 1.0 and 0.0001
+    # above 0.0, so no two recorded values merge and the ranking survives.
+    confidence = min(max(confidence, CLIP), 1 - CLIP)
+    return math.log(confidence / (1 - confidence))
+
+
+def _log_loss(scale: float, scores: list[tuple[float, bool]]) -> float:
+    """-log likelihood of the labels under sigmoid(scale × logit), written to never overflow."""
+    return sum(max(-x, 0.0) + math.log1p(math.exp(-abs(x))) for x in
+               (scale * z if right else -scale * z for z, right in scores))
+
+
+def fit_temperature(marked: list[tuple[float, bool]]) -> float | None:
+    """The temperature T for which sigmoid(logit(confidence) / T) best predicts which fields are
+    right (least log loss; Newton's method on 1/T, halving a step that does not help). None with
+    fewer than MINIMUM_WRONG_FIELDS right or wrong fields, or where confidence ranks the wrong
+    fields higher (T would be negative and turn the ranking round)."""
+    right = sum(is_right for _, is_right in marked)
+    if min(right, len(marked) - right) < MINIMUM_WRONG_FIELDS:
+        return None
+    scores = [(_logit(confidence), is_right) for confidence, is_right in marked]
+    scale = 1.0
+    for _ in range(100):
+        probabilities = [(1 / (1 + math.exp(-scale * z)), z, is_right) for z, is_right in scores]
+        gradient = sum((p - is_right) * z for p, z, is_right in probabilities)
+        curvature = sum(p * (1 - p) * z * z for p, z, _ in probabilities)
+        if curvature <= 0:
+            break
+        step = gradient / curvature
+        while abs(step) > 1e-12 and _log_loss(scale - step, scores) > _log_loss(scale, scores):
+            step /= 2
+        scale -= step
+        if abs(step) < 1e-9:
+            break
+    return 1 / scale if scale > 0 else None
+
+
+def calibrate(confidence: float, temperature: float | None) -> float:
+    """sigmoid(logit(confidence) / temperature), unrounded: a temperature below 1 squeezes values
+    together near 0 and 1, and any rounding would tie fields that were ranked (down to T ≈ 0.3,
+    where 1 - 1e-5 comes within a float's step of 1.0)."""
+    if temperature is None:
+        return confidence
+    return 1 / (1 + math.exp(-_logit(confidence) / temperature))
+
+
+def calibrate_fields(fields: list[dict] | None, temperature: float | None) -> None:
+    """A row's `confidence` entries, calibrated in place; each keeps its `raw_confidence`."""
+    if temperature is None:
+        return
+    for field in fields or []:
+        field["raw_confidence"] = field["confidence"]
+        field["confidence"] = calibrate(field["confidence"], temperature)
+
+
+def read_threshold(folder: str) -> dict | None:
+    path = os.path.join(folder, RECORD_NAME)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as file:
+            record = json.load(file)
+    except ValueError:
+        record = None
+    if not (isinstance(record, dict) and isinstance(record.get("threshold"), (int, float))
+            and isinstance(record.get("source"), str)
+            and isinstance(record.get("temperature"), (int, float, type(None)))):
+        raise FlowError(f"{path}: not a saved confidence threshold; delete it, or pass --confidence-threshold")
+    return record
+
+
+def threshold_for(setting: float, folders: list[str]) -> dict:
+    """The threshold to use: `setting` unless it is 0, else the first one saved in `folders`, else
+    the fallback. Says where it came from."""
+    if setting:
+        return {"threshold": setting, "source": "given"}
+    for folder in folders:
+        record = read_threshold(folder)
+        if record is not None:
+            print(f"confidence threshold: {record['threshold']} ({record['source']}), from "
+                  f"{os.path.join(folder, RECORD_NAME)}")
+            return record
+    print(f"confidence threshold: {FALLBACK_THRESHOLD}, the fallback: no {RECORD_NAME} in "
+          f"{' or '.join(folders)}; pass --confidence-threshold to choose one")
+    return {"threshold": FALLBACK_THRESHOLD, "source": "fallback"}
+
+
+def training_threshold(setting: float, flag_wrong_share: float, final_dir: str, decode_validation) -> dict:
+    """After training: the threshold (and `temperature`) already saved in `final_dir` (a resumed
+    run), else `setting` as given, else both fitted on the rows `decode_validation(path)` writes to
+    `path` and returns, with raw confidences. What is newly given or fitted is saved in `final_dir`."""
+    saved = read_threshold(final_dir)
+    if saved is not None and not setting:
+        print(f"confidence threshold: {saved['threshold']} ({saved['source']}), saved in {final_dir}; reused")
+        return {"temperature": None, **saved}
+    if setting:  # the temperature a resumed run's rows were calibrated with, so its new rows match
+        record = {"threshold": setting, "source": "given", "temperature": (saved or {}).get("temperature")}
+    else:
+        marked = marked_fields(decode_validation(os.path.join(os.path.dirname(final_dir), VALIDATION_PREDICTIONS)))
+        temperature = fit_temperature(marked)
+        record = {**pick_threshold([(calibrate(c, temperature), right) for c, right in marked], flag_wrong_share),
+                  "temperature": temperature}
+        print(describe_pick(record))
+    if saved is None:
+        write_json_atomically(record, os.path.join(final_dir, RECORD_NAME))
+    return record
+
+
+def prediction_confidence(setting: float, final_dir: str) -> tuple[float, float | None]:
+    """--predict: (threshold, temperature): the threshold given or saved with the model, and the
+    temperature saved with it, so new documents are calibrated as the run's test set was."""
+    saved = read_threshold(final_dir)
+    return threshold_for(setting, [final_dir])["threshold"], (saved or {}).get("temperature")
+
+
+def describe_pick(record: dict) -> str:
+    if record["source"] == "fallback":
+        return (f"confidence threshold: {record['threshold']}, the fallback: only {record['validation_wrong_fields']} "
+                f"wrong fields on the validation split, fewer than {MINIMUM_WRONG_FIELDS} to pick one by")
+    calibration = (f"calibrated with temperature {record['temperature']:.3f}, " if record.get("temperature")
+                   else f"uncalibrated (no temperature: fewer than {MINIMUM_WRONG_FIELDS} right or wrong fields, "
+                        "or confidence ranks the wrong ones higher), ")
+    return (f"confidence threshold: {record['threshold']}, {calibration}picked on the validation split: it flags "
+            f"{record['validation_wrong_fields_flagged']:.0%} of its {record['validation_wrong_fields']} wrong "
+            f"fields (FLAG_WRONG_SHARE={record['flag_wrong_share']}) and {record['validation_fields_flagged']:.0%} "
+            f"of all its {record['validation_fields']} fields")
