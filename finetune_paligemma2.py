@@ -18,7 +18,7 @@
 
 # %% [markdown]
 # ## 0. In Colab: fetch this repository and its requirements
-# Nothing happens here outside Colab.
+# Nothing happens here outside Colab, nor in the one-file notebook, whose first cell wrote `paligemma_json/`.
 
 # %%
 import os
@@ -27,7 +27,7 @@ import sys
 
 REPO_URL = "https://github.com/YOUR-NAME/paligemma2-json.git"  # your fork or copy of this repository
 
-if __name__ == "__main__" and "google.colab" in sys.modules and not os.path.exists("finetune_paligemma2.py"):
+if __name__ == "__main__" and "google.colab" in sys.modules and not os.path.exists("paligemma_json"):
     subprocess.run(["git", "clone", "--depth", "1", REPO_URL, "paligemma2-json"], check=True)
     os.chdir("paligemma2-json")
     sys.path.insert(0, os.getcwd())
@@ -47,8 +47,11 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from paligemma_json import FlowError  # a problem the user can fix: one line, never a traceback
-from paligemma_json.files import completed_rows, newest_checkpoint, prepare_output_dir
+from paligemma_json.confidence import (calibrate_fields, check_confidence_settings, prediction_confidence,
+                                       training_threshold)
+from paligemma_json.files import adapter_base, completed_rows, newest_checkpoint, prepare_output_dir
 from paligemma_json.settings import in_notebook, parse_overrides
+from paligemma_json.tracking import check_tracking_settings, mask_secrets  # trackers' keys are never printed
 
 # Data
 ROBOFLOW_WORKSPACE = "roboflow-jvuqo"  # the tutorial's pallet-manifest dataset on Roboflow Universe
@@ -70,7 +73,7 @@ LORA_TARGET_MODULES = ["q_proj", "o_proj", "k_proj", "v_proj", "gate_proj", "up_
 
 # Training: the measured pallet-manifest run (effective batch 8, 20 epochs ≈ 360 steps on 150
 # images, lr 2e-5). The tutorial's 3 epochs at an effective batch of 48 give only ~9 steps here.
-EPOCHS = 20  # passes over the training split
+EPOCHS = 20.0  # passes over the training split; a fraction (2.5) stops part-way through the last
 MAX_STEPS = -1  # > 0 stops after this many optimizer steps (short runs, smoke tests)
 BATCH_SIZE = 2  # images per device per step
 GRAD_ACCUM = 4  # batches per optimizer step: BATCH_SIZE × GRAD_ACCUM = effective batch 8
@@ -80,9 +83,11 @@ LR_SCHEDULER = "linear"  # any transformers scheduler name
 WARMUP_STEPS = 2  # the tutorial's
 WEIGHT_DECAY = 1e-6  # the tutorial's
 SAVE_STEPS = 0  # 0: evaluate and checkpoint every epoch; N: every N steps
+EARLY_STOPPING_PATIENCE = 0  # > 0: stop after this many evaluations without a better validation field F1
 LOGGING_STEPS = 5  # frequent enough to see a loss curve on a 150-image run
 SEED = 42  # fixed before the adapters are created, so runs repeat
 OUTPUT_DIR = "paligemma2_json_extraction"  # checkpoints, final model, predictions, metrics, TensorBoard
+REPORT_TO = ["tensorboard"]  # experiment trackers: wandb, mlflow, trackio..., several, or none; keys: environment only
 OVERWRITE = False  # replace a finished run in OUTPUT_DIR instead of refusing
 RESUME = False  # continue a cut-off run in OUTPUT_DIR: from its newest checkpoint, then missing predictions
 
@@ -91,10 +96,11 @@ MAX_NEW_TOKENS = 0  # 0: the longest train/valid label in tokens + 25% (printed)
 NUM_BEAMS = 1  # greedy; beams multiply the KV cache over hundreds of image tokens
 EVAL_BATCH_SIZE = 8  # test images generated together
 CONSTRAINED = True  # hold test and --predict generation to the labels' schema (llguidance); the test set is also decoded free once, for comparison
-CONFIDENCE_THRESHOLD = 0.8  # a field whose least likely token is below this is flagged for a second look
+CONFIDENCE_THRESHOLD = 0.0  # a field whose confidence is below this is flagged for a check; 0: picked on validation
+FLAG_WRONG_SHARE = 0.9  # the picked threshold's flags catch this share of the wrong validation fields
 
 DEMO = False  # offline: synthetic manifests and a tiny random PaliGemma 2, then the same flow
-PUSH_TO_HUB = ""  # a Hub repo id: upload final/ there after training (reads HF_TOKEN; tested on a stand-in Hub only)
+PUSH_TO_HUB = ""  # a Hub repo id: upload final/ with its model card there, after scoring (reads HF_TOKEN; tested on a stand-in Hub only)
 
 # Modes that use a finished run instead of training one; each writes beside it
 EVALUATE = ""  # a predictions.jsonl to score again, with no model: metrics.json and pictures beside it
@@ -108,7 +114,7 @@ SPLITS = ("train", "valid", "test")
 
 def report_flow_errors(kind, error, traceback):
     if issubclass(kind, FlowError):
-        print("error: " + " ".join(str(error).split()), file=sys.stderr)  # one line, whatever it quotes
+        print("error: " + mask_secrets(" ".join(str(error).split())), file=sys.stderr)  # one line, whatever it quotes
         sys.exit(2)
     sys.__excepthook__(kind, error, traceback)
 
@@ -135,6 +141,9 @@ if __name__ == "__main__":
     IS_MAIN_PROCESS = int(os.environ.get("RANK", "0")) == 0
     if RESUME and OVERWRITE:
         raise FlowError("--resume continues the run in OUTPUT_DIR and --overwrite replaces it: pass one")
+    check_confidence_settings(CONFIDENCE_THRESHOLD, FLAG_WRONG_SHARE)
+    if FLOW:  # a tracker that is not installed stops the run now, not after the model has loaded
+        check_tracking_settings(globals())
     if DEMO and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise FlowError("--demo builds its data in one process: run it once without a launcher, then launch "
                         "with --dataset-dir OUTPUT_DIR/demo-dataset --model-id OUTPUT_DIR/demo-model")
@@ -147,7 +156,7 @@ if __name__ == "__main__":
         print("resume: " + ("training finished; predicting what is missing" if TRAINING_DONE else
                             f"training from {RESUME_CHECKPOINT}" if RESUME_CHECKPOINT else
                             "no checkpoint yet; training from the start"))
-    print("settings: " + ", ".join(f"{name}={globals()[name]}" for name in DEFAULTS))
+    print(mask_secrets("settings: " + ", ".join(f"{name}={globals()[name]}" for name in DEFAULTS)))
 
 # %% [markdown]
 # ## 2. Download the dataset from Roboflow (or build the offline demo's)
@@ -156,6 +165,7 @@ if __name__ == "__main__":
 # that name, and is never printed.
 
 # %%
+from paligemma_json.model_card import record_roboflow_source
 
 
 def find_roboflow_api_key() -> str | None:
@@ -187,6 +197,7 @@ def download_dataset(dataset_dir: str, workspace: str, project: str, version: in
     except Exception as error:  # roboflow's own messages can carry the key in a URL: mask it
         raise FlowError(f"Roboflow download of {workspace}/{project}/{version} failed "
                         f"({type(error).__name__}: {str(error).replace(key, '***')[:300]})") from None
+    record_roboflow_source(dataset_dir, workspace, project, version)  # the model card names it
     return dataset_dir
 
 
@@ -207,6 +218,7 @@ if __name__ == "__main__" and FLOW:
 from paligemma_json.constrained import compile_schema, with_layout
 from paligemma_json.files import write_json_atomically
 from paligemma_json.metrics import parse_json
+from paligemma_json.run_record import check_run_settings  # a --resume never mixes two runs' settings
 from paligemma_json.schema import load_schema, schema_from_labels
 
 
@@ -306,6 +318,7 @@ if __name__ == "__main__" and FLOW:
         print(f"warning: {non_json} labels are not JSON objects or arrays; the JSON metrics leave them out")
     # What constrained decoding holds generation to and schema_valid_rate checks; saved beside the model.
     LABEL_SCHEMA = label_schema(splits, SCHEMA)
+    check_run_settings(globals(), LABEL_SCHEMA, splits)  # all but a MAX_NEW_TOKENS of 0, resolved in step 4
     if LABEL_SCHEMA is not None:
         if CONSTRAINED:
             compile_schema(LABEL_SCHEMA)  # a schema the grammar library cannot use stops the run now
@@ -334,6 +347,7 @@ from transformers import BitsAndBytesConfig, PaliGemmaForConditionalGeneration, 
 
 from paligemma_json.dataset_report import label_lengths, report_dataset, token_budget
 from paligemma_json.devices import training_dtype  # bf16 from compute capability 8.0, else fp32; never fp16
+from paligemma_json.distributed import loading_device_map, prepare_fsdp_loading
 from paligemma_json.hub import cache_only_for, hub_load, push_to_hub
 from paligemma_json.memory import check_fit  # on a GPU: will this setting fit? (a CPU-derived estimate)
 from paligemma_json.training import enable_gradient_checkpointing
@@ -383,10 +397,11 @@ def load_model(model_id: str, use_lora: bool, use_qlora: bool, freeze_vision: bo
     own resume loads none of them for PaliGemma in transformers 5.24. Adapters the Trainer restores."""
     # A full fine-tune keeps fp32 weights (bf16 runs as autocast): AdamW steps of ~1e-5 are below
     # bf16's rounding step for most weights, so bf16 weights would barely move. Adapters are fp32 anyway.
+    prepare_fsdp_loading(use_qlora)  # under FSDP: loaded onto the CPU, then sharded (paligemma_json/distributed.py)
     model = hub_load(PaliGemmaForConditionalGeneration.from_pretrained,
                      checkpoint if checkpoint and not use_lora else model_id,
                      dtype=dtype if use_lora or use_qlora else torch.float32, use_safetensors=True,
-                     device_map=model_device_map(), local_files_only=cache_only,
+                     device_map=loading_device_map(model_device_map()), local_files_only=cache_only,
                      quantization_config=quantization_config(dtype) if use_qlora else None)
     if freeze_vision:
         freeze_vision_tower(model)
@@ -395,15 +410,6 @@ def load_model(model_id: str, use_lora: bool, use_qlora: bool, freeze_vision: bo
                                  task_type="CAUSAL_LM")
         model = get_peft_model(model, lora_config)
     return model
-
-
-def adapter_base(final_dir: str) -> str | None:
-    """The base model a LoRA adapter was trained on, or None for full weights."""
-    config_path = os.path.join(final_dir, "adapter_config.json")
-    if not os.path.isfile(config_path):
-        return None
-    with open(config_path, encoding="utf-8") as config:
-        return json.load(config)["base_model_name_or_path"]
 
 
 def load_trained_model(final_dir: str, use_qlora: bool, dtype: torch.dtype, cache_only: bool = False):
@@ -432,6 +438,7 @@ if __name__ == "__main__" and FLOW:
     if MAX_NEW_TOKENS <= 0:
         MAX_NEW_TOKENS = token_budget([splits["train"], splits["valid"]], processor.tokenizer)
         print(f"MAX_NEW_TOKENS={MAX_NEW_TOKENS}: the longest train/valid label in tokens, + 25%")
+    check_run_settings(globals(), LABEL_SCHEMA, splits, resolved=True)  # then OUTPUT_DIR/run_settings.json
     if DATASET_REPORT and IS_MAIN_PROCESS:  # it needs the tokenizer, so it runs here, before the model loads
         report_dataset(splits, processor.tokenizer, MAX_NEW_TOKENS, OUTPUT_DIR, STRICT)
     if TRAINING_DONE:
@@ -461,6 +468,7 @@ if __name__ == "__main__" and FLOW:
 from tqdm.auto import tqdm
 
 from paligemma_json.constrained import ChosenTokenProbabilities, JsonSchemaConstraint, field_confidences
+from paligemma_json.distributed import synced_generation
 from paligemma_json.training import label_only_inputs
 
 
@@ -503,7 +511,8 @@ def generate_batch(model, processor, batch, dtype: torch.dtype, max_new_tokens: 
     processors += [constraint.logits_processor()] if constraint else []
     with torch.inference_mode():
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=num_beams,
-                                logits_processor=processors, return_dict_in_generate=True)
+                                logits_processor=processors, return_dict_in_generate=True,
+                                synced_gpus=synced_generation(model))  # FSDP: every process steps together
     probabilities = recorder.probabilities(output.sequences).tolist() if with_confidence else None
     rows = []
     for index, answer in enumerate(output.sequences[:, prompt_length:].tolist()):
@@ -518,15 +527,18 @@ def generate_batch(model, processor, batch, dtype: torch.dtype, max_new_tokens: 
 
 def predict_rows(model, processor, dataset: JSONLDataset, dtype: torch.dtype, batch_size: int,
                  max_new_tokens: int, num_beams: int, start: int = 0, constraint=None, also_free: bool = False,
-                 with_confidence: bool = True):
+                 with_confidence: bool = True, temperature: float | None = None):
     """One row per dataset entry from `start` on, as soon as its batch is generated: everything
     needed to score it again later without the model. `also_free`: the same batch decoded without
-    the constraint too, as `free_prediction`, so the raw model's figures are never hidden."""
+    the constraint too, as `free_prediction`, so the raw model's figures are never hidden.
+    `temperature`: the confidences' calibration, fitted on validation (paligemma_json/confidence.py)."""
     was_training = model.training
     model.eval()
     for first in tqdm(range(start, len(dataset), batch_size), desc="generating", unit="batch", leave=False):
         batch = [dataset[i] for i in range(first, min(first + batch_size, len(dataset)))]
         outputs = generate_batch(model, processor, batch, dtype, max_new_tokens, num_beams, constraint, with_confidence)
+        for output in outputs:
+            calibrate_fields(output.get("confidence"), temperature)
         if constraint is not None and also_free:
             for output, free in zip(outputs, generate_batch(model, processor, batch, dtype, max_new_tokens, num_beams,
                                                             with_confidence=False)):
@@ -550,10 +562,13 @@ import time
 from transformers import Trainer, TrainingArguments
 
 from paligemma_json.devices import OneGPUPerProcessArguments
+from paligemma_json.distributed import is_sharded, predict_across_processes, release_training_memory, save_whole_weights
 from paligemma_json.files import replace_atomically
 from paligemma_json.metrics import compute_metrics
 from paligemma_json.pictures import draw_training_curves
 from paligemma_json.speed import SessionStart, mfu_report, training_rates
+from paligemma_json.tracking import trackers
+from paligemma_json.training import early_stopping
 
 
 class ExtractionTrainer(Trainer):
@@ -571,9 +586,10 @@ class ExtractionTrainer(Trainer):
         started = time.perf_counter()
         metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
-        # Free decoding: the raw model's learning signal, which a constraint would hide.
-        scores = compute_metrics(list(predict_rows(self.model, self.processing_class, dataset, **self.generation,
-                                                   with_confidence=False)))
+        # Free decoding: the raw model's learning signal, which a constraint would hide. Each process
+        # generates its share of the rows; every one scores them all.
+        scores = compute_metrics(predict_across_processes(functools.partial(
+            predict_rows, self.model, self.processing_class, **self.generation, with_confidence=False), dataset))
         extraction = {f"{metric_key_prefix}_{name}": scores[name] for name in ("field_f1", "json_valid_rate")}
         self.log(extraction)
         metrics.update(extraction)
@@ -623,7 +639,7 @@ def training_arguments(output_dir: str, dtype: torch.dtype, **settings) -> Train
         greater_is_better=True,
         logging_steps=settings["LOGGING_STEPS"],
         include_num_input_tokens_seen="non_padding",  # for the tokens/s the run reports
-        report_to=["tensorboard"],
+        report_to=trackers(settings["REPORT_TO"]),
         bf16=dtype == torch.bfloat16,
         remove_unused_columns=False,  # the collate needs the image, which is not a model input
         ddp_find_unused_parameters=False,  # every trained weight gets a gradient: skip DDP's search
@@ -642,6 +658,7 @@ def build_trainer(model, processor, train_dataset, valid_dataset, generation: di
         processing_class=processor,  # saved into every checkpoint, so each one loads on its own
         data_collator=functools.partial(collate_fn, processor=processor, dtype=generation["dtype"]),
         generation=generation,
+        callbacks=early_stopping(settings["EARLY_STOPPING_PATIENCE"]),  # on validation field F1
     )
 
 
@@ -667,11 +684,13 @@ def end_distributed() -> None:
         torch.distributed.destroy_process_group()
 
 
-def save_final_model(model, processor, final_dir: str, schema: dict | None = None) -> None:
+def save_final_model(model, processor, final_dir: str, schema: dict | None = None,
+                     state_dict: dict | None = None) -> None:
     """Adapters alone under LoRA, full weights otherwise; the processor either way, or the adapter
-    cannot be used later; and the labels' schema, which its outputs should fit."""
+    cannot be used later; and the labels' schema, which its outputs should fit. `state_dict`: the
+    weights to write when the model's own are sharded (FSDP)."""
     def write(path):
-        model.save_pretrained(path, safe_serialization=True)
+        model.save_pretrained(path, safe_serialization=True, state_dict=state_dict)
         processor.save_pretrained(path)
         if schema is not None:
             with open(os.path.join(path, "schema.json"), "w", encoding="utf-8") as out:
@@ -686,6 +705,11 @@ if __name__ == "__main__" and FLOW:
         trainer = build_trainer(model, processor, train_dataset, valid_dataset, generation,
                                 **{name: globals()[name] for name in DEFAULTS})
         train_result = trainer.train(resume_from_checkpoint=RESUME_CHECKPOINT)
+        if is_sharded(trainer.model):  # FSDP: every process helps put the whole weights on disk first
+            final_dir = os.path.join(OUTPUT_DIR, "final")
+            whole_weights = save_whole_weights(trainer.model, trainer.state.best_model_checkpoint, final_dir,
+                                               functools.partial(save_final_model, processor=processor,
+                                                                 final_dir=final_dir, schema=LABEL_SCHEMA))
         if not trainer.is_world_process_zero():  # the first process alone saves, predicts and scores
             end_distributed()
             sys.exit(0)
@@ -699,19 +723,24 @@ if __name__ == "__main__" and FLOW:
             label_positions = sum(label_lengths(train_dataset, processor.tokenizer)) / len(train_dataset)  # where the LM head runs
             print(mfu_report(model.config, tokens_per_second, samples_per_second, USE_LORA, FREEZE_VISION,
                              trainer.args.world_size, torch.cuda.get_device_name(), TORCH_DTYPE, label_positions))
-        model = load_best_checkpoint(trainer, trainer.model, TORCH_DTYPE)
+        if is_sharded(trainer.model):  # on with a whole copy of what was saved, as a finished run reloads final/
+            release_training_memory(trainer)
+            model = load_trained_model(whole_weights, USE_QLORA, TORCH_DTYPE, cache_only)
+        else:
+            model = load_best_checkpoint(trainer, trainer.model, TORCH_DTYPE)
         save_final_model(model, processor, os.path.join(OUTPUT_DIR, "final"), LABEL_SCHEMA)
         draw_training_curves(trainer.state.log_history, os.path.join(OUTPUT_DIR, "training_curves.png"),
                              trainer.state.best_global_step)
         print(f"saved: {os.path.join(OUTPUT_DIR, 'final')}, {os.path.join(OUTPUT_DIR, 'training_curves.png')}")
-        if PUSH_TO_HUB:
-            push_to_hub(os.path.join(OUTPUT_DIR, "final"), PUSH_TO_HUB)
     elif not IS_MAIN_PROCESS:  # a finished run resumed under a launcher: the first process alone predicts
         sys.exit(0)
 
 # %% [markdown]
 # ## 7. Predict the test set
 # Each row is appended to `OUTPUT_DIR/predictions.jsonl` and flushed as soon as it is generated.
+# First, with `CONFIDENCE_THRESHOLD = 0`, the validation split is decoded the same way, once
+# (`validation_predictions.jsonl`), to fit the confidences' temperature and pick the threshold,
+# saved in `final/confidence.json`; the test rows are calibrated with that temperature.
 
 # %%
 
@@ -737,8 +766,12 @@ def predict_to_file(model, processor, dataset: JSONLDataset, predictions_path: s
 
 if __name__ == "__main__" and FLOW:
     constraint = build_constraint(LABEL_SCHEMA, processor, model, CONSTRAINED)
+    THRESHOLD = training_threshold(CONFIDENCE_THRESHOLD, FLAG_WRONG_SHARE, os.path.join(OUTPUT_DIR, "final"),
+                                   lambda path: predict_to_file(model, processor, valid_dataset, path, RESUME,
+                                                                **generation, constraint=constraint))
     predictions = predict_to_file(model, processor, test_dataset, os.path.join(OUTPUT_DIR, "predictions.jsonl"),
-                                  RESUME, **generation, constraint=constraint, also_free=constraint is not None)
+                                  RESUME, **generation, constraint=constraint, also_free=constraint is not None,
+                                  temperature=THRESHOLD["temperature"])
     print(f"example prediction for {predictions[0]['image']}:\n{predictions[0]['prediction'][:400]}")
 
 # %% [markdown]
@@ -748,14 +781,21 @@ if __name__ == "__main__" and FLOW:
 # the free decoding as `free_...`, and whether low confidence does flag the wrong fields.
 # `OUTPUT_DIR/metrics.json` holds the numbers, `OUTPUT_DIR/predictions.png` shows test images with
 # their right, wrong and unsure fields. `--evaluate OUTPUT_DIR/predictions.jsonl` does this again,
-# with no model.
+# with no model. Then the model card, `final/README.md`, with these figures; `--push-to-hub` comes last.
 
 # %%
 from paligemma_json.evaluation import evaluate_file, evaluate_predictions
+from paligemma_json.model_card import write_merged_card, write_model_card
 
 if __name__ == "__main__" and FLOW:
-    metrics = evaluate_predictions(predictions, OUTPUT_DIR, LABEL_SCHEMA, CONFIDENCE_THRESHOLD)
+    metrics = evaluate_predictions(predictions, OUTPUT_DIR, LABEL_SCHEMA, THRESHOLD["threshold"], THRESHOLD["source"])
     end_distributed()
+    # The card holds the test figures, so it is written now, and pushed with the weights.
+    print("model card: " + write_model_card(os.path.join(OUTPUT_DIR, "final"), metrics, LABEL_SCHEMA,
+                                            predictions[0]["prefix"], {name: globals()[name] for name in DEFAULTS},
+                                            PUSH_TO_HUB))
+    if PUSH_TO_HUB:  # last: a failed upload loses nothing else (one line, exit code 2)
+        push_to_hub(os.path.join(OUTPUT_DIR, "final"), PUSH_TO_HUB)
 
 if __name__ == "__main__" and EVALUATE:
     metrics = evaluate_file(EVALUATE, CONFIDENCE_THRESHOLD)
@@ -803,6 +843,7 @@ def trained_run(output_dir: str) -> str:
 def predict_documents(output_dir: str, path: str, prompt: str, use_qlora: bool, batch_size: int,
                       max_new_tokens: int, num_beams: int, constrained: bool, threshold: float) -> list[dict]:
     final_dir, dtype = trained_run(output_dir), training_dtype()
+    threshold, temperature = prediction_confidence(threshold, final_dir)  # 0: the one saved with the model
     documents = DocumentImages(path, prompt)
     cache_only = cache_only_for(adapter_base(final_dir) or final_dir)
     processor, model = load_processor(final_dir), load_trained_model(final_dir, use_qlora, dtype, cache_only)
@@ -814,7 +855,7 @@ def predict_documents(output_dir: str, path: str, prompt: str, use_qlora: bool, 
     def write(temporary):  # appended as it goes; renamed into place once complete
         with open(temporary, "w", encoding="utf-8") as out:
             for row in predict_rows(model, processor, documents, dtype, batch_size, max_new_tokens, num_beams,
-                                    constraint=constraint):
+                                    constraint=constraint, temperature=temperature):
                 row = {key: row[key] for key in ("image", "image_path", "prefix", "prediction", "truncated", "confidence")}
                 row["parsed"] = parse_json(row["prediction"]) is not None
                 out.write(json.dumps(row) + "\n")
@@ -846,6 +887,7 @@ def merge_adapter(output_dir: str) -> str:
     def write(temporary):
         merged.save_pretrained(temporary, safe_serialization=True)
         processor.save_pretrained(temporary)
+        write_merged_card(final_dir, temporary, base_id, os.path.abspath(target))  # final/'s card, for full weights
     replace_atomically(write, target)
     print(f"merged: {final_dir} into {base_id}; {'replaced' if replaced else 'wrote'} {target}")
     return target

@@ -32,7 +32,8 @@ def earlier_run_outputs(output_dir: str) -> list[str]:
     if not os.path.isdir(output_dir):
         return []
     return [name for name in sorted(os.listdir(output_dir))
-            if name in ("final", "metrics.json", "predictions.jsonl", "runs", "demo-dataset", "demo-model")
+            if name in ("final", "metrics.json", "predictions.jsonl", "validation_predictions.jsonl", "runs",
+                        "demo-dataset", "demo-model")
             or name.startswith("checkpoint-")]
 
 
@@ -80,3 +81,12 @@ def completed_rows(predictions_path: str, entries: list[dict]) -> list[dict]:
                     break
                 rows.append(row)
     return rows
+
+
+def adapter_base(final_dir: str) -> str | None:
+    """The base model a LoRA adapter was trained on, or None for full weights."""
+    config_path = os.path.join(final_dir, "adapter_config.json")
+    if not os.path.isfile(config_path):
+        return None
+    with open(config_path, encoding="utf-8") as config:
+        return json.load(config)["base_model_name_or_path"]

@@ -5,6 +5,7 @@ the optional upload of a finished model."""
 import contextlib
 import logging
 import os
+import shlex
 
 from paligemma_json import FlowError
 
@@ -77,7 +78,8 @@ def push_to_hub(final_dir: str, repo_id: str) -> None:
         with masked_in_logs(get_token()):
             HfApi().create_repo(repo_id, private=True, exist_ok=True)
             HfApi().upload_folder(folder_path=final_dir, repo_id=repo_id, commit_message="Fine-tuned PaliGemma 2")
-    except Exception as error:
-        raise FlowError(f"pushing {final_dir} to {repo_id} failed ({type(error).__name__}); check HF_TOKEN and "
-                        "that it may write there; final/ is saved locally either way") from None
+    except Exception as error:  # the run's results are all written by now: only the upload is missing
+        raise FlowError(f"pushing {final_dir} to {repo_id} failed ({type(error).__name__}); the run's results are all "
+                        f"written. Check HF_TOKEN and that it may write to {repo_id}, then upload again: "
+                        f"{shlex.join(['hf', 'upload', repo_id, final_dir, '--private'])}") from None
     print(f"pushed: {final_dir} to huggingface.co/{repo_id}")

@@ -25,9 +25,18 @@ whenever checkpointing is turned on, is not needed once checkpointing is non-ree
 it hooks SigLIP's patch embedding too, so with a frozen vision tower the backward pass would still
 run through all of SigLIP (and recompute it) for no gradient. So it is removed again here, which is
 why the script turns checkpointing on itself instead of through `TrainingArguments`.
+
+Early stopping (EARLY_STOPPING_PATIENCE) counts the evaluations since validation field F1 last
+rose, from the Trainer's log history: the count is never a separate state to restore, so a resumed
+run counts the evaluations its checkpoint saw. A tie is not a rise, as in the Trainer's choice of
+the best checkpoint. transformers' own EarlyStoppingCallback cannot serve: it reads the metric in
+`on_evaluate`, which the Trainer calls before the flow has scored field F1.
 """
 
 import torch
+from transformers import TrainerCallback
+
+from paligemma_json.tracking import check_patience
 
 IGNORE_INDEX = -100  # the labels' mark for "not scored": image tokens, prompt, padding
 LABEL_ONLY_KEYS = ("logits_to_keep", "shift_labels")
@@ -74,3 +83,30 @@ def enable_gradient_checkpointing(model) -> None:
     backward through a frozen vision tower. A PeftModel passes both calls to its base model."""
     model.activation_checkpointing_enable(activation_checkpointing_kwargs=dict(CHECKPOINTING_KWARGS))
     model.disable_input_require_grads()
+
+
+class EarlyStopping(TrainerCallback):
+    """Stops training once validation field F1 has not risen for `patience` evaluations in a row.
+    It watches the log: the flow's field F1 is logged once scored."""
+
+    METRIC = "eval_field_f1"
+
+    def __init__(self, patience: int):
+        self.patience = patience
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.METRIC not in (logs or {}):
+            return
+        scores = [(entry[self.METRIC], entry["step"]) for entry in state.log_history if self.METRIC in entry]
+        best = max(range(len(scores)), key=lambda index: (scores[index][0], -index))  # the first of equals
+        if len(scores) - 1 - best >= self.patience:
+            control.should_training_stop = True
+            if state.is_world_process_zero:
+                print(f"early stopping: validation field F1 has not risen for {self.patience} evaluations "
+                      f"(best {scores[best][0]:.4f} at step {scores[best][1]}); stopping at step {state.global_step}")
+
+
+def early_stopping(patience: int) -> list[TrainerCallback]:
+    """The callbacks for EARLY_STOPPING_PATIENCE: none for 0."""
+    check_patience(patience)
+    return [EarlyStopping(patience)] if patience else []

@@ -8,7 +8,10 @@ import shutil
 
 import pytest
 
+from paligemma_json.demo import DEMO_OVERRIDES
 from paligemma_json.metrics import compute_metrics, parse_json
+
+DEMO_STEPS = DEMO_OVERRIDES["MAX_STEPS"]  # evaluated and saved every 100
 
 
 @pytest.fixture
@@ -37,10 +40,13 @@ def test_the_tiny_model_learnt_to_emit_valid_json(run):
     output_dir, _ = run
     metrics = json.load(open(os.path.join(output_dir, "metrics.json")))
     rows = read_jsonl(os.path.join(output_dir, "predictions.jsonl"))
-    assert metrics == compute_metrics(rows, json.load(open(os.path.join(output_dir, "schema.json"))))
+    chosen = json.load(open(os.path.join(output_dir, "final", "confidence.json")))  # tests/test_confidence.py
+    assert metrics == compute_metrics(rows, json.load(open(os.path.join(output_dir, "schema.json"))),
+                                      chosen["threshold"], chosen["source"])
     assert {"json_valid_rate", "schema_valid_rate", "duplicate_key_rate", "truncated_rate", "exact_match", "field_precision", "field_recall", "field_f1", "ted_accuracy",
             "char_similarity", "anls_star", "rows_without_json_target", "per_field"} <= set(metrics)
-    assert [k for k, v in metrics.items() if not isinstance(v, (int, float, type(None)))] == ["decoding", "per_field"]
+    assert [k for k, v in metrics.items() if not isinstance(v, (int, float, type(None)))] == [
+        "decoding", "confidence_threshold_source", "per_field"]
     assert set(metrics["per_field"]) >= {"route", "products.description", "total_cases"}
     # Constrained by default: every prediction parses and fits the schema, by construction. The raw
     # model's own learning signal is the free decoding's, kept beside it.
@@ -101,7 +107,7 @@ def test_best_checkpoint_is_chosen_by_validation_field_f1(run):
     state = json.load(open(os.path.join(checkpoints[-1], "trainer_state.json")))
     assert state["best_model_checkpoint"] in checkpoints
     evals = [(entry["step"], entry["eval_field_f1"]) for entry in state["log_history"] if "eval_field_f1" in entry]
-    assert [step for step, _ in evals] == [100, 200, 300, 400]
+    assert [step for step, _ in evals] == list(range(100, DEMO_STEPS + 1, 100))
     best = max(f1 for _, f1 in evals)
     assert state["best_metric"] == best
     assert state["best_global_step"] == min(step for step, f1 in evals if f1 == best)  # a tie keeps the earlier
@@ -114,8 +120,10 @@ def test_tensorboard_has_a_loss_curve(run):
     assert events
     accumulator = EventAccumulator(os.path.dirname(events[0]))
     accumulator.Reload()
-    assert len(accumulator.Scalars("train/loss")) >= 20 and len(accumulator.Scalars("eval/loss")) == 4
-    assert len(accumulator.Scalars("eval/field_f1")) == 4 and len(accumulator.Scalars("eval/json_valid_rate")) == 4
+    evaluations = DEMO_STEPS // 100
+    assert len(accumulator.Scalars("train/loss")) >= 20 and len(accumulator.Scalars("eval/loss")) == evaluations
+    assert len(accumulator.Scalars("eval/field_f1")) == evaluations
+    assert len(accumulator.Scalars("eval/json_valid_rate")) == evaluations
 
 
 def test_the_run_says_what_it_did(run):
@@ -123,12 +131,12 @@ def test_the_run_says_what_it_did(run):
     assert "demo: overriding USE_LORA=False" in result.stdout
     trainable, total = re.search(r"trainable ([\d,]+) of ([\d,]+) parameters", result.stdout).groups()
     assert trainable == total  # the demo fine-tunes fully
-    line = re.search(r"^training: 400 steps in (\d+) s \((\d+) s of it validation\); the steps alone: "
+    line = re.search(rf"^training: {DEMO_STEPS} steps in (\d+) s \((\d+) s of it validation\); the steps alone: "
                      r"([\d.]+) samples/s, \d+ tokens/s", result.stdout, re.M)
     runtime, validation, samples_per_second = int(line[1]), int(line[2]), float(line[3])
-    # 400 steps of 8: the rate leaves out the 4 validations (loss and generation on `valid`).
+    # Steps of 8: the rate leaves out the validations (loss and generation on `valid`).
     assert 0 < validation < runtime
-    assert samples_per_second == pytest.approx(3200 / (runtime - validation), rel=0.15)
+    assert samples_per_second == pytest.approx(DEMO_STEPS * 8 / (runtime - validation), rel=0.15)
     assert re.search(r"^json_valid_rate +[01]\.\d{3}$", result.stdout, re.M)
     assert "Traceback" not in result.stderr
 

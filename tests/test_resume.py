@@ -61,6 +61,7 @@ def test_cut_off_predictions_are_completed_not_redone(demo_run, tmp_path):
     (output_dir / "predictions.jsonl").write_bytes(b"".join(full[:10]) + full[10][:60])  # torn mid-line
     (output_dir / "metrics.json").unlink()
     before = sorted(os.listdir(output_dir))
+    validation_written = (output_dir / "validation_predictions.jsonl").stat().st_mtime_ns
 
     result = run_script("--demo", "--resume", "--output-dir", str(output_dir))
     assert result.returncode == 0, result.stderr[-2000:]
@@ -71,3 +72,7 @@ def test_cut_off_predictions_are_completed_not_redone(demo_run, tmp_path):
     predictions = [json.loads(line)["prediction"] for line in redone]
     assert predictions == [json.loads(line)["prediction"] for line in full]  # greedy: the same texts again
     assert sorted(os.listdir(output_dir)) == sorted(before + ["metrics.json"])  # no training, nothing new
+    # The threshold saved in final/ is reused: validation is not decoded again.
+    assert "saved in " + str(output_dir / "final") + "; reused" in result.stdout
+    assert (output_dir / "validation_predictions.jsonl").stat().st_mtime_ns == validation_written
+    assert json.load(open(output_dir / "metrics.json"))["confidence_threshold_source"] == "validation"
