@@ -11,12 +11,11 @@ the model; the test set and `--predict` calibrate with that temperature. `--eval
 setting is used as given, on the confidences as the run wrote them.
 """
 
-import json
 import math
 import os
 
 from paligemma_json import FlowError
-from paligemma_json.files import write_json_atomically
+from paligemma_json.files import read_saved_json, write_json_atomically
 from paligemma_json.metrics import marked_fields
 
 FALLBACK_THRESHOLD = 0.8  # the fixed threshold used before, when none can be picked or found
@@ -111,13 +110,12 @@ def calibrate_fields(fields: list[dict] | None, temperature: float | None) -> No
 
 def read_threshold(folder: str) -> dict | None:
     path = os.path.join(folder, RECORD_NAME)
-    if not os.path.isfile(path):
-        return None
     try:
-        with open(path, encoding="utf-8") as file:
-            record = json.load(file)
+        record = read_saved_json(path)
     except ValueError:
-        record = None
+        record = "not JSON"
+    if record is None:
+        return None
     if not (isinstance(record, dict) and isinstance(record.get("threshold"), (int, float))
             and isinstance(record.get("source"), str)
             and isinstance(record.get("temperature"), (int, float, type(None)))):

@@ -27,6 +27,14 @@ def write_json_atomically(data, path: str) -> None:
     replace_atomically(write, path)
 
 
+def read_saved_json(path: str):
+    """What a JSON file the flow saved holds; None when there is none; a ValueError when it is not JSON."""
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as file:
+        return json.load(file)
+
+
 def earlier_run_outputs(output_dir: str) -> list[str]:
     """What an earlier run in `output_dir` wrote; the user's own files there are not listed."""
     if not os.path.isdir(output_dir):

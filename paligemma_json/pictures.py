@@ -106,7 +106,7 @@ def draw_predictions(rows: list[dict], path: str, max_cards: int = 8, columns: i
     draw = ImageDraw.Draw(sheet)
     x = 10
     for text, colour in [("✓ right", RIGHT), ("✗ wrong: predicted → true", WRONG), ("– missing", MISSING),
-                         ("+ extra", EXTRA), (f"? confidence < {threshold}", (60, 60, 60)),
+                         ("+ extra", EXTRA), (f"? confidence < {threshold:.3g}", (60, 60, 60)),
                          (f"first {len(cards)} of {len(rows)} test rows", (60, 60, 60))]:
         if text.startswith("?"):
             draw.rectangle((x - 2, 6, x + draw.textlength(text, font=bold) + 2, 22), fill=UNSURE)

@@ -8,7 +8,7 @@ import os
 
 from paligemma_json import FlowError
 from paligemma_json.confidence import RECORD_NAME as CONFIDENCE_RECORD, VALIDATION_PREDICTIONS
-from paligemma_json.files import write_json_atomically
+from paligemma_json.files import read_saved_json, write_json_atomically
 
 RECORD_NAME = "run_settings.json"
 
@@ -79,12 +79,9 @@ def holds_results(output_dir: str) -> bool:
 
 def read_record(output_dir: str) -> dict | None:
     path = os.path.join(output_dir, RECORD_NAME)
-    if not os.path.isfile(path):
-        return None
     try:
-        with open(path, encoding="utf-8") as file:
-            record = json.load(file)
-        return {"training": dict(record["training"]), "prediction": dict(record["prediction"])}
+        record = read_saved_json(path)
+        return None if record is None else {"training": dict(record["training"]), "prediction": dict(record["prediction"])}
     except (ValueError, KeyError, TypeError):
         raise FlowError(f"{path} cannot be read: restore it, or delete it to resume without the check") from None
 

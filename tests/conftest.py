@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -76,10 +77,21 @@ def demo_run(demo_outcome):
     return demo_outcome["run"]
 
 
+@pytest.fixture
+def run(demo_run):
+    """The shared `--demo` run, asserted to have finished: (output_dir, result)."""
+    output_dir, result = demo_run
+    assert result.returncode == 0, result.stderr[-3000:]
+    return output_dir, result
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in open(path)]
+
+
 @pytest.fixture(scope="session")
 def small_export(demo_assets, tmp_path_factory):
     """A few rows of the demo export per split, for the tests that train a handful of steps."""
-    import json
     import shutil
     target = tmp_path_factory.mktemp("small") / "export"
     for split, count in {"train": 32, "valid": 8, "test": 8}.items():

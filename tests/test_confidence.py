@@ -16,6 +16,7 @@ from paligemma_json.confidence import (calibrate, calibrate_fields, check_confid
                                        training_threshold)
 from paligemma_json.evaluation import evaluate_file
 from paligemma_json.metrics import compute_metrics, confidence_auroc, confidence_ece, marked_fields
+from conftest import read_jsonl
 
 # (confidence, right): right fields at 0.9, 0.8, 0.6; wrong ones at 0.8 and 0.3.
 MARKED = [(0.9, True), (0.8, False), (0.8, True), (0.3, False), (0.6, True)]
@@ -230,17 +231,6 @@ def test_the_threshold_is_picked_on_the_calibrated_validation_fields(tmp_path):
 
 
 # --- The whole flow: the shared --demo run (tests/conftest.py) -----------------------------------
-
-@pytest.fixture
-def run(demo_run):
-    output_dir, result = demo_run
-    assert result.returncode == 0, result.stderr[-3000:]
-    return output_dir, result
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in open(path)]
-
 
 def test_the_demo_picks_its_threshold_on_validation_and_reports_it_on_test(run):
     output_dir, result = run

@@ -10,19 +10,9 @@ import pytest
 
 from paligemma_json.demo import DEMO_OVERRIDES
 from paligemma_json.metrics import compute_metrics, parse_json
+from conftest import read_jsonl
 
 DEMO_STEPS = DEMO_OVERRIDES["MAX_STEPS"]  # evaluated and saved every 100
-
-
-@pytest.fixture
-def run(demo_run):
-    output_dir, result = demo_run
-    assert result.returncode == 0, result.stderr[-3000:]
-    return output_dir, result
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in open(path)]
 
 
 def test_every_test_image_is_predicted_once_with_its_label(run):
