@@ -15,6 +15,8 @@ import uuid
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
+from paligemma_json.metrics import parse_json
+
 # The flow stays the same; only these constants change for the demo, and the script prints them.
 # A random tiny model barely moves under LoRA (frozen random embeddings), so the demo trains fully,
 # with the learning rate, batch and step count that were measured to teach it valid JSON and the
@@ -132,13 +134,8 @@ def image_field_accuracy(rows: list[dict], key: str = "prediction") -> tuple[flo
     """(accuracy on the paper-colour field, the share of its commonest value): a model that does not
     see the page can do no better than the second, by always guessing the commonest colour."""
     truth = [json.loads(row["suffix"])[IMAGE_ONLY_FIELD] for row in rows]
-    guesses = []
-    for row in rows:
-        try:
-            parsed = json.loads(row[key])
-        except (json.JSONDecodeError, TypeError):
-            parsed = None
-        guesses.append(parsed.get(IMAGE_ONLY_FIELD) if isinstance(parsed, dict) else None)
+    parsed = [parse_json(row[key]) for row in rows]
+    guesses = [value.get(IMAGE_ONLY_FIELD) if isinstance(value, dict) else None for value in parsed]
     majority = max(truth.count(value) for value in set(truth)) / len(truth)
     return sum(value == guess for value, guess in zip(truth, guesses)) / len(truth), majority
 

@@ -14,7 +14,8 @@ import re
 import shlex
 import shutil
 
-from paligemma_json.files import adapter_base, newest_checkpoint, replace_atomically
+from paligemma_json.files import (adapter_base, newest_checkpoint, read_saved_json, replace_atomically,
+                                  write_json_atomically)
 
 CARD_NAME = "README.md"
 ROBOFLOW_SOURCE = "roboflow-source.json"  # written beside a downloaded export: where it came from
@@ -45,8 +46,8 @@ def card_license(base_model: str | None) -> str | None:
 
 
 def record_roboflow_source(dataset_dir: str, workspace: str, project: str, version: int) -> None:
-    with open(os.path.join(dataset_dir, ROBOFLOW_SOURCE), "w", encoding="utf-8") as out:
-        json.dump({"workspace": workspace, "project": project, "version": version}, out)
+    write_json_atomically({"workspace": workspace, "project": project, "version": version},
+                          os.path.join(dataset_dir, ROBOFLOW_SOURCE))
 
 
 def dataset_source(dataset_dir: str, demo: bool) -> str:
@@ -54,10 +55,8 @@ def dataset_source(dataset_dir: str, demo: bool) -> str:
     `local:FOLDER` for an export the user brought."""
     if demo:
         return "synthetic demo"
-    record = os.path.join(dataset_dir, ROBOFLOW_SOURCE)
-    if os.path.isfile(record):
-        with open(record, encoding="utf-8") as file:
-            source = json.load(file)
+    source = read_saved_json(os.path.join(dataset_dir, ROBOFLOW_SOURCE))
+    if source is not None:
         return f"roboflow:{source['workspace']}/{source['project']}/{source['version']}"
     return "local:" + os.path.basename(os.path.normpath(dataset_dir))
 
@@ -155,10 +154,7 @@ def training_method(settings: dict) -> str:
 
 def _trainer_state(output_dir: str) -> dict:
     checkpoint = newest_checkpoint(output_dir)
-    if checkpoint is None:
-        return {}
-    with open(os.path.join(checkpoint, "trainer_state.json"), encoding="utf-8") as file:
-        return json.load(file)
+    return {} if checkpoint is None else read_saved_json(os.path.join(checkpoint, "trainer_state.json"))
 
 
 def training_lines(settings: dict, base_model: str) -> list[str]:
