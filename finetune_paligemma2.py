@@ -12,9 +12,6 @@
 #
 # Last measured (README): `--demo` on a 2-core CPU (torch 2.13.0, transformers 5.24.0), three seeds:
 # the paper's colour, the one field a 64 px page shows, right on 23-24 of 24 test pages (guessing: 7-10).
-#
-# Every constant in step 1 is also a flag (`--help` lists them). In Colab, run the cells in order;
-# edit the constants in place of flags.
 
 # %% [markdown]
 # ## 0. In Colab: fetch this repository and its requirements
@@ -35,23 +32,14 @@ if __name__ == "__main__" and "google.colab" in sys.modules and not os.path.exis
 
 # %% [markdown]
 # ## 1. Settings
-# Every constant below can be overridden: `--learning-rate 1e-4`, `--no-use-lora`, `--demo`.
+# Every constant below is also a flag (`--help` lists them): `--learning-rate 1e-4`, `--no-use-lora`,
+# `--demo`. In Colab, edit the constants here instead, then run the cells in order.
 
 # %%
-import functools
-import json
-import re
-
-import torch
-from PIL import Image
-from torch.utils.data import Dataset
-
 from paligemma_json import FlowError  # a problem the user can fix: one line, never a traceback
-from paligemma_json.confidence import (calibrate_fields, check_confidence_settings, prediction_confidence,
-                                       training_threshold)
-from paligemma_json.files import adapter_base, completed_rows, newest_checkpoint, prepare_output_dir
-from paligemma_json.settings import in_notebook, parse_overrides
-from paligemma_json.tracking import check_tracking_settings, mask_secrets  # trackers' keys are never printed
+from paligemma_json.plan import plan_run  # which mode, which process writes, what is resumed or replaced
+from paligemma_json.settings import report_flow_errors, resolve_settings
+from paligemma_json.tracking import mask_secrets  # trackers' keys are never printed
 
 # Data
 ROBOFLOW_WORKSPACE = "roboflow-jvuqo"  # the tutorial's pallet-manifest dataset on Roboflow Universe
@@ -109,54 +97,18 @@ MERGE = False  # merge final/'s LoRA adapter into its base: OUTPUT_DIR/merged, w
 
 # Every UPPER_CASE name above is a setting (REPO_URL only serves Colab's step 0).
 DEFAULTS = {name: value for name, value in dict(globals()).items() if name.isupper() and name != "REPO_URL"}
-SPLITS = ("train", "valid", "test")
-
-
-def report_flow_errors(kind, error, traceback):
-    if issubclass(kind, FlowError):
-        print("error: " + mask_secrets(" ".join(str(error).split())), file=sys.stderr)  # one line, whatever it quotes
-        sys.exit(2)
-    sys.__excepthook__(kind, error, traceback)
-
-
-def resolve_settings(argv: list[str]) -> dict:
-    """Defaults, then the demo's overrides, then the flags given: the later wins."""
-    given = {} if in_notebook() else parse_overrides(argv, DEFAULTS, __file__)
-    settings = dict(DEFAULTS)
-    if given.get("DEMO", DEMO):
-        from paligemma_json.demo import DEMO_OVERRIDES
-        print("demo: overriding " + ", ".join(f"{k}={v}" for k, v in DEMO_OVERRIDES.items() if k not in given))
-        settings.update(DEMO_OVERRIDES)
-    settings.update(given)
-    if settings["USE_QLORA"]:
-        settings["USE_LORA"] = True  # QLoRA is LoRA on a quantized base
-    return settings
 
 
 if __name__ == "__main__":
     sys.excepthook = report_flow_errors
-    globals().update(resolve_settings(sys.argv[1:]))
-    FLOW = not (EVALUATE or PREDICT or MERGE)  # steps 2-8 train and test; the modes skip to 8 or 9
-    # Under torchrun or `accelerate launch` every process runs this file; the first one alone writes.
-    IS_MAIN_PROCESS = int(os.environ.get("RANK", "0")) == 0
-    if RESUME and OVERWRITE:
-        raise FlowError("--resume continues the run in OUTPUT_DIR and --overwrite replaces it: pass one")
-    check_confidence_settings(CONFIDENCE_THRESHOLD, FLAG_WRONG_SHARE)
-    if FLOW:  # a tracker that is not installed stops the run now, not after the model has loaded
-        check_tracking_settings(globals())
-    if DEMO and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise FlowError("--demo builds its data in one process: run it once without a launcher, then launch "
-                        "with --dataset-dir OUTPUT_DIR/demo-dataset --model-id OUTPUT_DIR/demo-model")
-    if FLOW and IS_MAIN_PROCESS:
-        prepare_output_dir(OUTPUT_DIR, OVERWRITE, RESUME, DEMO)
-        os.makedirs(OUTPUT_DIR, exist_ok=True)
-    TRAINING_DONE = RESUME and os.path.isdir(os.path.join(OUTPUT_DIR, "final"))
-    RESUME_CHECKPOINT = newest_checkpoint(OUTPUT_DIR) if RESUME and not TRAINING_DONE else None
-    if RESUME:
-        print("resume: " + ("training finished; predicting what is missing" if TRAINING_DONE else
-                            f"training from {RESUME_CHECKPOINT}" if RESUME_CHECKPOINT else
-                            "no checkpoint yet; training from the start"))
-    print(mask_secrets("settings: " + ", ".join(f"{name}={globals()[name]}" for name in DEFAULTS)))
+    settings = resolve_settings(sys.argv[1:], DEFAULTS, __file__)  # defaults, the demo's, then the flags given
+    globals().update(settings)
+    run = plan_run(settings)  # which mode, which process writes, what is resumed; clashing flags stop it here
+    print(mask_secrets("settings: " + ", ".join(f"{name}={value}" for name, value in settings.items())))
+    if run.mode == "train":
+        print(f"effective batch: {run.effective_batch} (BATCH_SIZE {BATCH_SIZE} x GRAD_ACCUM {GRAD_ACCUM} x "
+              f"{run.processes} process{'es' if run.processes > 1 else ''}), what LEARNING_RATE is tuned to")
+    run.prepare_output_dir()  # refuses to mix with an earlier run, or replaces it whole (--overwrite)
 
 # %% [markdown]
 # ## 2. Download the dataset from Roboflow (or build the offline demo's)
@@ -165,18 +117,8 @@ if __name__ == "__main__":
 # that name, and is never printed.
 
 # %%
+from paligemma_json.hub import find_roboflow_api_key  # the environment, or a Colab secret
 from paligemma_json.model_card import record_roboflow_source
-
-
-def find_roboflow_api_key() -> str | None:
-    key = os.environ.get("ROBOFLOW_API_KEY")
-    if not key and "google.colab" in sys.modules:
-        try:
-            from google.colab import userdata
-            key = userdata.get("ROBOFLOW_API_KEY")
-        except Exception:  # no such secret, or access not granted
-            key = None
-    return key or None
 
 
 def download_dataset(dataset_dir: str, workspace: str, project: str, version: int) -> str:
@@ -201,13 +143,13 @@ def download_dataset(dataset_dir: str, workspace: str, project: str, version: in
     return dataset_dir
 
 
-if __name__ == "__main__" and FLOW:
+if __name__ == "__main__" and run.mode == "train":
     if DEMO:
         from paligemma_json.demo import build_demo
-        DATASET_DIR, MODEL_ID = build_demo(OUTPUT_DIR, SEED, reuse=RESUME)
+        build_demo(OUTPUT_DIR, SEED, reuse=RESUME)
         print(f"demo: dataset in {DATASET_DIR}, tiny model in {MODEL_ID}")
     else:
-        DATASET_DIR = download_dataset(DATASET_DIR, ROBOFLOW_WORKSPACE, ROBOFLOW_PROJECT, ROBOFLOW_VERSION)
+        download_dataset(DATASET_DIR, ROBOFLOW_WORKSPACE, ROBOFLOW_PROJECT, ROBOFLOW_VERSION)
 
 # %% [markdown]
 # ## 3. Load the splits as `JSONLDataset`
@@ -215,11 +157,15 @@ if __name__ == "__main__" and FLOW:
 # here, before any model is loaded, with the file and line to fix.
 
 # %%
-from paligemma_json.constrained import compile_schema, with_layout
-from paligemma_json.files import write_json_atomically
-from paligemma_json.metrics import parse_json
+from PIL import Image
+from torch.utils.data import Dataset
+
+from paligemma_json.constrained import compile_schema
+from paligemma_json.documents import read_annotations
 from paligemma_json.run_record import check_run_settings  # a --resume never mixes two runs' settings
-from paligemma_json.schema import load_schema, schema_from_labels
+from paligemma_json.schema import label_schema, save_label_schema, warn_non_json_labels
+
+SPLITS = ("train", "valid", "test")
 
 
 class JSONLDataset(Dataset):
@@ -228,39 +174,7 @@ class JSONLDataset(Dataset):
     def __init__(self, jsonl_file_path: str, image_directory_path: str, prompt: str = ""):
         self.jsonl_file_path = jsonl_file_path
         self.image_directory_path = image_directory_path
-        self.entries = self._load_entries(prompt)
-
-    def _load_entries(self, prompt: str) -> list[dict]:
-        if not os.path.isfile(self.jsonl_file_path):
-            raise FlowError(f"{self.jsonl_file_path}: missing; each split needs its annotations.jsonl")
-        entries = []
-        with open(self.jsonl_file_path, "rb") as file:  # decoded line by line, to name the bad line
-            for line_number, raw_line in enumerate(file, start=1):
-                where = f"{self.jsonl_file_path} line {line_number}"
-                try:
-                    line = raw_line.decode("utf-8")
-                except UnicodeDecodeError:
-                    raise FlowError(f"{where}: not UTF-8 text; save the file as UTF-8") from None
-                if line.strip():
-                    entry = self._check_row(line, where)
-                    entries.append({**entry, "prefix": prompt or entry["prefix"]})
-        if not entries:
-            raise FlowError(f"{self.jsonl_file_path}: no rows; the split must hold at least one labelled image")
-        return entries
-
-    def _check_row(self, line: str, where: str) -> dict:
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise FlowError(f"{where}: not valid JSON ({error.msg}); fix or remove the line") from None
-        if not isinstance(entry, dict):
-            raise FlowError(f"{where}: expected an object with image, prefix and suffix")
-        for key in ("image", "prefix", "suffix"):
-            if not isinstance(entry.get(key), str):
-                problem = "missing" if key not in entry else f"not a string ({type(entry[key]).__name__})"
-                raise FlowError(f"{where}: '{key}' is {problem}; every row needs string image, prefix and suffix")
-        check_image(os.path.join(self.image_directory_path, entry["image"]), where)
-        return entry
+        self.entries = read_annotations(jsonl_file_path, image_directory_path, prompt)
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -273,20 +187,6 @@ class JSONLDataset(Dataset):
         return image, entry
 
 
-def check_image(path: str, where: str) -> None:
-    """Decodes the whole file (JPEGs at 1/8 scale, which is fast) so truncation is caught now."""
-    if not os.path.isfile(path):
-        raise FlowError(f"{where}: image {path} is missing; restore it or remove the row")
-    if os.path.getsize(path) == 0:
-        raise FlowError(f"{where}: image {path} is empty; re-export it or remove the row")
-    try:
-        with Image.open(path) as image:
-            image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
-            image.load()
-    except Exception as error:
-        raise FlowError(f"{where}: image {path} cannot be read ({error}); re-export it or remove the row") from None
-
-
 def load_splits(dataset_dir: str, prompt: str) -> dict[str, JSONLDataset]:
     splits = {}
     for split in SPLITS:
@@ -297,47 +197,32 @@ def load_splits(dataset_dir: str, prompt: str) -> dict[str, JSONLDataset]:
     return splits
 
 
-def label_schema(splits: dict[str, JSONLDataset], schema_path: str = "") -> dict | None:
-    """The structure predictions should have: the user's schema, or one inferred from the train and
-    valid labels (None when they are not JSON), with the labels' separators for the grammar."""
-    suffixes = [entry["suffix"] for split in ("train", "valid") for entry in splits[split].entries]
-    schema = load_schema(schema_path) if schema_path else schema_from_labels(suffixes)
-    return None if schema is None else with_layout(schema, suffixes)
-
-
-def count_non_json_labels(dataset: JSONLDataset) -> int:
-    return sum(parse_json(entry["suffix"]) is None for entry in dataset.entries)
-
-
-if __name__ == "__main__" and FLOW:
+if __name__ == "__main__" and run.mode == "train":
     splits = load_splits(DATASET_DIR, PROMPT)
     train_dataset, valid_dataset, test_dataset = splits["train"], splits["valid"], splits["test"]
     print("dataset: " + ", ".join(f"{split} {len(data)} rows" for split, data in splits.items()))
-    non_json = sum(count_non_json_labels(data) for data in splits.values())
-    if non_json:
-        print(f"warning: {non_json} labels are not JSON objects or arrays; the JSON metrics leave them out")
+    warn_non_json_labels(splits)  # captions train too, but have no fields to score
     # What constrained decoding holds generation to and schema_valid_rate checks; saved beside the model.
     LABEL_SCHEMA = label_schema(splits, SCHEMA)
-    check_run_settings(globals(), LABEL_SCHEMA, splits)  # all but a MAX_NEW_TOKENS of 0, resolved in step 4
-    if LABEL_SCHEMA is not None:
-        if CONSTRAINED:
-            compile_schema(LABEL_SCHEMA)  # a schema the grammar library cannot use stops the run now
-        if IS_MAIN_PROCESS:
-            write_json_atomically(LABEL_SCHEMA, os.path.join(OUTPUT_DIR, "schema.json"))
+    check_run_settings(settings, run, LABEL_SCHEMA, splits)  # all but a MAX_NEW_TOKENS of 0, resolved in step 4
+    if LABEL_SCHEMA is not None and CONSTRAINED:
+        compile_schema(LABEL_SCHEMA)  # a schema the grammar library cannot use stops the run now
+    if run.writes:
+        save_label_schema(LABEL_SCHEMA, OUTPUT_DIR)
 
 # %% [markdown]
 # ## 4. Load PaliGemma 2 with LoRA, QLoRA or a frozen vision tower
-# bf16 where the GPU has it natively; fp32 on a T4 (Gemma 2 overflows in fp16) and on CPU. A 4-bit model is
-# placed by loading, never moved with `.to()`. Attention: no argument gives Gemma 2 `eager` (its
-# logit soft-capping has no SDPA path in transformers) and SigLIP `sdpa`. Between the processor and
-# the model, the dataset report looks at the data (`OUTPUT_DIR/dataset_report.json`): image sizes,
-# label lengths in the model's tokens against `MAX_NEW_TOKENS`, how often each field is filled, and
-# leaks between splits (the same photo by perceptual hash, or the same label). On a GPU, the
-# estimated peak memory of these settings is then printed against the card's free memory, with the
-# cheapest change that fits when they do not (README, "Will it fit on my GPU?").
+# bf16 where the GPU has it natively, else fp32 (Gemma 2 overflows in fp16). A 4-bit model is placed by
+# loading, never moved with `.to()`. No attention argument: Gemma 2 gets `eager` (its soft-capping has no
+# SDPA path), SigLIP `sdpa`. Before the model loads, the dataset report (`OUTPUT_DIR/dataset_report.json`)
+# checks image sizes, label lengths in tokens, field fill rates and leaks between splits, and on a GPU
+# the estimated peak memory is printed against the card's (docs/gpu-memory.md, "Will it fit on my GPU?").
 
 # %%
 import logging
+import re
+
+import torch
 
 # bitsandbytes fetches an optional CPU 4-bit kernel from the Hub and warns on every import without it;
 # its own kernel is used instead, and 4-bit on a CPU is for testing anyway.
@@ -345,19 +230,13 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from transformers import BitsAndBytesConfig, PaliGemmaForConditionalGeneration, PaliGemmaProcessor, set_seed
 
-from paligemma_json.dataset_report import label_lengths, report_dataset, token_budget
-from paligemma_json.devices import training_dtype  # bf16 from compute capability 8.0, else fp32; never fp16
+from paligemma_json.dataset_report import label_tokens, report_dataset, token_budget
+from paligemma_json.devices import model_device_map, training_dtype  # bf16 from compute capability 8.0, else fp32
 from paligemma_json.distributed import loading_device_map, prepare_fsdp_loading
+from paligemma_json.files import adapter_base
 from paligemma_json.hub import cache_only_for, hub_load, push_to_hub
-from paligemma_json.memory import check_fit  # on a GPU: will this setting fit? (a CPU-derived estimate)
+from paligemma_json.memory import check_fit, training_setting  # on a GPU: will it fit? (a CPU-derived estimate)
 from paligemma_json.training import enable_gradient_checkpointing
-
-
-def model_device_map() -> dict:
-    """One whole copy on this process's device: never split a model across GPUs behind DDP's back."""
-    if torch.cuda.is_available():
-        return {"": int(os.environ.get("LOCAL_RANK", 0))}
-    return {"": "cpu"}
 
 
 def quantization_config(dtype: torch.dtype) -> BitsAndBytesConfig:
@@ -393,8 +272,8 @@ def load_processor(model_id: str, cache_only: bool = False) -> PaliGemmaProcesso
 
 def load_model(model_id: str, use_lora: bool, use_qlora: bool, freeze_vision: bool, lora_rank: int,
                lora_targets: list[str], dtype: torch.dtype, cache_only: bool = False, checkpoint: str | None = None):
-    """`checkpoint`: a full fine-tune resumes from its weights, loaded here, because the Trainer's
-    own resume loads none of them for PaliGemma in transformers 5.24. Adapters the Trainer restores."""
+    """`checkpoint`: a full fine-tune resumes from its weights, loaded here (`load_best_checkpoint` says
+    why); adapters the Trainer restores."""
     # A full fine-tune keeps fp32 weights (bf16 runs as autocast): AdamW steps of ~1e-5 are below
     # bf16's rounding step for most weights, so bf16 weights would barely move. Adapters are fp32 anyway.
     prepare_fsdp_loading(use_qlora)  # under FSDP: loaded onto the CPU, then sharded (paligemma_json/distributed.py)
@@ -412,7 +291,7 @@ def load_model(model_id: str, use_lora: bool, use_qlora: bool, freeze_vision: bo
     return model
 
 
-def load_trained_model(final_dir: str, use_qlora: bool, dtype: torch.dtype, cache_only: bool = False):
+def load_trained_model(final_dir: str, dtype: torch.dtype, use_qlora: bool = False):
     """A finished run's `final/`: full weights, or its adapter on the base model it was trained on."""
     base_id = adapter_base(final_dir)
     if base_id is None:
@@ -420,7 +299,7 @@ def load_trained_model(final_dir: str, use_qlora: bool, dtype: torch.dtype, cach
                                                                  device_map=model_device_map())
     from peft import PeftModel
     base = hub_load(PaliGemmaForConditionalGeneration.from_pretrained, base_id, dtype=dtype, use_safetensors=True,
-                    device_map=model_device_map(), local_files_only=cache_only,
+                    device_map=model_device_map(), local_files_only=cache_only_for(base_id),
                     quantization_config=quantization_config(dtype) if use_qlora else None)
     return PeftModel.from_pretrained(base, final_dir)
 
@@ -430,24 +309,30 @@ def count_parameters(model) -> tuple[int, int]:
     return trainable, sum(p.numel() for p in model.parameters())
 
 
-if __name__ == "__main__" and FLOW:
+if __name__ == "__main__" and run.mode == "train":
     set_seed(SEED)  # before the adapters exist: their A matrices are random
     TORCH_DTYPE = training_dtype()
     cache_only = cache_only_for(MODEL_ID)
     processor = load_processor(MODEL_ID, cache_only)
-    if MAX_NEW_TOKENS <= 0:
-        MAX_NEW_TOKENS = token_budget([splits["train"], splits["valid"]], processor.tokenizer)
-        print(f"MAX_NEW_TOKENS={MAX_NEW_TOKENS}: the longest train/valid label in tokens, + 25%")
-    check_run_settings(globals(), LABEL_SCHEMA, splits, resolved=True)  # then OUTPUT_DIR/run_settings.json
-    if DATASET_REPORT and IS_MAIN_PROCESS:  # it needs the tokenizer, so it runs here, before the model loads
-        report_dataset(splits, processor.tokenizer, MAX_NEW_TOKENS, OUTPUT_DIR, STRICT)
-    if TRAINING_DONE:
-        model = load_trained_model(os.path.join(OUTPUT_DIR, "final"), USE_QLORA, TORCH_DTYPE, cache_only)
+    label_lengths = label_tokens(splits, processor.tokenizer)  # per split, in the model's tokens, with EOS
+    max_new_tokens = MAX_NEW_TOKENS
+    if max_new_tokens <= 0:
+        max_new_tokens = token_budget(label_lengths["train"] + label_lengths["valid"])
+        print(f"MAX_NEW_TOKENS={max_new_tokens}: the longest train/valid label in tokens, + 25%")
+    settings_as_run = {**settings, "MAX_NEW_TOKENS": max_new_tokens}
+    check_run_settings(settings_as_run, run, LABEL_SCHEMA, splits, resolved=True)  # then OUTPUT_DIR/run_settings.json
+    if DATASET_REPORT and run.writes:  # it needs the tokenizer, so it runs here, before the model loads
+        report_dataset(splits, label_lengths, max_new_tokens, OUTPUT_DIR, STRICT)
+    if run.training_done:
+        model = load_trained_model(os.path.join(OUTPUT_DIR, "final"), TORCH_DTYPE, USE_QLORA)
     else:
-        if IS_MAIN_PROCESS:  # before anything big loads; it warns and goes on
-            check_fit(MODEL_ID, globals(), TORCH_DTYPE, MAX_NEW_TOKENS, cache_only)
+        if run.writes:  # before anything big loads; it warns and goes on
+            check_fit(MODEL_ID, training_setting(
+                use_lora=USE_LORA, use_qlora=USE_QLORA, freeze_vision=FREEZE_VISION, lora_rank=LORA_RANK,
+                lora_targets=LORA_TARGET_MODULES, batch_size=BATCH_SIZE, grad_accum=GRAD_ACCUM, dtype=TORCH_DTYPE,
+                gradient_checkpointing=GRADIENT_CHECKPOINTING, label_tokens=max_new_tokens), cache_only=cache_only)
         model = load_model(MODEL_ID, USE_LORA, USE_QLORA, FREEZE_VISION, LORA_RANK, LORA_TARGET_MODULES,
-                           TORCH_DTYPE, cache_only, checkpoint=RESUME_CHECKPOINT)
+                           TORCH_DTYPE, cache_only, checkpoint=run.resume_checkpoint)
         if GRADIENT_CHECKPOINTING:  # here, not in TrainingArguments: see enable_gradient_checkpointing
             enable_gradient_checkpointing(model)
     trainable, total = count_parameters(model)
@@ -459,16 +344,9 @@ if __name__ == "__main__" and FLOW:
 # `"<image>" + prefix` is the prompt and the suffix the label: the processor masks the prompt in
 # `labels` with -100, ends each label with EOS (or generation never stops), and marks prefix and
 # suffix in `token_type_ids`, which the model needs for its prefix attention. Tensors stay on the CPU:
-# the Trainer moves them, and worker processes cannot touch CUDA. Generation uses the same prompts:
-# batched, left-padded, greedy unless `NUM_BEAMS` > 1, the prompt sliced off before decoding. With
-# `CONSTRAINED`, llguidance masks every token that would leave the labels' schema, and each field
-# gets a confidence: the lowest probability the unmasked model gave a token of its value.
+# the Trainer moves them, and worker processes cannot touch CUDA.
 
 # %%
-from tqdm.auto import tqdm
-
-from paligemma_json.constrained import ChosenTokenProbabilities, JsonSchemaConstraint, field_confidences
-from paligemma_json.distributed import synced_generation
 from paligemma_json.training import label_only_inputs
 
 
@@ -489,29 +367,46 @@ def collate_fn(batch, processor, dtype: torch.dtype, with_labels: bool = True):
     return inputs
 
 
-def build_constraint(schema: dict | None, processor, model, constrained: bool) -> JsonSchemaConstraint | None:
-    """The labels' schema as a grammar, or None (free decoding): turned off, labels that are not JSON."""
-    if not constrained or schema is None:
-        print("decoding: free" + ("" if constrained else " (--no-constrained)") + ("" if schema else ", no schema"))
-        return None
-    constraint = JsonSchemaConstraint(schema, processor.tokenizer)
-    print("decoding: constrained to the labels' schema (llguidance)")
-    return constraint
+# %% [markdown]
+# ## 6. Generate JSON from document images
+# The training prompts, batched and left-padded, greedy unless `NUM_BEAMS` > 1. With `CONSTRAINED`,
+# llguidance masks every token that would leave the labels' schema. Each field gets a confidence: the
+# lowest probability the unmasked model gave a token of its value. Used on the validation split
+# (step 7), the test set (step 8) and new documents (step 10).
+
+# %%
+from dataclasses import dataclass
+
+from tqdm.auto import tqdm
+
+from paligemma_json.confidence import calibrate_fields
+from paligemma_json.constrained import ChosenTokenProbabilities, JsonSchemaConstraint, build_constraint, field_confidences
+from paligemma_json.distributed import synced_generation
+from paligemma_json.files import append_jsonl, completed_rows
 
 
-def generate_batch(model, processor, batch, dtype: torch.dtype, max_new_tokens: int, num_beams: int,
+@dataclass(frozen=True)
+class GenerationSettings:
+    dtype: torch.dtype  # the pixel values', as in training
+    max_new_tokens: int
+    num_beams: int = 1
+    batch_size: int = 8  # images generated together
+
+
+def generate_batch(model, processor, batch, generation: GenerationSettings,
                    constraint: JsonSchemaConstraint | None = None, with_confidence: bool = True) -> list[dict]:
     """`prediction` per image; `truncated`: the budget ran out before EOS, so the text is cut off;
     `confidence`: per field of the prediction, from the raw logits."""
     processor.tokenizer.padding_side = "left"  # right padding would put pads between prompt and answer
-    inputs = collate_fn(batch, processor, dtype, with_labels=False).to(model.device)
+    inputs = collate_fn(batch, processor, generation.dtype, with_labels=False).to(model.device)
     prompt_length, eos = inputs["input_ids"].shape[-1], processor.tokenizer.eos_token_id
-    recorder = ChosenTokenProbabilities(num_beams, eos) if with_confidence else None
+    recorder = ChosenTokenProbabilities(generation.num_beams, eos) if with_confidence else None
     processors = [recorder] if recorder else []  # first: it must see the scores before the schema's mask
     processors += [constraint.logits_processor()] if constraint else []
     with torch.inference_mode():
-        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=num_beams,
-                                logits_processor=processors, return_dict_in_generate=True,
+        output = model.generate(**inputs, max_new_tokens=generation.max_new_tokens, do_sample=False,
+                                num_beams=generation.num_beams, logits_processor=processors,
+                                return_dict_in_generate=True,
                                 synced_gpus=synced_generation(model))  # FSDP: every process steps together
     probabilities = recorder.probabilities(output.sequences).tolist() if with_confidence else None
     rows = []
@@ -525,23 +420,22 @@ def generate_batch(model, processor, batch, dtype: torch.dtype, max_new_tokens: 
     return rows
 
 
-def predict_rows(model, processor, dataset: JSONLDataset, dtype: torch.dtype, batch_size: int,
-                 max_new_tokens: int, num_beams: int, start: int = 0, constraint=None, also_free: bool = False,
-                 with_confidence: bool = True, temperature: float | None = None):
+def predict_rows(model, processor, dataset: JSONLDataset, generation: GenerationSettings, start: int = 0,
+                 constraint=None, also_free: bool = False, with_confidence: bool = True,
+                 temperature: float | None = None):
     """One row per dataset entry from `start` on, as soon as its batch is generated: everything
     needed to score it again later without the model. `also_free`: the same batch decoded without
     the constraint too, as `free_prediction`, so the raw model's figures are never hidden.
     `temperature`: the confidences' calibration, fitted on validation (paligemma_json/confidence.py)."""
     was_training = model.training
     model.eval()
-    for first in tqdm(range(start, len(dataset), batch_size), desc="generating", unit="batch", leave=False):
-        batch = [dataset[i] for i in range(first, min(first + batch_size, len(dataset)))]
-        outputs = generate_batch(model, processor, batch, dtype, max_new_tokens, num_beams, constraint, with_confidence)
+    for first in tqdm(range(start, len(dataset), generation.batch_size), desc="generating", unit="batch", leave=False):
+        batch = [dataset[i] for i in range(first, min(first + generation.batch_size, len(dataset)))]
+        outputs = generate_batch(model, processor, batch, generation, constraint, with_confidence)
         for output in outputs:
             calibrate_fields(output.get("confidence"), temperature)
         if constraint is not None and also_free:
-            for output, free in zip(outputs, generate_batch(model, processor, batch, dtype, max_new_tokens, num_beams,
-                                                            with_confidence=False)):
+            for output, free in zip(outputs, generate_batch(model, processor, batch, generation, with_confidence=False)):
                 output.update(free_prediction=free["prediction"], free_truncated=free["truncated"])
         for (_, entry), output in zip(batch, outputs):
             yield {"image": entry["image"], "image_path": os.path.join(dataset.image_directory_path, entry["image"]),
@@ -549,124 +443,99 @@ def predict_rows(model, processor, dataset: JSONLDataset, dtype: torch.dtype, ba
     model.train(was_training)
 
 
+def predict_to_file(model, processor, dataset: JSONLDataset, path: str, generation: GenerationSettings,
+                    resume: bool = False, shape=None, **decoding) -> list[dict]:
+    """`predict_rows` into `path`, each row (`shape(row)` when given) appended and flushed as it is
+    generated; with `resume`, keeps the rows already there and predicts only the rest."""
+    kept = completed_rows(path, dataset.entries) if resume else []
+    if kept:
+        print(f"predictions: {len(kept)} of {len(dataset)} already in {path}; predicting the rest")
+    rows = predict_rows(model, processor, dataset, generation, start=len(kept), **decoding)
+    return append_jsonl(path, kept, map(shape, rows) if shape else rows)
+
+
 # %% [markdown]
-# ## 6. Train with the Hugging Face `Trainer`
-# At every epoch (or every `SAVE_STEPS`): the loss on `valid`, then generation on `valid`, whose
-# field F1 and valid-JSON rate go to TensorBoard beside the loss and choose the best checkpoint (on a
-# tie, the earlier one). The best is used afterwards and saved, with its processor, as safetensors in
-# `OUTPUT_DIR/final`; `OUTPUT_DIR/training_curves.png` shows the run.
+# ## 7. Train with the Hugging Face `Trainer`
+# At every epoch (or every `SAVE_STEPS`), the loss and then generation on `valid`: its field F1 and
+# valid-JSON rate go to TensorBoard and choose the best checkpoint (the earlier on a tie), which is saved
+# with its processor as safetensors in `OUTPUT_DIR/final`; `OUTPUT_DIR/training_curves.png` shows the run.
 
 # %%
-import time
+import functools
+import json
 
 from transformers import Trainer, TrainingArguments
 
 from paligemma_json.devices import OneGPUPerProcessArguments
-from paligemma_json.distributed import is_sharded, predict_across_processes, release_training_memory, save_whole_weights
+from paligemma_json.distributed import end_distributed, is_sharded, release_training_memory, save_whole_weights
 from paligemma_json.files import replace_atomically
-from paligemma_json.metrics import compute_metrics
 from paligemma_json.pictures import draw_training_curves
-from paligemma_json.speed import SessionStart, mfu_report, training_rates
+from paligemma_json.speed import mfu_report
 from paligemma_json.tracking import trackers
-from paligemma_json.training import early_stopping
+from paligemma_json.training import ExtractionTrainer, early_stopping  # validation scored by what it extracts
 
 
-class ExtractionTrainer(Trainer):
-    """A Trainer whose evaluation also generates on the validation split and scores the JSON, so
-    the best checkpoint is the one that extracts best, not the one with the lowest loss."""
-
-    def __init__(self, *args, generation: dict, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.generation = generation  # predict_rows' settings: dtype, batch_size, max_new_tokens, num_beams
-        self.evaluation_seconds = 0.0  # kept out of the training throughput
-        self.session_start = SessionStart()  # after --resume, throughput counts this session's tokens only
-        self.add_callback(self.session_start)
-
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
-        started = time.perf_counter()
-        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
-        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
-        # Free decoding: the raw model's learning signal, which a constraint would hide. Each process
-        # generates its share of the rows; every one scores them all.
-        scores = compute_metrics(predict_across_processes(functools.partial(
-            predict_rows, self.model, self.processing_class, **self.generation, with_confidence=False), dataset))
-        extraction = {f"{metric_key_prefix}_{name}": scores[name] for name in ("field_f1", "json_valid_rate")}
-        self.log(extraction)
-        metrics.update(extraction)
-        self.evaluation_seconds += time.perf_counter() - started
-        return metrics
-
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        """Full weights were loaded by `load_model(checkpoint=...)`; the Trainer's own loader would
-        load none of them and warn about every key. Adapters it restores correctly."""
-        if hasattr(self.model, "peft_config"):
-            super()._load_from_checkpoint(resume_from_checkpoint, model)
-
-
-def training_throughput(trainer: ExtractionTrainer, train_result) -> tuple[float, float]:
-    """(samples/s, tokens/s) of this session's training steps alone: the Trainer's own rates also
-    count the validation loss and generation, which would understate speed and MFU."""
-    runtime = train_result.metrics["train_runtime"]  # this session's; so are its samples/s
-    samples = train_result.metrics["train_samples_per_second"] * runtime
-    tokens = trainer.state.num_input_tokens_seen - trainer.session_start.tokens_seen
-    return training_rates(samples, tokens, runtime, trainer.evaluation_seconds)
-
-
-def training_arguments(output_dir: str, dtype: torch.dtype, **settings) -> TrainingArguments:
-    every = "steps" if settings["SAVE_STEPS"] > 0 else "epoch"
+def training_arguments(output_dir: str, generation: GenerationSettings, *, epochs=EPOCHS, max_steps=MAX_STEPS,
+                       batch_size=BATCH_SIZE, grad_accum=GRAD_ACCUM, learning_rate=LEARNING_RATE,
+                       lr_scheduler=LR_SCHEDULER, warmup_steps=WARMUP_STEPS, weight_decay=WEIGHT_DECAY,
+                       save_steps=SAVE_STEPS, logging_steps=LOGGING_STEPS, report_to=REPORT_TO, seed=SEED) -> TrainingArguments:
+    """The tutorial's arguments, fixed where they misled; each setting as given (the defaults are step 1's)."""
+    every = "steps" if save_steps > 0 else "epoch"
     return OneGPUPerProcessArguments(  # plain `python` on several GPUs: one GPU, never DataParallel
         output_dir=output_dir,
-        num_train_epochs=settings["EPOCHS"],
-        max_steps=settings["MAX_STEPS"],
-        per_device_train_batch_size=settings["BATCH_SIZE"],
-        per_device_eval_batch_size=settings["EVAL_BATCH_SIZE"],
-        gradient_accumulation_steps=settings["GRAD_ACCUM"],
-        learning_rate=settings["LEARNING_RATE"],
-        lr_scheduler_type=settings["LR_SCHEDULER"],
-        warmup_steps=settings["WARMUP_STEPS"],
-        weight_decay=settings["WEIGHT_DECAY"],
-        adam_beta2=0.999,
+        num_train_epochs=epochs,
+        max_steps=max_steps,
+        per_device_train_batch_size=batch_size,
+        per_device_eval_batch_size=generation.batch_size,
+        gradient_accumulation_steps=grad_accum,
+        learning_rate=learning_rate,
+        lr_scheduler_type=lr_scheduler,
+        warmup_steps=warmup_steps,
+        weight_decay=weight_decay,
         # The paged 8-bit optimizers are CUDA-only and have failed on resume: not a default.
         optim="adamw_torch_fused" if torch.cuda.is_available() else "adamw_torch",
         eval_strategy=every,
         save_strategy=every,  # must match eval_strategy for the best checkpoint to be kept
-        eval_steps=settings["SAVE_STEPS"] or None,
-        save_steps=settings["SAVE_STEPS"] or None,
+        eval_steps=save_steps or None,
+        save_steps=save_steps or None,
         save_total_limit=2,  # the best and the latest; the Trainer never deletes the best
-        # The best checkpoint is tracked by this metric and reloaded by `load_best_checkpoint`:
-        # the Trainer's own load_best_model_at_end silently loads nothing for a full fine-tune.
-        metric_for_best_model="eval_field_f1",
+        metric_for_best_model="eval_field_f1",  # reloaded by load_best_checkpoint, not load_best_model_at_end
         greater_is_better=True,
-        logging_steps=settings["LOGGING_STEPS"],
+        logging_steps=logging_steps,
         include_num_input_tokens_seen="non_padding",  # for the tokens/s the run reports
-        report_to=trackers(settings["REPORT_TO"]),
-        bf16=dtype == torch.bfloat16,
+        report_to=trackers(report_to),
+        bf16=generation.dtype == torch.bfloat16,
         remove_unused_columns=False,  # the collate needs the image, which is not a model input
         ddp_find_unused_parameters=False,  # every trained weight gets a gradient: skip DDP's search
         use_cpu=not torch.cuda.is_available(),  # else torchrun on CPUs runs N separate, unsynced trainings
         dataloader_pin_memory=torch.cuda.is_available(),
-        seed=settings["SEED"],
+        seed=seed,
     )
 
 
-def build_trainer(model, processor, train_dataset, valid_dataset, generation: dict, **settings) -> ExtractionTrainer:
+def build_trainer(model, processor, train_dataset, valid_dataset, generation: GenerationSettings,
+                  arguments: TrainingArguments, early_stopping_patience: int = 0) -> ExtractionTrainer:
+    """The tutorial's Trainer, whose evaluation also generates on the validation split and scores the
+    JSON, so the best checkpoint is the one that extracts best, not the one with the lowest loss."""
     return ExtractionTrainer(
         model=model,
-        args=training_arguments(settings["OUTPUT_DIR"], generation["dtype"], **settings),
+        args=arguments,
         train_dataset=train_dataset,
         eval_dataset=valid_dataset,
         processing_class=processor,  # saved into every checkpoint, so each one loads on its own
-        data_collator=functools.partial(collate_fn, processor=processor, dtype=generation["dtype"]),
-        generation=generation,
-        callbacks=early_stopping(settings["EARLY_STOPPING_PATIENCE"]),  # on validation field F1
+        data_collator=functools.partial(collate_fn, processor=processor, dtype=generation.dtype),
+        # Free decoding: the raw model's learning signal, which a constraint would hide.
+        predict=functools.partial(predict_rows, generation=generation, with_confidence=False),
+        callbacks=early_stopping(early_stopping_patience),  # on validation field F1
     )
 
 
-def load_best_checkpoint(trainer: Trainer, model, dtype: torch.dtype):
+def load_best_checkpoint(trainer: Trainer, dtype: torch.dtype):
     """The best checkpoint's weights, loaded the way that works for each mode. For a full
-    fine-tune the Trainer's own loader silently loads nothing in transformers 5.24 (PaliGemma's
-    checkpoints keep their original key names), so reload through `from_pretrained`."""
-    best = trainer.state.best_model_checkpoint
+    fine-tune the Trainer's own loaders (its resume and load_best_model_at_end) silently load
+    nothing in transformers 5.24 (PaliGemma's checkpoints keep their original key names), so it is
+    reloaded through `from_pretrained`, and a resume loads it in `load_model`. Adapters load as they are."""
+    model, best = trainer.model, trainer.state.best_model_checkpoint
     if best is None:
         return model
     print(f"best checkpoint: {best} (step {trainer.state.best_global_step}, "
@@ -676,12 +545,6 @@ def load_best_checkpoint(trainer: Trainer, model, dtype: torch.dtype):
         return model
     return PaliGemmaForConditionalGeneration.from_pretrained(best, dtype=dtype, use_safetensors=True,
                                                              device_map=model_device_map())
-
-
-def end_distributed() -> None:
-    """Under DDP: without this, about 1 run in 8 aborted at exit here."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
 
 
 def save_final_model(model, processor, final_dir: str, schema: dict | None = None,
@@ -698,146 +561,98 @@ def save_final_model(model, processor, final_dir: str, schema: dict | None = Non
     replace_atomically(write, final_dir)
 
 
-if __name__ == "__main__" and FLOW:
-    generation = {"dtype": TORCH_DTYPE, "batch_size": EVAL_BATCH_SIZE, "max_new_tokens": MAX_NEW_TOKENS,
-                  "num_beams": NUM_BEAMS}
-    if not TRAINING_DONE:
-        trainer = build_trainer(model, processor, train_dataset, valid_dataset, generation,
-                                **{name: globals()[name] for name in DEFAULTS})
-        train_result = trainer.train(resume_from_checkpoint=RESUME_CHECKPOINT)
+if __name__ == "__main__" and run.mode == "train":
+    generation = GenerationSettings(TORCH_DTYPE, max_new_tokens, NUM_BEAMS, EVAL_BATCH_SIZE)
+    final_dir = os.path.join(OUTPUT_DIR, "final")
+    if not run.training_done:
+        arguments = training_arguments(OUTPUT_DIR, generation, epochs=EPOCHS, max_steps=MAX_STEPS, batch_size=BATCH_SIZE,
+                                       grad_accum=GRAD_ACCUM, learning_rate=LEARNING_RATE, lr_scheduler=LR_SCHEDULER,
+                                       warmup_steps=WARMUP_STEPS, weight_decay=WEIGHT_DECAY, save_steps=SAVE_STEPS,
+                                       logging_steps=LOGGING_STEPS, report_to=REPORT_TO, seed=SEED)
+        trainer = build_trainer(model, processor, train_dataset, valid_dataset, generation, arguments,
+                                EARLY_STOPPING_PATIENCE)
+        train_result = trainer.train(resume_from_checkpoint=run.resume_checkpoint)
         if is_sharded(trainer.model):  # FSDP: every process helps put the whole weights on disk first
-            final_dir = os.path.join(OUTPUT_DIR, "final")
             whole_weights = save_whole_weights(trainer.model, trainer.state.best_model_checkpoint, final_dir,
                                                functools.partial(save_final_model, processor=processor,
                                                                  final_dir=final_dir, schema=LABEL_SCHEMA))
         if not trainer.is_world_process_zero():  # the first process alone saves, predicts and scores
             end_distributed()
             sys.exit(0)
-        samples_per_second, tokens_per_second = training_throughput(trainer, train_result)
-        print(f"training: {train_result.global_step} steps in {train_result.metrics['train_runtime']:.0f} s "
-              f"({trainer.evaluation_seconds:.0f} s of it validation); the steps alone: {samples_per_second:.2f} "
-              f"samples/s, {tokens_per_second:.0f} tokens/s (image and text, no padding); final loss "
-              f"{train_result.metrics['train_loss']:.4f}" + (" (time and rates: this session's steps alone)"
-                                                             if RESUME_CHECKPOINT else ""))
+        report, samples_per_second, tokens_per_second = trainer.speed(train_result, resumed=bool(run.resume_checkpoint))
+        print(report)
         if torch.cuda.is_available():  # model FLOPs per second over this card's peak: paligemma_json/speed.py
-            label_positions = sum(label_lengths(train_dataset, processor.tokenizer)) / len(train_dataset)  # where the LM head runs
             print(mfu_report(model.config, tokens_per_second, samples_per_second, USE_LORA, FREEZE_VISION,
-                             trainer.args.world_size, torch.cuda.get_device_name(), TORCH_DTYPE, label_positions))
+                             trainer.args.world_size, torch.cuda.get_device_name(), TORCH_DTYPE,
+                             sum(label_lengths["train"]) / len(train_dataset)))  # where the LM head runs
         if is_sharded(trainer.model):  # on with a whole copy of what was saved, as a finished run reloads final/
             release_training_memory(trainer)
-            model = load_trained_model(whole_weights, USE_QLORA, TORCH_DTYPE, cache_only)
+            model = load_trained_model(whole_weights, TORCH_DTYPE, USE_QLORA)
         else:
-            model = load_best_checkpoint(trainer, trainer.model, TORCH_DTYPE)
-        save_final_model(model, processor, os.path.join(OUTPUT_DIR, "final"), LABEL_SCHEMA)
+            model = load_best_checkpoint(trainer, TORCH_DTYPE)
+        save_final_model(model, processor, final_dir, LABEL_SCHEMA)
         draw_training_curves(trainer.state.log_history, os.path.join(OUTPUT_DIR, "training_curves.png"),
                              trainer.state.best_global_step)
-        print(f"saved: {os.path.join(OUTPUT_DIR, 'final')}, {os.path.join(OUTPUT_DIR, 'training_curves.png')}")
-    elif not IS_MAIN_PROCESS:  # a finished run resumed under a launcher: the first process alone predicts
+        print(f"saved: {final_dir}, {os.path.join(OUTPUT_DIR, 'training_curves.png')}")
+    elif not run.writes:  # a finished run resumed under a launcher: the first process alone predicts
         sys.exit(0)
 
 # %% [markdown]
-# ## 7. Predict the test set
+# ## 8. Predict the test set
 # Each row is appended to `OUTPUT_DIR/predictions.jsonl` and flushed as soon as it is generated.
 # First, with `CONFIDENCE_THRESHOLD = 0`, the validation split is decoded the same way, once
 # (`validation_predictions.jsonl`), to fit the confidences' temperature and pick the threshold,
 # saved in `final/confidence.json`; the test rows are calibrated with that temperature.
 
 # %%
+from paligemma_json.confidence import prediction_confidence, training_threshold
 
-
-def predict_to_file(model, processor, dataset: JSONLDataset, predictions_path: str, resume: bool = False,
-                    **generation) -> list[dict]:
-    """Appends and flushes each row as it is generated; with `resume`, keeps the rows already there
-    and predicts only the rest."""
-    rows = completed_rows(predictions_path, dataset.entries) if resume else []
-    if rows:
-        print(f"predictions: {len(rows)} of {len(dataset)} already in {predictions_path}; predicting the rest")
-    def keep_completed(temporary):
-        with open(temporary, "w", encoding="utf-8") as out:
-            out.writelines(json.dumps(row) + "\n" for row in rows)
-    replace_atomically(keep_completed, predictions_path)  # drops a line torn by the crash
-    with open(predictions_path, "a", encoding="utf-8") as out:
-        for row in predict_rows(model, processor, dataset, start=len(rows), **generation):
-            out.write(json.dumps(row) + "\n")
-            out.flush()
-            rows.append(row)
-    return rows
-
-
-if __name__ == "__main__" and FLOW:
-    constraint = build_constraint(LABEL_SCHEMA, processor, model, CONSTRAINED)
-    THRESHOLD = training_threshold(CONFIDENCE_THRESHOLD, FLAG_WRONG_SHARE, os.path.join(OUTPUT_DIR, "final"),
-                                   lambda path: predict_to_file(model, processor, valid_dataset, path, RESUME,
-                                                                **generation, constraint=constraint))
+if __name__ == "__main__" and run.mode == "train":
+    constraint = build_constraint(LABEL_SCHEMA, processor, CONSTRAINED)
+    THRESHOLD = training_threshold(CONFIDENCE_THRESHOLD, FLAG_WRONG_SHARE, final_dir,
+                                   lambda path: predict_to_file(model, processor, valid_dataset, path, generation,
+                                                                RESUME, constraint=constraint))
     predictions = predict_to_file(model, processor, test_dataset, os.path.join(OUTPUT_DIR, "predictions.jsonl"),
-                                  RESUME, **generation, constraint=constraint, also_free=constraint is not None,
+                                  generation, RESUME, constraint=constraint, also_free=constraint is not None,
                                   temperature=THRESHOLD["temperature"])
     print(f"example prediction for {predictions[0]['image']}:\n{predictions[0]['prediction'][:400]}")
 
 # %% [markdown]
-# ## 8. Evaluate
-# JSON is judged as JSON, not with BLEU: valid JSON, exact match, Donut's field F1 and tree-edit
-# accuracy, ANLS*, and accuracy per field, worst first; under the constraint, the same figures for
-# the free decoding as `free_...`, and whether low confidence does flag the wrong fields.
-# `OUTPUT_DIR/metrics.json` holds the numbers, `OUTPUT_DIR/predictions.png` shows test images with
-# their right, wrong and unsure fields. `--evaluate OUTPUT_DIR/predictions.jsonl` does this again,
-# with no model. Then the model card, `final/README.md`, with these figures; `--push-to-hub` comes last.
+# ## 9. Evaluate
+# JSON judged as JSON, not with BLEU: valid JSON, exact match, Donut's field F1 and tree-edit accuracy,
+# ANLS*, accuracy per field (under the constraint, the free decoding's too, as `free_...`), and whether
+# low confidence flags the wrong fields: `OUTPUT_DIR/metrics.json`, `predictions.png` (test images with
+# their right, wrong and unsure fields) and `report.html`. `--evaluate OUTPUT_DIR/predictions.jsonl`
+# does this again with no model. Then the model card, `final/README.md`; `--push-to-hub` comes last.
 
 # %%
 from paligemma_json.evaluation import evaluate_file, evaluate_predictions
 from paligemma_json.model_card import write_merged_card, write_model_card
 
-if __name__ == "__main__" and FLOW:
+if __name__ == "__main__" and run.mode == "train":
     metrics = evaluate_predictions(predictions, OUTPUT_DIR, LABEL_SCHEMA, THRESHOLD["threshold"], THRESHOLD["source"])
     end_distributed()
     # The card holds the test figures, so it is written now, and pushed with the weights.
-    print("model card: " + write_model_card(os.path.join(OUTPUT_DIR, "final"), metrics, LABEL_SCHEMA,
-                                            predictions[0]["prefix"], {name: globals()[name] for name in DEFAULTS},
-                                            PUSH_TO_HUB))
+    print("model card: " + write_model_card(final_dir, metrics, LABEL_SCHEMA, predictions[0]["prefix"],
+                                            settings_as_run, PUSH_TO_HUB))
     if PUSH_TO_HUB:  # last: a failed upload loses nothing else (one line, exit code 2)
-        push_to_hub(os.path.join(OUTPUT_DIR, "final"), PUSH_TO_HUB)
+        push_to_hub(final_dir, PUSH_TO_HUB)
 
-if __name__ == "__main__" and EVALUATE:
+if __name__ == "__main__" and run.mode == "evaluate":
     metrics = evaluate_file(EVALUATE, CONFIDENCE_THRESHOLD)
 
 # %% [markdown]
-# ## 9. Use the trained model: read new documents, export a merged model
-# `--predict PATH` reads an image, or every image in a folder, with `OUTPUT_DIR/final/` and writes one
-# line per image to `OUTPUT_DIR/predict.jsonl`: the image, the prediction (held to `final/schema.json`
-# unless `--no-constrained`), whether it parses, and each field's value with its confidence.
-# `--merge` folds a LoRA adapter into its base, reloaded in fp32 (never 4-bit: merging into a
-# quantized base changes the generations; bf16 drops small changes), and saves `OUTPUT_DIR/merged/`
-# in fp32, a standalone model with its processor that `from_pretrained` loads without peft.
+# ## 10. Use the trained model: read new documents, export a merged model
+# `--predict PATH` reads an image, or every image in a folder, with `OUTPUT_DIR/final/` into
+# `OUTPUT_DIR/predict.jsonl`: each prediction (held to `final/schema.json` unless `--no-constrained`),
+# whether it parses, and each field's value with its confidence. `--merge` folds a LoRA adapter into its
+# base in fp32 (never 4-bit or bf16, which change or drop the adapter's small changes): `OUTPUT_DIR/merged/`
+# is a standalone model with its processor that `from_pretrained` loads without peft.
 
 # %%
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
-
-
-class DocumentImages(JSONLDataset):
-    """New documents, in JSONLDataset's shape: an image file, or every image in a folder."""
-
-    def __init__(self, path: str, prompt: str):
-        if os.path.isdir(path):
-            self.image_directory_path = path
-            names = sorted(name for name in os.listdir(path) if name.lower().endswith(IMAGE_SUFFIXES))
-        elif os.path.isfile(path):
-            self.image_directory_path, names = os.path.dirname(path) or ".", [os.path.basename(path)]
-        else:
-            raise FlowError(f"{path}: no such image or folder; pass --predict an image or a folder of images")
-        if not names:
-            raise FlowError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
-        if not prompt:
-            raise FlowError("--predict needs the prompt the model was trained with: pass --prompt")
-        for name in names:
-            check_image(os.path.join(self.image_directory_path, name), path)
-        self.entries = [{"image": name, "prefix": prompt, "suffix": ""} for name in names]
-
-
-def trained_run(output_dir: str) -> str:
-    final_dir = os.path.join(output_dir, "final")
-    if not os.path.isdir(final_dir):
-        raise FlowError(f"{final_dir}: no trained model; point --output-dir at a finished run")
-    return final_dir
+from paligemma_json.documents import DocumentImages, document_row
+from paligemma_json.plan import trained_run  # a finished run's final/, or a one-line reason
+from paligemma_json.schema import read_saved_schema
 
 
 def predict_documents(output_dir: str, path: str, prompt: str, use_qlora: bool, batch_size: int,
@@ -845,58 +660,40 @@ def predict_documents(output_dir: str, path: str, prompt: str, use_qlora: bool, 
     final_dir, dtype = trained_run(output_dir), training_dtype()
     threshold, temperature = prediction_confidence(threshold, final_dir)  # 0: the one saved with the model
     documents = DocumentImages(path, prompt)
-    cache_only = cache_only_for(adapter_base(final_dir) or final_dir)
-    processor, model = load_processor(final_dir), load_trained_model(final_dir, use_qlora, dtype, cache_only)
-    schema_path = os.path.join(final_dir, "schema.json")
-    constraint = build_constraint(load_schema(schema_path) if os.path.isfile(schema_path) else None,
-                                  processor, model, constrained)
-    rows = []
-
-    def write(temporary):  # appended as it goes; renamed into place once complete
-        with open(temporary, "w", encoding="utf-8") as out:
-            for row in predict_rows(model, processor, documents, dtype, batch_size, max_new_tokens, num_beams,
-                                    constraint=constraint, temperature=temperature):
-                row = {key: row[key] for key in ("image", "image_path", "prefix", "prediction", "truncated", "confidence")}
-                row["parsed"] = parse_json(row["prediction"]) is not None
-                out.write(json.dumps(row) + "\n")
-                out.flush()
-                rows.append(row)
-    target = os.path.join(output_dir, "predict.jsonl")
-    replaced = os.path.exists(target)
-    replace_atomically(write, target)
+    processor, model = load_processor(final_dir), load_trained_model(final_dir, dtype, use_qlora)
+    constraint = build_constraint(read_saved_schema(final_dir), processor, constrained)
+    rows, target = [], os.path.join(output_dir, "predict.jsonl")
+    said = replace_atomically(lambda temporary: rows.extend(predict_to_file(  # renamed into place once complete
+        model, processor, documents, temporary, GenerationSettings(dtype, max_new_tokens, num_beams, batch_size),
+        shape=document_row, constraint=constraint, temperature=temperature)), target)
     unsure = sum(field["confidence"] < threshold for row in rows for field in row["confidence"])
     print(f"predicted: {len(rows)} images, {sum(row['parsed'] for row in rows)} parsed as JSON, {unsure} fields "
-          f"below confidence {threshold} to check; {'replaced' if replaced else 'wrote'} {target}")
+          f"below confidence {threshold} to check; {said} {target}")
     return rows
 
 
 def merge_adapter(output_dir: str) -> str:
-    from peft import PeftModel
     final_dir = trained_run(output_dir)
     base_id = adapter_base(final_dir)
     if base_id is None:
         raise FlowError(f"{final_dir} holds full weights, not a LoRA adapter: it already loads on its own")
     # fp32, and saved so: peft adds the adapter's change in the base's dtype, and bf16, in the merge or
     # in the saved file, rounds away every part of it below half a bf16 step of the weight.
-    base = hub_load(PaliGemmaForConditionalGeneration.from_pretrained, base_id, dtype=torch.float32,
-                    use_safetensors=True, device_map=model_device_map(), local_files_only=cache_only_for(base_id))
-    merged = PeftModel.from_pretrained(base, final_dir).merge_and_unload()
+    merged = load_trained_model(final_dir, torch.float32).merge_and_unload()
     processor, target = load_processor(final_dir), os.path.join(output_dir, "merged")
-    replaced = os.path.exists(target)
 
     def write(temporary):
         merged.save_pretrained(temporary, safe_serialization=True)
         processor.save_pretrained(temporary)
         write_merged_card(final_dir, temporary, base_id, os.path.abspath(target))  # final/'s card, for full weights
-    replace_atomically(write, target)
-    print(f"merged: {final_dir} into {base_id}; {'replaced' if replaced else 'wrote'} {target}")
+    print(f"merged: {final_dir} into {base_id}; {replace_atomically(write, target)} {target}")
     return target
 
 
-if __name__ == "__main__" and PREDICT:
+if __name__ == "__main__" and run.mode == "predict":
     new_predictions = predict_documents(OUTPUT_DIR, PREDICT, PROMPT, USE_QLORA, EVAL_BATCH_SIZE,
                                         MAX_NEW_TOKENS or 1024, NUM_BEAMS,  # no labels here to size it by
                                         CONSTRAINED, CONFIDENCE_THRESHOLD)
 
-if __name__ == "__main__" and MERGE:
+if __name__ == "__main__" and run.mode == "merge":
     merged_dir = merge_adapter(OUTPUT_DIR)

@@ -46,11 +46,11 @@ happens before it on both sides.
 import argparse
 import ctypes
 import functools
+import inspect
 import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -60,6 +60,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from transformers import TrainerCallback  # noqa: E402  (after HF_HUB_OFFLINE)
+
+from runner import run_child  # noqa: E402
 
 TUTORIAL_BATCH_SIZE, TUTORIAL_GRAD_ACCUM = 3, 16  # its effective batch of 48
 TUTORIAL_NUM_BEAMS = 3
@@ -188,8 +190,11 @@ def our_trainer(model, processor, train_dataset, valid_dataset, settings: dict):
     import finetune_paligemma2 as flow
     from transformers.trainer_utils import IntervalStrategy
     dtype = flow.training_dtype()
-    generation = {"dtype": dtype, "batch_size": settings["EVAL_BATCH_SIZE"], "max_new_tokens": 64, "num_beams": 1}
-    trainer = flow.build_trainer(model, processor, train_dataset, valid_dataset, generation, **settings)
+    generation = flow.GenerationSettings(dtype, max_new_tokens=64, batch_size=settings["EVAL_BATCH_SIZE"])
+    named = inspect.signature(flow.training_arguments).parameters  # the settings, as its keyword arguments
+    arguments = flow.training_arguments(settings["OUTPUT_DIR"], generation, **{
+        name.lower(): value for name, value in settings.items() if name.lower() in named and name != "OUTPUT_DIR"})
+    trainer = flow.build_trainer(model, processor, train_dataset, valid_dataset, generation, arguments)
     trainer.args.eval_strategy = IntervalStrategy.NO  # set in place: dataclasses.replace resets accelerate's state
     return trainer
 
@@ -206,9 +211,10 @@ def our_load(model_dir: str):
 def our_predict(model, processor, dataset, max_new_tokens: int, schema: dict, batch_size: int = 8,
                 constrained: bool = True, with_confidence: bool = True, also_free: bool = False) -> list[str]:
     import finetune_paligemma2 as flow
-    constraint = flow.build_constraint(schema, processor, model, constrained)
-    rows = flow.predict_rows(model, processor, dataset, flow.training_dtype(), batch_size, max_new_tokens, 1,
-                             constraint=constraint, with_confidence=with_confidence, also_free=also_free)
+    constraint = flow.build_constraint(schema, processor, constrained)
+    generation = flow.GenerationSettings(flow.training_dtype(), max_new_tokens, batch_size=batch_size)
+    rows = flow.predict_rows(model, processor, dataset, generation, constraint=constraint,
+                             with_confidence=with_confidence, also_free=also_free)
     return [row["prediction"] for row in rows]
 
 
@@ -367,7 +373,7 @@ def measure_inference(side: str, work: dict, **variant) -> dict:
         texts = tutorial_predict(model, processor, test, work["max_new_tokens"], **variant)
     else:
         processor = flow.load_processor(work["reference_dir"])
-        model = flow.load_trained_model(work["reference_dir"], False, flow.training_dtype())
+        model = flow.load_trained_model(work["reference_dir"], flow.training_dtype())
         baseline, start = reset_peak_rss(), time.perf_counter()  # the grammar's compilation is timed too
         texts = our_predict(model, processor, test, work["max_new_tokens"], work["schema"], **variant)
     seconds = time.perf_counter() - start
@@ -389,11 +395,7 @@ def child_main(request: dict) -> None:
 
 def run_measurement(request: dict, script: str = __file__) -> dict:
     """`request` measured by `script --child` in a fresh process; its result."""
-    process = subprocess.run([sys.executable, os.path.abspath(script), "--child", json.dumps(request)],
-                             capture_output=True, text=True, cwd=ROOT, timeout=1800)
-    if process.returncode != 0:
-        raise RuntimeError(f"measurement {request['kind']}/{request['side']} failed:\n{process.stderr[-3000:]}")
-    return json.loads(process.stdout.strip().splitlines()[-1])
+    return run_child(script, [json.dumps(request)], f"measurement {request['kind']}/{request['side']}", timeout=1800)
 
 
 # --- Setup: the demo assets and the reference model ----------------------------------------------
@@ -411,7 +413,7 @@ def prepare(work_dir: str, seed: int = 0, reference_steps: int = REFERENCE_STEPS
             return work
     dataset_dir, model_dir = build_demo(work_dir, seed)
     import finetune_paligemma2 as flow
-    from paligemma_json.dataset_report import token_budget
+    from paligemma_json.dataset_report import label_tokens, token_budget
     from transformers import set_seed
     splits = load_demo_splits(dataset_dir)
     processor, model = our_load(model_dir)
@@ -421,9 +423,10 @@ def prepare(work_dir: str, seed: int = 0, reference_steps: int = REFERENCE_STEPS
                           our_settings(os.path.join(work_dir, "reference-run"), reference_steps, LOGGING_STEPS=1000))
     trainer.train()
     flow.save_final_model(trainer.model, processor, reference_dir)
+    lengths = label_tokens(splits, processor.tokenizer)
     work = {"dataset_dir": dataset_dir, "model_dir": model_dir, "reference_dir": reference_dir,
             "reference_steps": reference_steps, "schema": flow.label_schema(splits),
-            "max_new_tokens": token_budget([splits["train"], splits["valid"]], processor.tokenizer)}
+            "max_new_tokens": token_budget(lengths["train"] + lengths["valid"])}
     with open(manifest_path, "w") as manifest:
         json.dump(work, manifest)
     return work

@@ -24,13 +24,13 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from paligemma_json.confidence import CLIP, VALIDATION_PREDICTIONS, calibrate, fit_temperature  # noqa: E402
+from paligemma_json.json_text import jsonl_rows  # noqa: E402
 from paligemma_json.metrics import confidence_auroc, confidence_ece, marked_fields  # noqa: E402
 
 
 def read_raw_rows(path: str) -> list[dict]:
     """The rows with their raw confidences: a run that calibrated keeps them as `raw_confidence`."""
-    with open(path, encoding="utf-8") as file:
-        rows = [json.loads(line) for line in file if line.strip()]
+    rows = [row for _, row in jsonl_rows(path, "rerun the predictions")]
     for row in rows:
         row["confidence"] = [{**field, "confidence": field.get("raw_confidence", field["confidence"])}
                              for field in row.get("confidence") or []]

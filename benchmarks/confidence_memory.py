@@ -32,7 +32,6 @@ import gc
 import json
 import os
 import resource
-import subprocess
 import sys
 import time
 
@@ -41,6 +40,7 @@ sys.path.insert(0, ROOT)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from bench import status_kib  # noqa: E402  (/proc/self/status, as bench.py reads peak RSS)
+from runner import ChildFailed, run_child  # noqa: E402
 
 VARIANTS = ("none", "kept_logits", "recorded")
 LOGITS = 257_216
@@ -129,12 +129,11 @@ def main(argv=None):
         return
     results = {}
     for variant in VARIANTS:  # one at a time: each holds the ~2.8 GiB model
-        command = [sys.executable, os.path.abspath(__file__), "--child", variant, "--images", str(args.images),
-                   "--new-tokens", str(args.new_tokens), "--text-layers", str(args.text_layers)]
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode:
-            sys.exit(f"{variant} failed:\n{done.stderr[-2000:]}")
-        results[variant] = json.loads(done.stdout.strip().splitlines()[-1])
+        try:
+            results[variant] = run_child(__file__, [variant, "--images", str(args.images), "--new-tokens",
+                                                    str(args.new_tokens), "--text-layers", str(args.text_layers)], variant)
+        except ChildFailed as failure:
+            sys.exit(str(failure))
         print(json.dumps(results[variant]), flush=True)
     steps_rows = args.new_tokens * args.images
     predicted = {"none": None, "kept_logits": steps_rows * LOGITS * 4 / 2**20,

@@ -121,18 +121,20 @@ def generation_table(run_dir, repeats):
     import torch
 
     import finetune_paligemma2 as flow
+    from paligemma_json.dataset_report import label_lengths, token_budget
     final = os.path.join(run_dir, "final")
     processor, model = flow.load_processor(final), flow.PaliGemmaForConditionalGeneration.from_pretrained(final).eval()
     schema = json.load(open(os.path.join(final, "schema.json")))
     test = flow.load_splits(os.path.join(run_dir, "demo-dataset"), "extract data in JSON format")["test"]
-    budget = flow.token_budget([test], processor.tokenizer)  # the labels' size: a fair budget for both
-    constraint = flow.build_constraint(schema, processor, model, constrained=True)
+    budget = token_budget(label_lengths(test, processor.tokenizer))  # the labels' size: a fair budget for both
+    constraint = flow.build_constraint(schema, processor, constrained=True)
     batches = [[test[i] for i in range(first, min(first + 8, len(test)))] for first in range(0, len(test), 8)]
+    generation = flow.GenerationSettings(torch.float32, budget)
 
     def decode_test_set(current):
         start, tokens = time.perf_counter(), 0
         for batch in batches:
-            for row in flow.generate_batch(model, processor, batch, torch.float32, budget, 1, current):
+            for row in flow.generate_batch(model, processor, batch, generation, current):
                 tokens += len(processor.tokenizer(row["prediction"], add_special_tokens=False)["input_ids"]) + 1
         return time.perf_counter() - start, tokens
 

@@ -16,12 +16,12 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from runner import ChildFailed, run_child  # noqa: E402
 
 IMAGE_TOKEN_ID = 257152  # PaliGemma 2's <image>
 PROMPT_TOKENS = 20
@@ -126,12 +126,11 @@ def main() -> None:
         print(json.dumps(child(args.child, args.steps)))
         return
     for name in args.only.split(","):
-        result = subprocess.run([sys.executable, __file__, "--child", name, "--steps", str(args.steps)],
-                                capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-        if result.returncode:
-            print(json.dumps({"variant": name, "error": result.stderr.strip().splitlines()[-1:]}), flush=True)
-        else:
-            print(result.stdout.strip().splitlines()[-1], flush=True)
+        try:
+            print(json.dumps(run_child(__file__, [name, "--steps", str(args.steps)], name,
+                                       env={"HF_HUB_OFFLINE": "1"})), flush=True)
+        except ChildFailed as failure:
+            print(json.dumps({"variant": name, "error": failure.stderr.strip().splitlines()[-1:]}), flush=True)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -48,6 +47,7 @@ from dataclasses import replace
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from runner import ChildFailed, run_child  # noqa: E402
 
 IMAGE_TOKEN_ID = 257152  # PaliGemma 2's <image>
 MIN_AVAILABLE_GIB = 14  # other jobs share this machine: wait for this much before a measurement
@@ -175,10 +175,10 @@ def load(shape: dict):
     model = flow.load_model(path, use_lora=shape["mode"] != "full", use_qlora=shape["mode"] == "qlora",
                             freeze_vision=shape["freeze_vision"], lora_rank=flow.LORA_RANK,
                             lora_targets=flow.LORA_TARGET_MODULES, dtype=dtype)
-    settings = dict(flow.DEFAULTS, GRAD_ACCUM=2, MAX_STEPS=1)
+    generation = flow.GenerationSettings(dtype, max_new_tokens=8)
     with tempfile.TemporaryDirectory() as output_dir:
-        trainer = flow.ExtractionTrainer(model=model, args=flow.training_arguments(output_dir, dtype, **settings),
-                                         eval_dataset=[{}], generation={})  # evaluation never runs here
+        arguments = flow.training_arguments(output_dir, generation, grad_accum=2, max_steps=1)
+        trainer = flow.ExtractionTrainer(model=model, args=arguments, eval_dataset=[{}], predict=None)  # never evaluates
     trainer.current_gradient_accumulation_steps = 2
     return model, trainer, trainer.accelerator.prepare_model(model), dtype
 
@@ -255,13 +255,12 @@ def same_shape_groups(plan: list[dict]) -> list[list[dict]]:
 
 def run_group(shapes: list[dict], cache_dir: str) -> list[dict]:
     wait_for_memory()
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     request = [{**shape, "cache_dir": cache_dir} for shape in shapes]
-    result = subprocess.run([sys.executable, __file__, "--child", json.dumps(request)],
-                            capture_output=True, text=True, env=env, cwd=ROOT)
-    if result.returncode != 0:
-        sys.exit(f"measurement failed: {shapes}\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    try:
+        return run_child(__file__, [json.dumps(request)], f"measurement {shapes}",
+                         env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
+    except ChildFailed as failure:
+        sys.exit(str(failure))
 
 
 def measure_group(shapes: list[dict]) -> list[dict]:
@@ -424,10 +423,11 @@ def full_depth_rows(coefficients: dict, measured_kinds: set):
 
 
 def fits(row) -> dict:
-    from paligemma_json.memory import CARD_COMPUTE, CARDS, CUDA_CONTEXT_BYTES, GIB
+    from paligemma_json.cards import memory_sizes
+    from paligemma_json.memory import CUDA_CONTEXT_BYTES, GIB
     size, image_size, mode, checkpointing, batch, bf16, fp32, basis = row
-    return {card: (fp32 if CARD_COMPUTE[card] == "fp32" else bf16) + CUDA_CONTEXT_BYTES / GIB <= capacity
-            for card, capacity in CARDS.items()}
+    return {card: (fp32 if compute == "fp32" else bf16) + CUDA_CONTEXT_BYTES / GIB <= capacity
+            for card, capacity, compute in memory_sizes()}
 
 
 NOTES = """
@@ -450,11 +450,11 @@ notes on the estimates below:
 
 
 def print_table(rows: list) -> None:
-    from paligemma_json.memory import CARDS
+    from paligemma_json.cards import memory_sizes
     print(NOTES)
     print("full-depth estimates (GiB, CPU-derived; label-only loss; 150-token labels; LoRA r=8 on the 7 projections; "
           "AdamW; +10% allocator slack; cards count +0.5 GiB of CUDA context; a T4 trains in fp32)")
-    names = list(CARDS)
+    names = [card for card, _, _ in memory_sizes()]
     print(f"  {'model':5} {'px':>4} {'mode':5} {'ckpt':4} {'batch':>5} {'bf16 GiB':>9} {'fp32 GiB':>9}  "
           + " ".join(f"{n:>9}" for n in names) + "  basis")
     for row in rows:
@@ -465,7 +465,7 @@ def print_table(rows: list) -> None:
 
 
 def print_markdown(rows: list) -> None:
-    """The README's table: batch 1 and 2, each cell `bf16 GiB / fp32 GiB: the smallest card that fits`."""
+    """The table in docs/gpu-memory.md: batch 1 and 2, each cell `bf16 GiB / fp32 GiB: the smallest card that fits`."""
     order = ["T4", "L4", "A100 40GB", "A100 80GB"]  # an H100 80GB holds what an A100 80GB does, less 0.4 GiB
     cells = {}
     for row in rows:
@@ -496,7 +496,7 @@ def main(argv=None) -> None:
     parser.add_argument("--keep-models", action="store_true", help="keep the saved models for a later run")
     parser.add_argument("--save", default="", help="also write the measurements to this JSON file")
     parser.add_argument("--refit", default="", help="fit and report from a --save file, measuring nothing")
-    parser.add_argument("--markdown", action="store_true", help="also print the README's table (batch 1 and 2)")
+    parser.add_argument("--markdown", action="store_true", help="also print the table in docs/gpu-memory.md (batch 1 and 2)")
     args = parser.parse_args(argv)
     started = time.time()
     if args.refit:

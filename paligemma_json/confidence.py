@@ -16,9 +16,8 @@ import os
 
 from paligemma_json import FlowError
 from paligemma_json.files import read_saved_json, write_json_atomically
-from paligemma_json.metrics import marked_fields
+from paligemma_json.metrics import FALLBACK_THRESHOLD, marked_fields
 
-FALLBACK_THRESHOLD = 0.8  # the fixed threshold used before, when none can be picked or found
 MINIMUM_WRONG_FIELDS = 5  # fewer wrong validation fields than this say nothing about a share of them
 RECORD_NAME = "confidence.json"
 VALIDATION_PREDICTIONS = "validation_predictions.jsonl"  # in OUTPUT_DIR, beside predictions.jsonl
@@ -126,16 +125,22 @@ def read_threshold(folder: str) -> dict | None:
 def threshold_for(setting: float, folders: list[str]) -> dict:
     """The threshold to use: `setting` unless it is 0, else the first one saved in `folders`, else
     the fallback. Says where it came from."""
+    return _chosen(setting, ((folder, read_threshold(folder)) for folder in folders))
+
+
+def _chosen(setting: float, saved) -> dict:
+    """`threshold_for` over (folder, its saved record or None) pairs, read only as far as needed."""
     if setting:
         return {"threshold": setting, "source": "given"}
-    for folder in folders:
-        record = read_threshold(folder)
+    looked_in = []
+    for folder, record in saved:
         if record is not None:
             print(f"confidence threshold: {record['threshold']} ({record['source']}), from "
                   f"{os.path.join(folder, RECORD_NAME)}")
             return record
+        looked_in.append(folder)
     print(f"confidence threshold: {FALLBACK_THRESHOLD}, the fallback: no {RECORD_NAME} in "
-          f"{' or '.join(folders)}; pass --confidence-threshold to choose one")
+          f"{' or '.join(looked_in)}; pass --confidence-threshold to choose one")
     return {"threshold": FALLBACK_THRESHOLD, "source": "fallback"}
 
 
@@ -164,7 +169,7 @@ def prediction_confidence(setting: float, final_dir: str) -> tuple[float, float 
     """--predict: (threshold, temperature): the threshold given or saved with the model, and the
     temperature saved with it, so new documents are calibrated as the run's test set was."""
     saved = read_threshold(final_dir)
-    return threshold_for(setting, [final_dir])["threshold"], (saved or {}).get("temperature")
+    return _chosen(setting, [(final_dir, saved)])["threshold"], (saved or {}).get("temperature")
 
 
 def describe_pick(record: dict) -> str:

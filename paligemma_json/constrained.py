@@ -21,6 +21,7 @@ import torch
 from transformers import LogitsProcessor
 
 from paligemma_json import FlowError
+from paligemma_json.json_text import child_path, parse_json
 
 
 # --- The layout the labels are written in --------------------------------------------------------
@@ -235,8 +236,8 @@ _LITERALS = {"true": True, "false": False, "null": None}
 
 
 def leaf_spans(text: str) -> list[tuple[str, object, int, int]]:
-    """(key path, value, start, end) for every scalar in a JSON text, in order, with Donut's key
-    paths (list items share their parent's). [] when the text is not JSON."""
+    """(key path, value, start, end) for every scalar in a JSON text, in order, with the key paths
+    of `json_text.key_paths` (list items share their list's). [] when the text is not JSON."""
     leaves = []
 
     def skip(i):
@@ -251,13 +252,13 @@ def leaf_spans(text: str) -> list[tuple[str, object, int, int]]:
             if text[i] == closing:
                 return i + 1
             while True:
-                child = key
+                child = key  # a list item: its list's path
                 if closing == "}":
                     name, i = scanstring(text, skip(i) + 1)
                     i = skip(i)
                     if text[i] != ":":
                         raise ValueError("expected ':'")
-                    child, i = f"{key}.{name}" if key else name, i + 1
+                    child, i = child_path(key, name), i + 1
                 i = skip(value(i, child))
                 if text[i] == closing:
                     return i + 1
@@ -291,7 +292,6 @@ def field_confidences(token_ids: list[int], probabilities: list[float], tokenize
     when it is not JSON): the lowest probability among the tokens that overlap the value, with its
     closing quote, or for a number or literal the character after it, since that is where the model
     decided the value was complete."""
-    from paligemma_json.metrics import parse_json
     leaves = leaf_spans(text) if parse_json(text) is not None else []
     if not leaves:
         return []
@@ -307,3 +307,13 @@ def field_confidences(token_ids: list[int], probabilities: list[float], tokenize
         covering = probabilities[first:last + 1]
         fields.append({"field": key, "value": value, "confidence": round(min(covering), 4) if covering else 1.0})
     return fields
+
+
+def build_constraint(schema: dict | None, processor, constrained: bool) -> JsonSchemaConstraint | None:
+    """The labels' schema as a grammar, or None (free decoding): turned off, labels that are not JSON."""
+    if not constrained or schema is None:
+        print("decoding: free" + ("" if constrained else " (--no-constrained)") + ("" if schema else ", no schema"))
+        return None
+    constraint = JsonSchemaConstraint(schema, processor.tokenizer)
+    print("decoding: constrained to the labels' schema (llguidance)")
+    return constraint

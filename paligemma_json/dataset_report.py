@@ -7,7 +7,7 @@ import statistics
 
 from paligemma_json import FlowError
 from paligemma_json.files import write_json_atomically
-from paligemma_json.metrics import parse_json
+from paligemma_json.json_text import json_type, key_paths, parse_json
 
 HASH_SIZE = 16  # a 256-bit perceptual hash: 8×8 (64 bits) saw distinct demo manifests as equal
 # Measured by benchmarks/leak_thresholds.py on the demo's near-identical manifests: re-encoded or
@@ -20,24 +20,21 @@ def spread(values: list) -> dict:
     return {"min": min(values), "median": statistics.median(values), "max": max(values)}
 
 
-def json_type(value) -> str:
-    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
-        type(value), "number")
+def _is_field(value) -> bool:
+    """Where a label's walk stops: a scalar, and also an empty object or list, or a list that is not
+    of objects, each one field (unlike the metrics, which score a list's values one by one)."""
+    objects = isinstance(value, list) and value and all(isinstance(item, dict) for item in value)
+    return not (objects or (isinstance(value, dict) and value))
 
 
-def field_paths(value, path: str = "", found=None) -> dict:
-    """Key path → (filled, JSON types) for one label. List items share their parent's path, as in
-    the metrics; filled means a value other than null, "", [] or {}."""
-    found = {} if found is None else found
-    if isinstance(value, list) and value and all(isinstance(item, dict) for item in value):
-        for item in value:
-            field_paths(item, path, found)
-    elif isinstance(value, dict) and value:
-        for key, child in value.items():
-            field_paths(child, f"{path}.{key}" if path else key, found)
-    elif path:
-        filled, types = found.get(path, (False, set()))
-        found[path] = (filled or value not in (None, "", [], {}), types | {json_type(value)})
+def field_paths(value) -> dict:
+    """Key path → (filled, JSON types) for one label, with the metrics' key paths; filled means a
+    value other than null, "", [] or {}."""
+    found = {}
+    for path, field in key_paths(value, is_leaf=_is_field):
+        if path:
+            filled, types = found.get(path, (False, set()))
+            found[path] = (filled or field not in (None, "", [], {}), types | {json_type(field)})
     return found
 
 
@@ -94,19 +91,24 @@ def label_lengths(dataset, tokenizer) -> list[int]:
     return [len(tokenizer(entry["suffix"])["input_ids"]) + 1 for entry in dataset.entries]
 
 
-def token_budget(datasets: list, tokenizer) -> int:
+def label_tokens(splits: dict, tokenizer) -> dict[str, list[int]]:
+    """Split name → its `label_lengths`: tokenized once, for the budget, the report and the MFU."""
+    return {split: label_lengths(data, tokenizer) for split, data in splits.items()}
+
+
+def token_budget(lengths: list[int]) -> int:
     """A generation budget that fits every label seen, with room for a longer document."""
-    longest = max(max(label_lengths(dataset, tokenizer)) for dataset in datasets)
+    longest = max(lengths)
     return longest + max(16, longest // 4)
 
 
-def build_dataset_report(splits: dict, tokenizer, max_new_tokens: int) -> dict:
-    """`splits`: name → JSONLDataset (with `entries` and `image_directory_path`)."""
+def build_dataset_report(splits: dict, lengths: dict[str, list[int]], max_new_tokens: int) -> dict:
+    """`splits`: name → JSONLDataset (with `entries` and `image_directory_path`); `lengths`: their
+    `label_tokens`."""
     paths = {split: [os.path.join(data.image_directory_path, e["image"]) for e in data.entries]
              for split, data in splits.items()}
     report = {"rows": {split: len(data) for split, data in splits.items()}, "images": {}, "label_tokens": {},
               "max_new_tokens": max_new_tokens}
-    lengths = {split: label_lengths(data, tokenizer) for split, data in splits.items()}
     for split in splits:
         report["images"][split] = image_summary(paths[split])
         report["label_tokens"][split] = spread(lengths[split])
@@ -161,9 +163,10 @@ def dataset_warnings(report: dict) -> list[str]:
     return warnings
 
 
-def report_dataset(splits: dict, tokenizer, max_new_tokens: int, output_dir: str, strict: bool) -> dict:
+def report_dataset(splits: dict, lengths: dict[str, list[int]], max_new_tokens: int, output_dir: str,
+                   strict: bool) -> dict:
     """Prints the report and its warnings, saves `dataset_report.json`; with `strict`, a leak stops the run."""
-    report = build_dataset_report(splits, tokenizer, max_new_tokens)
+    report = build_dataset_report(splits, lengths, max_new_tokens)
     write_json_atomically(report, os.path.join(output_dir, "dataset_report.json"))
     print(format_dataset_report(report))
     for warning in dataset_warnings(report):

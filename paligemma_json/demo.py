@@ -15,7 +15,7 @@ import uuid
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-from paligemma_json.metrics import parse_json
+from paligemma_json.json_text import parse_json
 
 # The flow stays the same; only these constants change for the demo, and the script prints them.
 # A random tiny model barely moves under LoRA (frozen random embeddings), so the demo trains fully,
@@ -225,11 +225,15 @@ def build_tiny_model(tokenizer, save_dir: str, seed: int = 0):
     return model, processor
 
 
+def demo_paths(output_dir: str) -> tuple[str, str]:
+    """Where the demo's dataset and tiny model go: inside the run, which a later demo replaces."""
+    return os.path.join(output_dir, "demo-dataset"), os.path.join(output_dir, "demo-model")
+
+
 def build_demo(output_dir: str, seed: int = 0, reuse: bool = False) -> tuple[str, str]:
     """Writes the demo dataset and tiny model under `output_dir` (or, with `reuse`, keeps those an
     earlier demo left there, as a resumed run needs); returns their paths."""
-    dataset_dir = os.path.join(output_dir, "demo-dataset")
-    model_dir = os.path.join(output_dir, "demo-model")
+    dataset_dir, model_dir = demo_paths(output_dir)
     if not (reuse and os.path.isdir(dataset_dir) and os.path.isdir(model_dir)):
         for path in (dataset_dir, model_dir):
             shutil.rmtree(path, ignore_errors=True)  # demo output is disposable

@@ -1,4 +1,4 @@
-"""What the GPU decides: the one training dtype, and one GPU per process.
+"""What the GPU decides: the one training dtype, and one GPU (a whole model copy) per process.
 
 The training dtype is decided once, here, and the Trainer's `bf16` flag, the LoRA base's weights,
 QLoRA's compute dtype and the generation inputs all follow it. Weights are never fp16: Gemma 2
@@ -6,6 +6,7 @@ overflows there.
 """
 
 import functools
+import os
 
 import torch
 from transformers import TrainingArguments
@@ -46,3 +47,10 @@ class OneGPUPerProcessArguments(TrainingArguments):
                   f"(or accelerate launch --multi_gpu --num_processes {self._n_gpu} finetune_paligemma2.py ...)")
             self._n_gpu = 1
         return device
+
+
+def model_device_map() -> dict:
+    """One whole copy on this process's device: never split a model across GPUs behind DDP's back."""
+    if torch.cuda.is_available():
+        return {"": int(os.environ.get("LOCAL_RANK", 0))}
+    return {"": "cpu"}

@@ -152,3 +152,9 @@ def predict_across_processes(predict, dataset) -> list[dict]:
     shares = [None] * count
     torch.distributed.all_gather_object(shares, rows)
     return [shares[index % count][index // count] for index in range(len(dataset))]
+
+
+def end_distributed() -> None:
+    """Under DDP: without this, about 1 run in 8 aborted at exit here."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

@@ -1,16 +1,16 @@
-"""Writing results so that a crash never leaves a file or folder that looks complete but is not,
-and the rules for an OUTPUT_DIR that already holds a run."""
+"""Writing results so that a crash never leaves a file or folder that looks complete but is not."""
 
 import json
 import os
-import re
 import shutil
 
-from paligemma_json import FlowError
+from paligemma_json.json_text import jsonl_rows
 
 
-def replace_atomically(write, final_path: str) -> None:
-    """`write(temporary_path)`, then rename it onto `final_path`."""
+def replace_atomically(write, final_path: str) -> str:
+    """`write(temporary_path)`, then rename it onto `final_path`; says "replaced" or "wrote", for the
+    line that tells the user."""
+    replaced = os.path.exists(final_path)
     temporary = final_path + ".tmp"
     if os.path.isdir(temporary):
         shutil.rmtree(temporary)
@@ -18,13 +18,34 @@ def replace_atomically(write, final_path: str) -> None:
     if os.path.isdir(final_path):
         shutil.rmtree(final_path)  # a folder cannot be renamed onto a non-empty one
     os.replace(temporary, final_path)
+    return "replaced" if replaced else "wrote"
 
 
-def write_json_atomically(data, path: str) -> None:
+def write_json_atomically(data, path: str) -> str:
     def write(temporary):
         with open(temporary, "w", encoding="utf-8") as out:
             json.dump(data, out, indent=2)
-    replace_atomically(write, path)
+    return replace_atomically(write, path)
+
+
+def write_jsonl_atomically(rows: list[dict], path: str) -> str:
+    def write(temporary):
+        with open(temporary, "w", encoding="utf-8") as out:
+            out.writelines(json.dumps(row) + "\n" for row in rows)
+    return replace_atomically(write, path)
+
+
+def append_jsonl(path: str, kept: list[dict], new_rows) -> list[dict]:
+    """`kept` written whole (so a line torn by a crash goes), then each new row appended and flushed as
+    it comes, so a run cut off later loses none of them."""
+    write_jsonl_atomically(kept, path)
+    rows = list(kept)
+    with open(path, "a", encoding="utf-8") as out:
+        for row in new_rows:
+            out.write(json.dumps(row) + "\n")
+            out.flush()
+            rows.append(row)
+    return rows
 
 
 def read_saved_json(path: str):
@@ -35,59 +56,15 @@ def read_saved_json(path: str):
         return json.load(file)
 
 
-def earlier_run_outputs(output_dir: str) -> list[str]:
-    """What an earlier run in `output_dir` wrote; the user's own files there are not listed."""
-    if not os.path.isdir(output_dir):
-        return []
-    return [name for name in sorted(os.listdir(output_dir))
-            if name in ("final", "metrics.json", "predictions.jsonl", "validation_predictions.jsonl", "runs",
-                        "demo-dataset", "demo-model")
-            or name.startswith("checkpoint-")]
-
-
-def prepare_output_dir(output_dir: str, overwrite: bool, resume: bool, demo: bool) -> None:
-    """Refuse to mix a new run with a finished or cut-off one, unless asked to continue or replace
-    it. A demo's output is disposable, so a demo replaces an earlier demo without being asked."""
-    earlier = earlier_run_outputs(output_dir)
-    if not earlier or resume:
-        return
-    earlier_demo = "demo-model" in earlier  # --overwrite removes it: a real run there is never taken for a demo
-    if not (overwrite or (demo and earlier_demo)):
-        raise FlowError(f"{output_dir} already holds a run ({', '.join(earlier[:3])}): pass --resume to "
-                        "continue it, --overwrite to replace it, or choose another --output-dir")
-    print(f"replacing the earlier {'demo ' if earlier_demo else ''}run in {output_dir}")
-    for name in earlier:
-        path = os.path.join(output_dir, name)
-        if os.path.isdir(path):
-            shutil.rmtree(path)
-        else:
-            os.remove(path)
-
-
-def newest_checkpoint(output_dir: str) -> str | None:
-    """The newest complete checkpoint: the Trainer writes `trainer_state.json` last."""
-    if not os.path.isdir(output_dir):  # a launcher's other processes may look before the first creates it
-        return None
-    steps = [int(name.split("-")[1]) for name in os.listdir(output_dir)
-             if re.fullmatch(r"checkpoint-\d+", name)
-             and os.path.isfile(os.path.join(output_dir, name, "trainer_state.json"))]
-    return os.path.join(output_dir, f"checkpoint-{max(steps)}") if steps else None
-
-
 def completed_rows(predictions_path: str, entries: list[dict]) -> list[dict]:
     """The rows of an earlier, cut-off prediction run that match `entries` in order; a line torn by
     the crash ends them."""
     rows = []
     if os.path.isfile(predictions_path):
-        with open(predictions_path, "rb") as file:
-            for line, entry in zip(file, entries):
-                try:
-                    row = json.loads(line)
-                except ValueError:
-                    break
-                if not line.endswith(b"\n") or row.get("image") != entry["image"]:
-                    break
-                rows.append(row)
+        for (_, row), entry in zip(jsonl_rows(predictions_path, None), entries):
+            if not isinstance(row, dict) or row.get("image") != entry["image"]:
+                break
+            rows.append(row)
     return rows
 
 

@@ -7,8 +7,9 @@ import io
 from html import escape
 
 from paligemma_json.files import replace_atomically
-from paligemma_json.metrics import confidence_lookup, parse_json
-from paligemma_json.pictures import field_statuses
+from paligemma_json.json_text import parse_json
+from paligemma_json.metrics import confidence_lookup, field_statuses
+from paligemma_json.pictures import load_thumbnail
 
 STYLE = """
 body { font: 14px/1.4 system-ui, sans-serif; margin: 0 auto; padding: 12px; max-width: 1200px; color: #222; }
@@ -58,12 +59,9 @@ update();
 
 
 def thumbnail_data_uri(path: str | None, size: int = 360) -> str | None:
-    from PIL import Image
-    try:
-        image = Image.open(path).convert("RGB")
-    except Exception:
-        return None  # a predictions file outlives its images
-    image.thumbnail((size, size))
+    image = load_thumbnail(path, size)
+    if image is None:
+        return None
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=80)
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()

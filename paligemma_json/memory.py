@@ -49,10 +49,6 @@ CUDA_CONTEXT_BYTES = 0.5 * GIB
 # allocated (PyTorch's torch.cuda.memory_allocated docs say so without a figure). 10% of what a step
 # allocates above the weights is an ASSUMPTION, not a measurement, until a GPU measures it.
 ALLOCATOR_SLACK = 0.10
-# Cards as nvidia-smi reports their totals (MiB): T4 15360, L4 23034, A100 40960 and 81920, H100 81559.
-CARDS = {"T4": 15360 / 1024, "L4": 23034 / 1024, "A100 40GB": 40.0, "A100 80GB": 80.0, "H100 80GB": 81559 / 1024}
-# Which compute dtype a card trains in here (paligemma_json/devices.py): bf16 from compute capability 8.0.
-CARD_COMPUTE = {"T4": "fp32", "L4": "bf16", "A100 40GB": "bf16", "A100 80GB": "bf16", "H100 80GB": "bf16"}
 
 QLORA_BYTES_PER_WEIGHT = 0.5 + 4 / 64  # nf4: 4 bits, and one fp32 absmax per block of 64 (no double quant)
 COMPUTE_BYTES = {"bf16": 2, "fp32": 4}
@@ -297,19 +293,20 @@ def fit_report(arch: Architecture, setting: TrainingSetting, free_bytes: float, 
     return lines
 
 
-def setting_from(settings: dict, dtype: torch.dtype, label_tokens: int) -> TrainingSetting:
-    """The script's settings (its UPPER_CASE names) as a TrainingSetting."""
-    mode = "qlora" if settings["USE_QLORA"] else "lora" if settings["USE_LORA"] else "full"
-    return TrainingSetting(mode=mode, compute="bf16" if dtype == torch.bfloat16 else "fp32",
-                           batch_size=settings["BATCH_SIZE"], grad_accum=settings["GRAD_ACCUM"],
-                           gradient_checkpointing=settings["GRADIENT_CHECKPOINTING"],
-                           freeze_vision=settings["FREEZE_VISION"], label_tokens=label_tokens,
-                           lora_rank=settings["LORA_RANK"], lora_targets=tuple(settings["LORA_TARGET_MODULES"]))
+def training_setting(*, use_lora: bool, use_qlora: bool, freeze_vision: bool, lora_rank: int, lora_targets,
+                     batch_size: int, grad_accum: int, gradient_checkpointing: bool, dtype: torch.dtype,
+                     label_tokens: int) -> TrainingSetting:
+    """A run's settings, as the script names them (USE_LORA ... MAX_NEW_TOKENS), as a TrainingSetting."""
+    return TrainingSetting(mode="qlora" if use_qlora else "lora" if use_lora else "full",
+                           compute="bf16" if dtype == torch.bfloat16 else "fp32", batch_size=batch_size,
+                           grad_accum=grad_accum, gradient_checkpointing=gradient_checkpointing,
+                           freeze_vision=freeze_vision, label_tokens=label_tokens, lora_rank=lora_rank,
+                           lora_targets=tuple(lora_targets))
 
 
-def check_fit(model_id: str, settings: dict, dtype: torch.dtype, label_tokens: int, cache_only: bool = False) -> None:
-    """On a GPU, before the model loads: print the estimate against this card's free memory. Never
-    stops the run; a config that cannot be read only skips the check."""
+def check_fit(model_id: str, setting: TrainingSetting, cache_only: bool = False) -> None:
+    """On a GPU, before the model loads: print the estimate of `setting` against this card's free
+    memory. Never stops the run; a config that cannot be read only skips the check."""
     if not torch.cuda.is_available():
         return
     from transformers import PaliGemmaConfig
@@ -320,6 +317,5 @@ def check_fit(model_id: str, settings: dict, dtype: torch.dtype, label_tokens: i
         return
     device = int(os.environ.get("LOCAL_RANK", 0))
     free_bytes, _ = torch.cuda.mem_get_info(device)
-    setting = setting_from(settings, dtype, label_tokens)
     for line in fit_report(architecture(config), setting, free_bytes, torch.cuda.get_device_name(device)):
         print(line)

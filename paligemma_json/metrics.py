@@ -13,14 +13,9 @@ from functools import lru_cache
 
 from rapidfuzz.distance import Levenshtein
 
+from paligemma_json.json_text import key_paths, parse_json
 
-def parse_json(text: str):
-    """The parsed object or array, or None: no repair, so a truncated list counts as invalid."""
-    try:
-        value = json.loads(text)
-    except (json.JSONDecodeError, TypeError):
-        return None
-    return value if isinstance(value, (dict, list)) else None
+FALLBACK_THRESHOLD = 0.8  # the confidence threshold when none is given, picked or saved (confidence.py)
 
 
 def has_duplicate_keys(text: str) -> bool:
@@ -58,13 +53,9 @@ def normalize(data):
     return [str(data).strip()]
 
 
-def flatten(data, key: str = "") -> list[tuple[str, str]]:
-    """(key path, value) pairs; list items share their parent's key path, as in Donut."""
-    if isinstance(data, dict):
-        return [pair for child, value in data.items() for pair in flatten(value, f"{key}.{child}" if key else child)]
-    if isinstance(data, list):
-        return [pair for item in data for pair in flatten(item, key)]
-    return [(key, data)]
+def flatten(data) -> list[tuple[str, str]]:
+    """(key path, value) pairs of normalized data, list items sharing their parent's key path."""
+    return list(key_paths(data))
 
 
 # --- Donut's tree edit distance (Zhang-Shasha, with Donut's tree and costs) -------------------
@@ -172,7 +163,7 @@ def _ratio(part: float, whole: float, if_empty: float) -> float:
     return part / whole if whole else if_empty
 
 
-def compute_metrics(rows: list[dict], schema: dict | None = None, threshold: float = 0.8,
+def compute_metrics(rows: list[dict], schema: dict | None = None, threshold: float = FALLBACK_THRESHOLD,
                     threshold_source: str = "given") -> dict:
     """Flat figures over prediction rows (each with `prediction` and `suffix`), plus `per_field`.
     Rows whose `suffix` is not JSON (captions, answers) only count in `char_similarity`. With the
@@ -208,6 +199,29 @@ def scored_confidences(row: dict) -> list[tuple[str, str, float]]:
             scored[pair] -= 1
             marked.append((*pair, field["confidence"]))
     return marked
+
+
+def field_statuses(prediction_text: str, truth_text: str) -> list[tuple[str, str, str, str]]:
+    """(status, key path, true value, predicted value) per field, in the truth's order: `right`,
+    `wrong`, `missing` (predicted ""), then the prediction's `extra` fields (true ""). Matching is
+    Donut's: normalized values, each predicted value used once."""
+    prediction, truth = parse_json(prediction_text), parse_json(truth_text)
+    unmatched = Counter(flatten(normalize(prediction or {})))
+    statuses = []
+    for key, value in flatten(normalize(truth or {})):
+        if unmatched[(key, value)] > 0:
+            unmatched[(key, value)] -= 1
+            statuses.append(["right", key, value, value])
+        else:
+            statuses.append(["missing", key, value, ""])
+    leftovers = [pair for pair, count in unmatched.items() for _ in range(count)]
+    for status in statuses:  # a missing field whose key the prediction has, with another value, is wrong
+        for pair in leftovers if status[0] == "missing" else []:
+            if pair[0] == status[1]:
+                leftovers.remove(pair)
+                status[0], status[3] = "wrong", pair[1]
+                break
+    return [tuple(status) for status in statuses] + [("extra", key, "", value) for key, value in leftovers]
 
 
 def field_correctness(row: dict) -> list[tuple[float, bool]]:

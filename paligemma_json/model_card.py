@@ -14,8 +14,8 @@ import re
 import shlex
 import shutil
 
-from paligemma_json.files import (adapter_base, newest_checkpoint, read_saved_json, replace_atomically,
-                                  write_json_atomically)
+from paligemma_json.files import adapter_base, read_saved_json, replace_atomically, write_json_atomically
+from paligemma_json.plan import newest_checkpoint
 
 CARD_NAME = "README.md"
 ROBOFLOW_SOURCE = "roboflow-source.json"  # written beside a downloaded export: where it came from

@@ -1,12 +1,12 @@
 """Pictures of a run: test predictions field by field, and the training curves."""
 
 import os
-from collections import Counter
 
 from PIL import Image, ImageDraw, ImageFont
 
 from paligemma_json.files import replace_atomically
-from paligemma_json.metrics import confidence_lookup, flatten, normalize, parse_json
+from paligemma_json.json_text import parse_json
+from paligemma_json.metrics import FALLBACK_THRESHOLD, confidence_lookup, field_statuses
 
 RIGHT, WRONG, MISSING, EXTRA = (20, 130, 50), (200, 30, 30), (215, 120, 0), (120, 60, 170)
 UNSURE = (255, 226, 120)  # the highlight behind a field whose confidence is below the threshold
@@ -23,46 +23,29 @@ def _font(size: int, bold: bool = False):
         return ImageFont.load_default(size=size)
 
 
-def field_statuses(prediction_text: str, truth_text: str) -> list[tuple[str, str, str, str]]:
-    """(status, key path, true value, predicted value) per field, in the truth's order: `right`,
-    `wrong`, `missing` (predicted ""), then the prediction's `extra` fields (true ""). Matching is
-    Donut's: normalized values, each predicted value used once."""
-    prediction, truth = parse_json(prediction_text), parse_json(truth_text)
-    unmatched = Counter(flatten(normalize(prediction or {})))
-    statuses = []
-    for key, value in flatten(normalize(truth or {})):
-        if unmatched[(key, value)] > 0:
-            unmatched[(key, value)] -= 1
-            statuses.append(["right", key, value, value])
-        else:
-            statuses.append(["missing", key, value, ""])
-    leftovers = [pair for pair, count in unmatched.items() for _ in range(count)]
-    for status in statuses:  # a missing field whose key the prediction has, with another value, is wrong
-        for pair in leftovers if status[0] == "missing" else []:
-            if pair[0] == status[1]:
-                leftovers.remove(pair)
-                status[0], status[3] = "wrong", pair[1]
-                break
-    return [tuple(status) for status in statuses] + [("extra", key, "", value) for key, value in leftovers]
-
-
-def _load_thumbnail(path: str | None) -> Image.Image:
-    """The image, or a grey placeholder when it is gone: a predictions file outlives its images."""
+def load_thumbnail(path: str | None, size: int) -> Image.Image | None:
+    """The image shrunk to fit a `size` square, or None when it is gone or unreadable: a
+    predictions file outlives its images."""
     try:
         image = Image.open(path).convert("RGB")
-        image.thumbnail((THUMB_SIZE, THUMB_SIZE))
-        return image
     except Exception:
-        placeholder = Image.new("RGB", (THUMB_SIZE, THUMB_SIZE), (200, 200, 200))
-        ImageDraw.Draw(placeholder).text((20, THUMB_SIZE // 2), "image not found", fill=(90, 90, 90),
-                                         font=_font(16))
-        return placeholder
+        return None
+    image.thumbnail((size, size))
+    return image
+
+
+def _thumbnail_or_placeholder(path: str | None) -> Image.Image:
+    image = load_thumbnail(path, THUMB_SIZE)
+    if image is None:
+        image = Image.new("RGB", (THUMB_SIZE, THUMB_SIZE), (200, 200, 200))
+        ImageDraw.Draw(image).text((20, THUMB_SIZE // 2), "image not found", fill=(90, 90, 90), font=_font(16))
+    return image
 
 
 def _draw_card(row: dict, font, bold, threshold: float) -> Image.Image:
     card = Image.new("RGB", (CARD_WIDTH, CARD_HEIGHT), "white")
     draw = ImageDraw.Draw(card)
-    card.paste(_load_thumbnail(row.get("image_path")), (8, 30))
+    card.paste(_thumbnail_or_placeholder(row.get("image_path")), (8, 30))
     draw.text((8, 6), str(row.get("image", ""))[:90], fill="black", font=bold)
     x, y, bottom = THUMB_SIZE + 24, 30, CARD_HEIGHT - 2 * LINE - 4
     if parse_json(row["prediction"]) is None:
@@ -94,7 +77,8 @@ def _draw_card(row: dict, font, bold, threshold: float) -> Image.Image:
     return card
 
 
-def draw_predictions(rows: list[dict], path: str, max_cards: int = 8, columns: int = 2, threshold: float = 0.8) -> None:
+def draw_predictions(rows: list[dict], path: str, max_cards: int = 8, columns: int = 2,
+                     threshold: float = FALLBACK_THRESHOLD) -> None:
     """A grid of test rows: each image beside its fields, errors first and coloured, fields the
     model was unsure of (confidence below `threshold`) highlighted."""
     font, bold = _font(12), _font(13, bold=True)

@@ -7,8 +7,8 @@ import json
 import os
 
 from paligemma_json import FlowError
-from paligemma_json.confidence import RECORD_NAME as CONFIDENCE_RECORD, VALIDATION_PREDICTIONS
 from paligemma_json.files import read_saved_json, write_json_atomically
+from paligemma_json.plan import RunPlan, holds_results, outputs_with, present
 
 RECORD_NAME = "run_settings.json"
 
@@ -22,11 +22,6 @@ TRAINING = ("MODEL_ID", "PROMPT", "TRAIN_DATA", "USE_LORA", "USE_QLORA", "FREEZE
 # What changes a test prediction once `final/` exists. USE_QLORA: an adapter is then applied to a
 # 4-bit base.
 PREDICTION = ("MODEL_ID", "PROMPT", "USE_QLORA", "MAX_NEW_TOKENS", "NUM_BEAMS", "CONSTRAINED", "SCHEMA")
-
-# What a resume re-predicts from scratch when the predictions would be mixed: the rows, and what was
-# figured from them (the threshold picked on the validation rows is saved beside the model).
-PREDICTION_OUTPUTS = ("predictions.jsonl", VALIDATION_PREDICTIONS, "metrics.json",
-                      os.path.join("final", CONFIDENCE_RECORD))
 
 DESCRIBED = {"EFFECTIVE_BATCH": "the effective batch (BATCH_SIZE x GRAD_ACCUM x processes)",
              "TRAIN_DATA": "the train/valid rows (a hash of their images and labels)",
@@ -47,15 +42,14 @@ def model_name(model_id: str, output_dir: str) -> str:
     return os.path.abspath(model_id)
 
 
-def run_settings(settings: dict, schema: dict | None, splits: dict) -> dict:
-    """The record's two parts from the script's globals. Left out: MAX_NEW_TOKENS while it is still
+def run_settings(settings: dict, schema: dict | None, splits: dict, effective_batch: int) -> dict:
+    """The record's two parts from the script's settings. Left out: MAX_NEW_TOKENS while it is still
     0 (resolved from the labels in step 4), settings that do nothing in this mode, and settings
     this version lacks."""
     rows = [(entry["image"], entry["suffix"]) for split in ("train", "valid") for entry in splits[split].entries]
     values = {name: settings[name] for name in TRAINING + PREDICTION if name in settings}
     values.update(MODEL_ID=model_name(settings["MODEL_ID"], settings["OUTPUT_DIR"]), TRAIN_DATA=short_hash(rows),
-                  SCHEMA=short_hash(schema), EFFECTIVE_BATCH=settings["BATCH_SIZE"] * settings["GRAD_ACCUM"]
-                  * int(os.environ.get("WORLD_SIZE", "1")))
+                  SCHEMA=short_hash(schema), EFFECTIVE_BATCH=effective_batch)
     ignored = ["LORA_RANK", "LORA_TARGET_MODULES"] if not values["USE_LORA"] else []  # a full fine-tune has no adapter
     ignored += ["EPOCHS"] if values["MAX_STEPS"] > 0 else []  # the Trainer stops at MAX_STEPS then
     ignored += ["MAX_NEW_TOKENS"] if values["MAX_NEW_TOKENS"] <= 0 else []
@@ -71,12 +65,6 @@ def differences(earlier: dict, now: dict) -> list[str]:
             for name in now if name in earlier and earlier[name] != now[name]]
 
 
-def holds_results(output_dir: str) -> bool:
-    """Anything a run with other settings would be mixed with."""
-    return os.path.isdir(output_dir) and any(name.startswith("checkpoint-") or name in ("final", "predictions.jsonl")
-                                             for name in os.listdir(output_dir))
-
-
 def read_record(output_dir: str) -> dict | None:
     path = os.path.join(output_dir, RECORD_NAME)
     try:
@@ -86,22 +74,22 @@ def read_record(output_dir: str) -> dict | None:
         raise FlowError(f"{path} cannot be read: restore it, or delete it to resume without the check") from None
 
 
-def check_run_settings(flow: dict, schema: dict | None, splits: dict, resolved: bool = False) -> None:
-    """Called with the script's globals as soon as the schema is known (step 3), and again once
+def check_run_settings(settings: dict, run: RunPlan, schema: dict | None, splits: dict, resolved: bool = False) -> None:
+    """Called with the script's settings as soon as the schema is known (step 3), and again once
     MAX_NEW_TOKENS is resolved (`resolved`, step 4), both before the model loads. Refuses a resume
     that would mix two trainings; once resolved, re-predicts when the predictions would be mixed
     and writes the record (the first process alone)."""
-    output_dir, now = flow["OUTPUT_DIR"], run_settings(flow, schema, splits)
-    earlier = read_record(output_dir) if flow["RESUME"] and holds_results(output_dir) else None
+    output_dir, now = run.output_dir, run_settings(settings, schema, splits, run.effective_batch)
+    earlier = read_record(output_dir) if run.resume and holds_results(output_dir) else None
     if earlier is not None:
-        refuse_mixed_training(output_dir, earlier, now, flow["TRAINING_DONE"])
+        refuse_mixed_training(output_dir, earlier, now, run.training_done)
     if not resolved:
         return
-    writes = flow["IS_MAIN_PROCESS"]
-    if flow["RESUME"] and holds_results(output_dir) and earlier is None and writes:
+    writes = run.writes
+    if run.resume and holds_results(output_dir) and earlier is None and writes:
         print(f"note: {output_dir} has no {RECORD_NAME} (an older version made it): its settings cannot be "
               "checked against these; they are recorded from now on")
-    if earlier is not None and flow["TRAINING_DONE"]:
+    if earlier is not None and run.training_done:
         unused = differences(earlier["training"], {name: value for name, value in now["training"].items()
                                                    if name not in now["prediction"]})
         if unused and writes:
@@ -125,10 +113,9 @@ def refuse_mixed_training(output_dir: str, earlier: dict, now: dict, training_do
 
 def repredict_if_changed(output_dir: str, changed: list[str]) -> None:
     """Predictions from other decoding settings are not kept beside new ones: they and what was
-    derived from them go, and step 7 predicts every row again (the validation rows too, when the
+    derived from them go, and step 8 predicts every row again (the validation rows too, when the
     confidence threshold is picked on them)."""
-    derived = [os.path.join(output_dir, name) for name in PREDICTION_OUTPUTS
-               if os.path.isfile(os.path.join(output_dir, name))]
+    derived = [os.path.join(output_dir, name) for name in present(output_dir, outputs_with("predicted"))]
     if not changed or not derived:
         return
     print("resume: re-predicting every row, since " + "; ".join(changed) + "; removed "

@@ -3,8 +3,12 @@ what `schema_valid_rate` checks, and what constrained decoding holds generation 
 
 import json
 import math
+import os
 
 from paligemma_json import FlowError
+from paligemma_json.constrained import with_layout
+from paligemma_json.files import write_json_atomically
+from paligemma_json.json_text import json_type, parse_json
 
 LENGTH_MARGIN = 0.5  # a string or list may be half again as long as the longest seen: real documents vary
 
@@ -13,17 +17,9 @@ def _with_margin(longest: int) -> int:
     return longest + max(2, math.ceil(longest * LENGTH_MARGIN))
 
 
-def _json_type(value) -> str:
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, int):
-        return "integer"
-    return {dict: "object", list: "array", str: "string", float: "number", type(None): "null"}[type(value)]
-
-
 def _merge(values: list) -> dict:
     """One schema for every value seen at one place in the labels."""
-    kinds = {_json_type(value) for value in values}
+    kinds = {json_type(value) for value in values}
     if {"integer", "number"} <= kinds:
         kinds.discard("integer")  # a field that is 3 in one label and 2.5 in another is a number
     branches = []
@@ -65,7 +61,6 @@ def infer_schema(labels: list) -> dict:
 def schema_from_labels(suffixes: list[str]):
     """The inferred schema, or None (with a notice) when some labels are not JSON: captions and
     answers have no structure to hold."""
-    from paligemma_json.metrics import parse_json
     labels = [parse_json(suffix) for suffix in suffixes]
     if any(label is None for label in labels):
         print(f"note: {sum(label is None for label in labels)} train/valid labels are not JSON: no schema, so free "
@@ -86,3 +81,36 @@ def load_schema(path: str) -> dict:
         message = getattr(error, "message", None) or str(error)
         raise FlowError(f"{path}: not a usable JSON Schema ({message.splitlines()[0][:200]}); fix it or drop --schema") from None
     return schema
+
+
+def label_schema(splits: dict, schema_path: str = "") -> dict | None:
+    """The structure predictions should have: the user's schema, or one inferred from the train and
+    valid labels (None when they are not JSON), with the labels' separators for the grammar."""
+    suffixes = [entry["suffix"] for split in ("train", "valid") for entry in splits[split].entries]
+    schema = load_schema(schema_path) if schema_path else schema_from_labels(suffixes)
+    return None if schema is None else with_layout(schema, suffixes)
+
+
+def count_non_json_labels(dataset) -> int:
+    return sum(parse_json(entry["suffix"]) is None for entry in dataset.entries)
+
+
+def warn_non_json_labels(splits: dict) -> None:
+    non_json = sum(count_non_json_labels(data) for data in splits.values())
+    if non_json:
+        print(f"warning: {non_json} labels are not JSON objects or arrays; the JSON metrics leave them out")
+
+
+def save_label_schema(schema: dict | None, output_dir: str) -> None:
+    """What `--evaluate` scores against; with labels that are not JSON, no earlier run's schema either."""
+    path = os.path.join(output_dir, "schema.json")
+    if schema is not None:
+        write_json_atomically(schema, path)
+    elif os.path.exists(path):
+        os.remove(path)
+
+
+def read_saved_schema(folder: str) -> dict | None:
+    """The `schema.json` a run saved in `folder` (OUTPUT_DIR or final/), or None: labels that are not JSON."""
+    path = os.path.join(folder, "schema.json")
+    return load_schema(path) if os.path.isfile(path) else None

@@ -17,37 +17,12 @@ MFU = FLOPs per sample x samples per second / (peak FLOP/s x devices), with the 
 the run is on, in the dtype it trains in (bf16 from compute capability 8.0, fp32 below).
 """
 
-import re
-
 import torch
 from transformers import TrainerCallback
 
-H100_SXM_BF16_DENSE_FLOPS = 989e12  # NVIDIA's datasheet, dense (no sparsity)
+from paligemma_json.cards import CARDS, find_card  # each card's dense peak, in the dtype it trains in
 
-# Dense peaks (no sparsity) in the dtype this project trains in on each card, from NVIDIA's
-# datasheets, which print bf16 "with sparsity" (twice dense) for Hopper, Ada and the L4. Keys are
-# `torch.cuda.get_device_name()` substrings, matched at word boundaries, the longest matching key
-# wins; None marks a variant whose figure is not in a datasheet at hand, so that it is not taken
-# for its namesake. Cards below compute capability 8.0 train in fp32 here: their fp32 peak.
-PEAK_FLOPS = {
-    "H100 80GB HBM3": {"bf16": 989e12},  # H100 SXM5 datasheet: BF16 1,979 TFLOPS with sparsity
-    "H100 SXM": {"bf16": 989e12},  # the same card, named by its form factor
-    "H100 PCIe": {"bf16": 756e12},  # H100 datasheet: PCIe BF16 1,513 TFLOPS with sparsity
-    "H100 NVL": None,  # its datasheet's figure changed between editions (a pair of cards, then one)
-    "H200": {"bf16": 989e12},  # H200 datasheet: SXM BF16 1,979 TFLOPS with sparsity
-    "H200 NVL": None,  # a lower-clocked card: not the SXM's figure
-    "A100": {"bf16": 312e12},  # A100 datasheet (SXM and PCIe, 40 and 80 GB): BF16 312 TFLOPS dense
-    "A10": {"bf16": 125e12},  # A10 datasheet: BF16 125 TFLOPS dense (250 with sparsity)
-    "A10G": None,  # AWS's variant of the A10: NVIDIA publishes no datasheet for it
-    "L4": {"bf16": 121e12},  # L4 datasheet: BF16 242 TFLOPS with sparsity
-    "L40S": {"bf16": 362e12},  # L40S datasheet: BF16 362 TFLOPS dense (733 with sparsity)
-    "RTX 4090": {"bf16": 165e12},  # Ada whitepaper: BF16 with FP32 accumulate 165.2 TFLOPS dense
-    "RTX 4090 D": None,  # the cut-down 4090: fewer SMs
-    "T4": {"fp32": 8.1e12},  # T4 datasheet: FP32 8.1 TFLOPS (no bf16; fp16 tensor cores 65)
-    "V100-SXM2": {"fp32": 15.7e12},  # V100 datasheet: SXM2 FP32 15.7 TFLOPS (no bf16)
-    "V100-PCIE": {"fp32": 14e12},  # V100 datasheet: PCIe FP32 14 TFLOPS
-    "V100S": {"fp32": 16.4e12},  # V100S datasheet: FP32 16.4 TFLOPS
-}
+H100_SXM_BF16_DENSE_FLOPS = CARDS["H100 SXM"].peak_flops  # the default card of `mfu`
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
@@ -147,11 +122,8 @@ def mfu(config, tokens_per_second: float, samples_per_second: float, use_lora: b
 
 def peak_flops(device_name: str, dtype: torch.dtype) -> float | None:
     """The card's dense peak FLOP/s in `dtype`, or None when the table has no figure for it."""
-    matches = [key for key in PEAK_FLOPS if re.search(rf"(?<!\w){re.escape(key)}(?!\w)", device_name, re.IGNORECASE)]
-    if not matches:
-        return None
-    peaks = PEAK_FLOPS[max(matches, key=len)]
-    return None if peaks is None else peaks.get(DTYPE_NAMES.get(dtype, str(dtype)))
+    card = find_card(device_name)
+    return card.peak_flops if card and card.compute == DTYPE_NAMES.get(dtype, str(dtype)) else None
 
 
 def mfu_report(config, tokens_per_second: float, samples_per_second: float, use_lora: bool, freeze_vision: bool,
@@ -160,8 +132,8 @@ def mfu_report(config, tokens_per_second: float, samples_per_second: float, use_
     dtype_name = DTYPE_NAMES.get(dtype, str(dtype))
     peak = peak_flops(device_name, dtype)
     if peak is None:
-        return (f"MFU: not computed: no dense {dtype_name} peak for {device_name} in paligemma_json/speed.py's "
-                "PEAK_FLOPS (add it from the card's datasheet)")
+        return (f"MFU: not computed: no dense {dtype_name} peak for {device_name} in paligemma_json/cards.py's "
+                "CARDS (add it from the card's datasheet)")
     utilisation = mfu(config, tokens_per_second, samples_per_second, use_lora, freeze_vision, devices, peak,
                       lm_head_positions)
     return (f"MFU: {utilisation:.1%} of {devices} x {peak / 1e12:g} TFLOP/s ({device_name}, {dtype_name} dense), "
@@ -173,6 +145,19 @@ def training_rates(samples: float, tokens: float, runtime_s: float, evaluation_s
     cover the same steps (this session's, after a resume); `evaluation_s` of the runtime was validation."""
     seconds = max(runtime_s - evaluation_s, 1e-6)
     return samples / seconds, tokens / seconds
+
+
+def training_report(metrics: dict, steps: int, tokens: int, evaluation_s: float, resumed: bool) -> tuple[str, float, float]:
+    """The line printed after training, and the training steps' own (samples/s, tokens/s): the
+    Trainer's rates also count validation, which would understate speed and MFU. `metrics`: the
+    Trainer's training metrics, this session's; `tokens`: those this session's steps saw."""
+    runtime = metrics["train_runtime"]
+    samples_per_second, tokens_per_second = training_rates(metrics["train_samples_per_second"] * runtime, tokens,
+                                                           runtime, evaluation_s)
+    line = (f"training: {steps} steps in {runtime:.0f} s ({evaluation_s:.0f} s of it validation); the steps alone: "
+            f"{samples_per_second:.2f} samples/s, {tokens_per_second:.0f} tokens/s (image and text, no padding); "
+            f"final loss {metrics['train_loss']:.4f}" + (" (time and rates: this session's steps alone)" if resumed else ""))
+    return line, samples_per_second, tokens_per_second
 
 
 class SessionStart(TrainerCallback):

@@ -93,7 +93,7 @@ def check_patience(patience: int) -> None:
                         "evaluations without a better validation field F1 to stop after")
 
 
-def check_tracking_settings(settings: dict) -> None:
+def check_tracking_settings(report_to: str | list[str], early_stopping_patience: int) -> None:
     """REPORT_TO and EARLY_STOPPING_PATIENCE checked at start, before any data or model loads."""
-    trackers(settings["REPORT_TO"])
-    check_patience(settings["EARLY_STOPPING_PATIENCE"])
+    trackers(report_to)
+    check_patience(early_stopping_patience)

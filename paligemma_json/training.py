@@ -26,6 +26,10 @@ it hooks SigLIP's patch embedding too, so with a frozen vision tower the backwar
 run through all of SigLIP (and recompute it) for no gradient. So it is removed again here, which is
 why the script turns checkpointing on itself instead of through `TrainingArguments`.
 
+The Trainer's evaluation (`ExtractionTrainer`) also generates on the validation split and scores
+the JSON: its field F1 chooses the best checkpoint and drives early stopping. Each process generates
+its share of the rows; every one scores them all.
+
 Early stopping (EARLY_STOPPING_PATIENCE) counts the evaluations since validation field F1 last
 rose, from the Trainer's log history: the count is never a separate state to restore, so a resumed
 run counts the evaluations its checkpoint saw. A tie is not a rise, as in the Trainer's choice of
@@ -33,9 +37,15 @@ the best checkpoint. transformers' own EarlyStoppingCallback cannot serve: it re
 `on_evaluate`, which the Trainer calls before the flow has scored field F1.
 """
 
-import torch
-from transformers import TrainerCallback
+import functools
+import time
 
+import torch
+from transformers import Trainer, TrainerCallback
+
+from paligemma_json.distributed import predict_across_processes
+from paligemma_json.metrics import compute_metrics
+from paligemma_json.speed import SessionStart, training_report
 from paligemma_json.tracking import check_patience
 
 IGNORE_INDEX = -100  # the labels' mark for "not scored": image tokens, prompt, padding
@@ -110,3 +120,38 @@ def early_stopping(patience: int) -> list[TrainerCallback]:
     """The callbacks for EARLY_STOPPING_PATIENCE: none for 0."""
     check_patience(patience)
     return [EarlyStopping(patience)] if patience else []
+
+
+class ExtractionTrainer(Trainer):
+    """`predict(model, processor, dataset)`: prediction rows for `dataset`, as the script's `predict_rows`."""
+
+    def __init__(self, *args, predict, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.predict_rows = predict
+        self.evaluation_seconds = 0.0  # kept out of the training throughput
+        self.session_start = SessionStart()  # after --resume, throughput counts this session's tokens only
+        self.add_callback(self.session_start)
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+        started = time.perf_counter()
+        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        rows = predict_across_processes(functools.partial(self.predict_rows, self.model, self.processing_class), dataset)
+        scores = compute_metrics(rows)
+        extraction = {f"{metric_key_prefix}_{name}": scores[name] for name in ("field_f1", "json_valid_rate")}
+        self.log(extraction)
+        metrics.update(extraction)
+        self.evaluation_seconds += time.perf_counter() - started
+        return metrics
+
+    def speed(self, train_result, resumed: bool) -> tuple[str, float, float]:
+        """After `train()`: the line to print, and the training steps' own (samples/s, tokens/s)."""
+        return training_report(train_result.metrics, train_result.global_step,
+                               self.state.num_input_tokens_seen - self.session_start.tokens_seen,
+                               self.evaluation_seconds, resumed)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        """Full weights were loaded by the script's `load_model(checkpoint=...)`: see its
+        `load_best_checkpoint` for why. Adapters the Trainer restores correctly."""
+        if hasattr(self.model, "peft_config"):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)

@@ -8,6 +8,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "finetune_paligemma2.py")
 sys.path.insert(0, ROOT)
+from paligemma_json.json_text import jsonl_rows  # noqa: E402 (after the path it is found by)
 # Tests never reach for the Hub: a Hub id fails at once instead of retrying for minutes.
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -24,6 +25,12 @@ def run_script(*args, env=None, cwd=None, timeout=600):
     """The script as a user runs it; output captured for the assertions."""
     return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, cwd=cwd or ROOT, timeout=timeout)
+
+
+def build_trainer(flow, model, processor, splits, generation, output_dir, **settings):
+    """The script's trainer on the splits, with step 1's settings but those given (lower case)."""
+    return flow.build_trainer(model, processor, splits["train"], splits["valid"], generation,
+                              flow.training_arguments(output_dir, generation, **settings))
 
 
 def run_flow(monkeypatch, *args) -> dict:
@@ -86,7 +93,7 @@ def run(demo_run):
 
 
 def read_jsonl(path):
-    return [json.loads(line) for line in open(path)]
+    return [row for _, row in jsonl_rows(str(path), "the run wrote a broken line")]
 
 
 @pytest.fixture(scope="session")

@@ -65,13 +65,13 @@ for step in range(2):  # each process its own rows, as the Trainer's sampler spl
 # Seven rows over two processes, three a batch: shares of four and three, which would take two
 # batches and one, so the short share is padded to four (or the sharded generation would hang).
 valid = distributed.DatasetShare(splits["valid"], list(range(7)))
-generation = {"dtype": torch.float32, "batch_size": 3, "max_new_tokens": 60, "num_beams": 1}
+generation = flow.GenerationSettings(torch.float32, max_new_tokens=60, batch_size=3)
 predicted_here = []
 
 
 def predict(dataset):
     predicted_here.extend(entry["image"] for entry in dataset.entries)
-    return flow.predict_rows(model, processor, dataset, **generation, with_confidence=False)
+    return flow.predict_rows(model, processor, dataset, generation, with_confidence=False)
 
 
 record["rows"] = distributed.predict_across_processes(predict, valid)
@@ -86,7 +86,7 @@ weights_dir = distributed.save_whole_weights(model, None, final_dir, functools.p
 record["weights_dir"] = weights_dir
 
 if rank == 0:  # the others stop here, as the script's do; this one goes on with a whole copy
-    whole = flow.load_trained_model(weights_dir, False, torch.float32).eval()
+    whole = flow.load_trained_model(weights_dir, torch.float32).eval()
     record["whole_is_sharded"] = distributed.is_sharded(whole)
     reloaded = dict(whole.named_parameters())
     if use_lora:  # a PeftModel loaded for inference names its adapter weights as the trained one did
@@ -96,7 +96,7 @@ if rank == 0:  # the others stop here, as the script's do; this one goes on with
     record["max_difference"] = max((trained[name] - reloaded[name]).abs().max().item()
                                    for name in trained if name in reloaded)
     record["moved"] = max((trained[name] - initial[name]).abs().max().item() for name in trained)
-    record["whole_rows"] = list(flow.predict_rows(whole, processor, valid, **generation, with_confidence=False))
+    record["whole_rows"] = list(flow.predict_rows(whole, processor, valid, generation, with_confidence=False))
 
 with open(os.path.join(out_dir, f"rank-{rank}.json"), "w") as out:
     json.dump(record, out)

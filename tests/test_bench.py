@@ -184,3 +184,26 @@ def test_the_loss_curve_is_measured_without_changing_or_timing_the_training(work
     assert points[0][1] > points[-1][1]
     assert curved["loss_measurement_s"] > 0
     assert curved["final_loss"] == plain["final_loss"] and plain["loss_curve"] == []
+
+
+CHILD = """import json, os, sys
+assert sys.argv[1] == "--child"
+print("the flow's own prints come first")
+if sys.argv[2] == "fail":
+    sys.exit("the child's own error")
+print(json.dumps({"arguments": sys.argv[2:], "cwd": os.getcwd(), "added": os.environ.get("ADDED")}))
+"""
+
+
+def test_every_variant_runs_in_its_own_process_and_returns_its_last_line(tmp_path, monkeypatch):
+    """benchmarks/runner.py, which bench.py, levers.py, memory_levers.py, confidence_memory.py and
+    real_width.py share: `script --child ...` from the repository root, its last stdout line back."""
+    from runner import ROOT, ChildFailed, run_child
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    monkeypatch.chdir(tmp_path)  # the child still runs from the repository root
+    result = run_child(str(script), ["a", "--steps", "2"], "a", env={"ADDED": "yes"})
+    assert result == {"arguments": ["a", "--steps", "2"], "cwd": ROOT, "added": "yes"}
+    with pytest.raises(ChildFailed, match="fail failed:\n.*the child's own error") as failure:
+        run_child(str(script), ["fail"], "fail")
+    assert failure.value.stderr.strip() == "the child's own error"

@@ -8,9 +8,8 @@ import os
 import pytest
 from safetensors.torch import load_file
 
-import paligemma_json.evaluation  # noqa: F401 (bound to the real compute_metrics before it is scripted)
 from conftest import run_flow, short_run_args
-from paligemma_json import metrics
+from paligemma_json import metrics, training
 
 SCRIPTED_F1 = {4: 0.3, 8: 0.8, 12: 0.5}  # validation field F1 by step: the best, step 8, is not the last
 
@@ -32,7 +31,7 @@ def test_final_holds_the_best_checkpoint_not_the_last(mode, demo_assets, small_e
 
     def scripted(rows, *args, **kwargs):  # the validation pass's figures, with a chosen field F1
         return {**real(rows, *args, **kwargs), "field_f1": next(scores)}
-    monkeypatch.setattr(metrics, "compute_metrics", scripted)
+    monkeypatch.setattr(training, "compute_metrics", scripted)  # the Trainer's validation scoring alone
     output_dir = tmp_path / "run"
     run_flow(monkeypatch, *short_run_args(small_export, demo_assets[1], output_dir, *mode, "--max-steps", "12",
                                           "--save-steps", "4", "--max-new-tokens", "4", "--no-constrained",

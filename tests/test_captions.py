@@ -9,6 +9,7 @@ import pytest
 
 import finetune_paligemma2 as flow
 from conftest import run_flow, short_run_args
+from paligemma_json.json_text import parse_json
 from paligemma_json.metrics import compute_metrics
 
 PROMPT = "extract data in JSON format"
@@ -37,12 +38,16 @@ def test_caption_labels_run_free_and_the_json_metrics_leave_them_out(caption_exp
     # The demo's trained model as the base, barely moved: its predictions are manifests, so a caption
     # row counted as a JSON row would change the figures below.
     output_dir = tmp_path / "run"
+    output_dir.mkdir()
+    (output_dir / "schema.json").write_text('{"type": "object"}')  # an earlier run's, cut off before training
     run_flow(monkeypatch, *short_run_args(caption_export, os.path.join(demo_run[0], "final"), output_dir,
                                           "--learning-rate", "1e-6", "--max-steps", "4", "--save-steps", "4",
                                           "--max-new-tokens", "400", "--no-dataset-report"))
     printed = capsys.readouterr().out
     assert "warning: 24 labels are not JSON" in printed and "20 train/valid labels are not JSON: no schema" in printed
     assert "decoding: free, no schema" in printed  # CONSTRAINED is on, but there is no structure to hold
+    assert "effective batch: 4 (BATCH_SIZE 4 x GRAD_ACCUM 1 x 1 process)" in printed
+    # No schema: not the earlier run's either, which --evaluate would score these predictions against.
     assert not (output_dir / "schema.json").exists() and not (output_dir / "final" / "schema.json").exists()
 
     rows = [json.loads(line) for line in open(output_dir / "predictions.jsonl")]
@@ -51,9 +56,9 @@ def test_caption_labels_run_free_and_the_json_metrics_leave_them_out(caption_exp
     assert metrics["decoding"] == "free" and metrics["rows"] == 8 and metrics["rows_without_json_target"] == 4
     assert "schema_valid_rate" not in metrics and not [name for name in metrics if name.startswith("free_")]
     json_rows = rows[0::2]  # the rows whose label is JSON
-    assert all(flow.parse_json(row["suffix"]) is None for row in rows[1::2])
-    assert sum(flow.parse_json(row["prediction"]) is not None for row in json_rows) >= 3  # the model writes manifests
-    assert metrics["json_valid_rate"] == sum(flow.parse_json(row["prediction"]) is not None
+    assert all(parse_json(row["suffix"]) is None for row in rows[1::2])
+    assert sum(parse_json(row["prediction"]) is not None for row in json_rows) >= 3  # the model writes manifests
+    assert metrics["json_valid_rate"] == sum(parse_json(row["prediction"]) is not None
                                              for row in json_rows) / len(json_rows)
     alone = compute_metrics(json_rows)
     for name in ("field_precision", "field_recall", "field_f1", "ted_accuracy", "exact_match", "per_field"):

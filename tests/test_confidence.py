@@ -230,6 +230,18 @@ def test_the_threshold_is_picked_on_the_calibrated_validation_fields(tmp_path):
     assert resumed == {"threshold": 0.4, "source": "given", "temperature": record["temperature"]}
 
 
+@pytest.mark.parametrize("setting", [0.0, 0.4])
+def test_each_run_reads_the_saved_threshold_once(tmp_path, monkeypatch, setting):
+    import paligemma_json.confidence as confidence
+    (tmp_path / "confidence.json").write_text(json.dumps({"threshold": 0.42, "source": "validation",
+                                                          "temperature": 0.7}))
+    reads = []
+    monkeypatch.setattr(confidence, "read_saved_json", lambda path: reads.append(path) or json.load(open(path)))
+    assert prediction_confidence(setting, str(tmp_path)) == (setting or 0.42, 0.7)
+    training_threshold(setting, 0.9, str(tmp_path), lambda path: pytest.fail("saved or given: nothing to pick"))
+    assert reads == [str(tmp_path / "confidence.json")] * 2  # one read for --predict, one for training
+
+
 # --- The whole flow: the shared --demo run (tests/conftest.py) -----------------------------------
 
 def test_the_demo_picks_its_threshold_on_validation_and_reports_it_on_test(run):
@@ -271,10 +283,11 @@ def test_validation_is_decoded_as_the_test_set_is(run):
     final = os.path.join(output_dir, "final")
     processor = flow.load_processor(final)
     model = flow.PaliGemmaForConditionalGeneration.from_pretrained(final).eval()
-    constraint = flow.build_constraint(json.load(open(os.path.join(final, "schema.json"))), processor, model, True)
+    constraint = flow.build_constraint(json.load(open(os.path.join(final, "schema.json"))), processor, True)
     valid = flow.load_splits(os.path.join(output_dir, "demo-dataset"), "extract data in JSON format")["valid"]
     budget = int(re.search(r"^MAX_NEW_TOKENS=(\d+)", result.stdout, re.M)[1])
-    again = flow.generate_batch(model, processor, [valid[i] for i in range(8)], torch.float32, budget, 1, constraint)
+    again = flow.generate_batch(model, processor, [valid[i] for i in range(8)], flow.GenerationSettings(torch.float32, budget),
+                                constraint)
     saved = read_jsonl(os.path.join(output_dir, "validation_predictions.jsonl"))[:8]
     assert [row["prediction"] for row in again] == [row["prediction"] for row in saved]
     assert [f["confidence"] for row in again for f in row["confidence"]] == pytest.approx(

@@ -14,7 +14,9 @@ import finetune_paligemma2 as flow
 from paligemma_json.constrained import (ChosenTokenProbabilities, JsonSchemaConstraint, compile_schema,
                                         field_confidences, json_layout, leaf_spans, with_layout)
 from paligemma_json.demo import make_manifest
+from paligemma_json.json_text import parse_json
 from paligemma_json.metrics import compute_metrics, scored_confidences
+from paligemma_json.settings import resolve_settings
 
 PROMPT = "extract data in JSON format"
 # A schema an untrained model completes in about 20 tokens, so rows end (EOS, then padding) at
@@ -76,7 +78,7 @@ def test_an_untrained_model_under_the_constraint_writes_only_schema_valid_json(u
     free = generate_ids(model, processor, batch, None, 40)
     special = set(processor.tokenizer.added_tokens_decoder) - {processor.tokenizer.eos_token_id}
     assert any(token in special for row in free for token in row)  # what the constraint is there to stop
-    constraint = flow.build_constraint(schema, processor, model, constrained=True)
+    constraint = flow.build_constraint(schema, processor, constrained=True)
     for num_beams in (1, 2):  # beam search works under the constraint too
         rows = generate_ids(model, processor, batch, constraint, 1200, num_beams)
         eos = processor.tokenizer.eos_token_id
@@ -109,9 +111,9 @@ def test_the_mask_covers_padded_logits_and_a_complete_json_allows_only_eos(untra
 
 def test_a_small_budget_is_flagged_truncated_under_the_constraint(untrained, splits, schema):
     model, processor = untrained
-    constraint = flow.build_constraint(schema, processor, model, constrained=True)
-    rows = flow.generate_batch(model, processor, [splits["test"][0]], torch.float32, 12, 1, constraint)
-    assert rows[0]["truncated"] and flow.parse_json(rows[0]["prediction"]) is None
+    constraint = flow.build_constraint(schema, processor, constrained=True)
+    rows = flow.generate_batch(model, processor, [splits["test"][0]], flow.GenerationSettings(torch.float32, 12), constraint)
+    assert rows[0]["truncated"] and parse_json(rows[0]["prediction"]) is None
     assert compute_metrics([{**rows[0], "suffix": splits["test"].entries[0]["suffix"]}])["truncated_rate"] == 1.0
 
 
@@ -239,7 +241,7 @@ def test_confidence_under_the_constraint_is_the_raw_models_teacher_forced_probab
     processor = untrained[1]
     batch = [splits["test"][i] for i in range(2)]
     constraint = JsonSchemaConstraint(SHORT_SCHEMA, processor.tokenizer)
-    rows = flow.generate_batch(nudged, processor, batch, torch.float32, 40, num_beams, constraint)
+    rows = flow.generate_batch(nudged, processor, batch, flow.GenerationSettings(torch.float32, 40, num_beams), constraint)
     inputs = flow.collate_fn(batch, processor, torch.float32, with_labels=False)
     prompt, eos = inputs["input_ids"].shape[1], processor.tokenizer.eos_token_id
     with torch.inference_mode():
@@ -289,8 +291,8 @@ def test_confidence_is_lower_on_a_corrupted_model(demo_run, splits):
     schema = json.load(open(os.path.join(final, "schema.json")))
 
     def mean_confidence(model):
-        constraint = flow.build_constraint(schema, processor, model, constrained=True)
-        rows = flow.generate_batch(model, processor, batch, torch.float32, 400, 1, constraint)
+        constraint = flow.build_constraint(schema, processor, constrained=True)
+        rows = flow.generate_batch(model, processor, batch, flow.GenerationSettings(torch.float32, 400), constraint)
         values = [field["confidence"] for row in rows for field in row["confidence"]]
         assert values and all(0.0 <= value <= 1.0 for value in values)
         return sum(values) / len(values)
@@ -325,6 +327,6 @@ def test_free_figures_and_confidence_figures_in_the_metrics():
 
 def test_no_constrained_and_no_schema_decode_free(untrained, schema):
     model, processor = untrained
-    assert flow.build_constraint(schema, processor, model, constrained=False) is None
-    assert flow.build_constraint(None, processor, model, constrained=True) is None
-    assert flow.resolve_settings(["--no-constrained"])["CONSTRAINED"] is False
+    assert flow.build_constraint(schema, processor, constrained=False) is None
+    assert flow.build_constraint(None, processor, constrained=True) is None
+    assert resolve_settings(["--no-constrained"], flow.DEFAULTS, flow.__file__)["CONSTRAINED"] is False

@@ -183,4 +183,4 @@ def test_evaluate_names_a_broken_line(tmp_path):
     path.write_text('{"prediction": "{}", "suffix": "{}"}\n{"prediction": "{\n')
     result = run_script("--evaluate", str(path))
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.startswith(f"error: {path} line 2: not a JSON line")
+    assert result.stderr.startswith(f"error: {path} line 2: not valid JSON")

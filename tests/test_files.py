@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import finetune_paligemma2 as flow
-from paligemma_json.dataset_report import report_dataset
+from paligemma_json.dataset_report import label_tokens, report_dataset
 from paligemma_json.evaluation import evaluate_predictions
 from paligemma_json.files import completed_rows, replace_atomically, write_json_atomically
 from paligemma_json.pictures import draw_training_curves
@@ -121,9 +121,9 @@ def writers(tiny, splits, demo_assets, tmp_path):
         if generation == 0:
             path.write_text("".join(json.dumps(row) + "\n" for row in rows[0][:2]))
         else:
-            flow.predict_to_file(model, processor, splits["test"], str(path), resume=True, dtype=torch.float32,
-                                 batch_size=2, max_new_tokens=2, num_beams=1)
-    images = splits["test"].image_directory_path
+            flow.predict_to_file(model, processor, splits["test"], str(path),
+                                 flow.GenerationSettings(torch.float32, max_new_tokens=2, batch_size=2), resume=True)
+    images, lengths = splits["test"].image_directory_path, label_tokens(splits, processor.tokenizer)
     return {
         "metrics.json": (run / "metrics.json", lambda g: evaluate_predictions(rows[g], str(run))),
         "predictions.png": (run / "predictions.png", lambda g: evaluate_predictions(rows[g], str(run))),
@@ -131,7 +131,7 @@ def writers(tiny, splits, demo_assets, tmp_path):
         "schema.json": (run / "schema.json", lambda g: write_json_atomically([schema, {"type": "object"}][g],
                                                                              str(run / "schema.json"))),
         "dataset_report.json": (run / "dataset_report.json",
-                                lambda g: report_dataset(splits, processor.tokenizer, [400, 20][g], str(run), False)),
+                                lambda g: report_dataset(splits, lengths, [400, 20][g], str(run), False)),
         "training_curves.png": (run / "training_curves.png",
                                 lambda g: draw_training_curves(log[g], str(run / "training_curves.png"), g + 1)),
         "final": (run / "final", lambda g: flow.save_final_model([model, moved(model)][g], processor,

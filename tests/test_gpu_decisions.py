@@ -3,7 +3,6 @@ dtype, one GPU per process without a launcher, an fp32 merge, and MFU against th
 
 import functools
 import os
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,8 +10,10 @@ from safetensors.torch import load_file
 from transformers import Trainer, TrainingArguments
 
 import finetune_paligemma2 as flow
-from paligemma_json.speed import (PEAK_FLOPS, SessionStart, mfu, mfu_report, paligemma2_3b_config, peak_flops,
-                                  training_rates)
+from conftest import build_trainer
+from paligemma_json.cards import CARDS, find_card, memory_sizes
+from paligemma_json.speed import (SessionStart, mfu, mfu_report, paligemma2_3b_config, peak_flops, training_rates,
+                                  training_report)
 
 PROMPT = "extract data in JSON format"
 T4, A100, H100 = (7, 5), (8, 0), (9, 0)
@@ -53,7 +54,7 @@ def test_trainer_flag_lora_base_and_qlora_compute_follow_the_decision(monkeypatc
     assert loads[0]["dtype"] == loads[1]["dtype"] == dtype
     assert loads[1]["quantization_config"].bnb_4bit_compute_dtype == dtype
     monkeypatch.setattr(flow, "OneGPUPerProcessArguments", lambda **kwargs: kwargs)  # no CUDA to set up here
-    arguments = flow.training_arguments(str(tmp_path), dtype, **flow.DEFAULTS)
+    arguments = flow.training_arguments(str(tmp_path), flow.GenerationSettings(dtype, 8))
     assert arguments["bf16"] == (capability == A100)
     assert not arguments.get("fp16")  # Gemma 2 overflows in fp16
 
@@ -78,10 +79,9 @@ def two_gpus_without_launcher(monkeypatch):
 def trainer_on_two_gpus(demo_assets, tmp_path, batch_size):
     model = flow.load_model(demo_assets[1], False, False, False, 8, flow.LORA_TARGET_MODULES, torch.float32)
     splits = flow.load_splits(demo_assets[0], PROMPT)
-    settings = dict(flow.DEFAULTS, OUTPUT_DIR=str(tmp_path), BATCH_SIZE=batch_size, MAX_STEPS=4)
-    generation = {"dtype": torch.float32, "batch_size": 4, "max_new_tokens": 8, "num_beams": 1}
-    return flow.build_trainer(model, flow.load_processor(demo_assets[1]), splits["train"], splits["valid"],
-                              generation, **settings)
+    generation = flow.GenerationSettings(torch.float32, max_new_tokens=8, batch_size=4)
+    return build_trainer(flow, model, flow.load_processor(demo_assets[1]), splits, generation, str(tmp_path),
+                         batch_size=batch_size, max_steps=4)
 
 
 def test_two_gpus_without_a_launcher_train_on_one_and_say_how_to_use_both(two_gpus_without_launcher, demo_assets,
@@ -183,8 +183,18 @@ def test_the_peak_is_the_cards_own_in_the_training_dtype(name, dtype, expected):
     assert peak_flops(name, dtype) == expected
 
 
-def test_every_table_entry_names_its_dtype():
-    assert all(peaks is None or set(peaks) <= {"bf16", "fp32"} for peaks in PEAK_FLOPS.values())
+def test_every_card_names_its_training_dtype():
+    assert all(card.compute in {"bf16", "fp32"} for card in CARDS.values())
+
+
+@pytest.mark.parametrize("device_name, size", [("Tesla T4", "T4"), ("NVIDIA L4", "L4"),
+                                               ("NVIDIA A100-SXM4-40GB", "A100 40GB"),
+                                               ("NVIDIA A100 80GB PCIe", "A100 80GB"),
+                                               ("NVIDIA H100 80GB HBM3", "H100 80GB")])
+def test_the_memory_tables_sizes_are_rows_of_the_card_table(device_name, size):
+    """One row per card: the size the memory tables name is on the row whose peak MFU uses."""
+    assert size in find_card(device_name).memory_mib
+    assert (size, find_card(device_name).compute) in [(name, compute) for name, _, compute in memory_sizes()]
 
 
 def test_mfu_line_uses_the_cards_peak_or_says_why_there_is_none():
@@ -195,16 +205,16 @@ def test_mfu_line_uses_the_cards_peak_or_says_why_there_is_none():
     t4 = mfu_report(config, 356, 1, True, False, 1, "Tesla T4", torch.float32)
     assert f"{mfu(config, 356, 1, True, False, peak_flops=8.1e12):.1%}" in t4 and "fp32" in t4
     unknown = mfu_report(config, 356, 1, True, False, 1, "NVIDIA A10G", torch.bfloat16)
-    assert unknown.startswith("MFU: not computed") and "NVIDIA A10G" in unknown and "PEAK_FLOPS" in unknown
+    assert unknown.startswith("MFU: not computed") and "NVIDIA A10G" in unknown and "cards.py" in unknown
 
 
 def test_rates_count_the_same_steps_as_the_time():
     # Resumed at step 8 of 16: 8,000 tokens before, 16,000 at the end; this session ran 10 s, 2 s of
     # it validation, and the Trainer's samples/s is this session's (32 samples over 10 s).
-    trainer = SimpleNamespace(state=SimpleNamespace(num_input_tokens_seen=16000),
-                              session_start=SimpleNamespace(tokens_seen=8000), evaluation_seconds=2.0)
-    result = SimpleNamespace(metrics={"train_runtime": 10.0, "train_samples_per_second": 3.2})
-    assert flow.training_throughput(trainer, result) == pytest.approx((4.0, 1000.0))
+    metrics = {"train_runtime": 10.0, "train_samples_per_second": 3.2, "train_loss": 0.5}
+    line, *rates = training_report(metrics, steps=16, tokens=16000 - 8000, evaluation_s=2.0, resumed=True)
+    assert rates == pytest.approx((4.0, 1000.0)) and "4.00 samples/s, 1000 tokens/s" in line
+    assert "this session's steps alone" in line
     assert training_rates(32, 8000, 10.0, 2.0) == pytest.approx((4.0, 1000.0))
 
 

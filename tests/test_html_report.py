@@ -1,18 +1,21 @@
 """report.html: one card per test row, wrong fields marked, data escaped, nothing fetched, and it
 renders in a real browser."""
 
+import base64
 import contextlib
+import io
 import json
 import os
 import shutil
 from html.parser import HTMLParser
 
 import pytest
+from PIL import Image
 
 from conftest import missing_check
-from paligemma_json.html_report import write_html_report
-from paligemma_json.metrics import compute_metrics
-from paligemma_json.pictures import field_statuses
+from paligemma_json.html_report import thumbnail_data_uri, write_html_report
+from paligemma_json.metrics import compute_metrics, field_statuses
+from paligemma_json.pictures import THUMB_SIZE, _thumbnail_or_placeholder
 
 ATTACKS = ["<script>alert(1)</script>", '"><img src=x onerror=alert(2)>', "</textarea><svg onload=alert(3)>"]
 
@@ -82,6 +85,17 @@ def test_the_page_fetches_nothing(page):
         if name in ("src", "href", "action", "srcset"):
             assert value.startswith("data:"), (name, value)
     assert "url(" not in path.read_text() and "@import" not in path.read_text()
+
+
+def test_thumbnails_fit_their_square_in_rgb_or_stand_in_for_a_missing_image(tmp_path):
+    path = str(tmp_path / "page.png")
+    Image.new("L", (520, 660), 90).save(path)  # a grey scan: shown in RGB
+    in_page = Image.open(io.BytesIO(base64.b64decode(thumbnail_data_uri(path).split(",", 1)[1])))
+    in_picture = _thumbnail_or_placeholder(path)
+    assert (in_page.size, in_page.mode) == ((284, 360), "RGB")  # 520 × 660 fitted into 360 × 360
+    assert (in_picture.size, in_picture.mode) == ((236, THUMB_SIZE), "RGB")
+    assert thumbnail_data_uri(str(tmp_path / "gone.png")) is None  # the page says "(image not found)"
+    assert _thumbnail_or_placeholder(str(tmp_path / "gone.png")).size == (THUMB_SIZE, THUMB_SIZE)
 
 
 def test_the_demo_writes_the_report(demo_run):

@@ -2,13 +2,16 @@
 (meta device: no weights, no download), and the script's check, run before the model loads, with a
 stand-in for the card. The coefficients themselves are measured by benchmarks/real_width.py."""
 
+import os
+import sys
+
 import pytest
 import torch
 
-from conftest import run_flow
+from conftest import ROOT, run_flow
 from paligemma_json import memory
 from paligemma_json.memory import (GIB, TrainingSetting, architecture, candidates, estimate, fit_report,
-                                   lora_parameters, weight_bytes)
+                                   lora_parameters, training_setting, weight_bytes)
 from paligemma_json.speed import paligemma2_config
 
 
@@ -116,6 +119,17 @@ def test_the_10b_on_an_l4_and_on_a_shared_t4(arch):
     assert "no change tried here fits either" in shared[1]
 
 
+def test_the_estimate_tables_read_each_cards_size_and_dtype_from_the_card_table():
+    """benchmarks/real_width.py's columns: a T4 is judged on the fp32 estimate, the rest on bf16's,
+    each against its total less the CUDA context."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from real_width import fits
+    row = ("3b", 224, "lora", False, 1, 14.0, 14.6, "fit")  # GiB: bf16 fits a T4's 15, fp32 does not
+    assert fits(row) == {"T4": False, "L4": True, "A100 40GB": True, "A100 80GB": True, "H100 80GB": True}
+    assert fits(("3b", 224, "lora", False, 1, 79.2, 90.0, "fit")) == {
+        "T4": False, "L4": False, "A100 40GB": False, "A100 80GB": True, "H100 80GB": False}  # 79.6 GiB less 0.5
+
+
 def test_candidates_come_cheapest_first():
     flags = [flags for flags, _ in candidates(setting(mode="full"))]
     assert flags[:5] == ["--gradient-checkpointing", "--batch-size 1 --grad-accum 8", "--use-lora", "--use-qlora",
@@ -127,6 +141,35 @@ def test_candidates_come_cheapest_first():
     smaller = dict(candidates(setting()))["--batch-size 1 --grad-accum 8"]
     assert (smaller.batch_size, smaller.grad_accum) == (1, 8)  # the effective batch stays 2 x 4
     assert candidates(setting(mode="qlora", gradient_checkpointing=True, batch_size=1, freeze_vision=True)) == []
+
+
+def stand_in_t4(monkeypatch, events: list) -> None:
+    """A T4 with 14.5 GiB free, whose every model id resolves to the real 3B-448 config; `events`
+    records each free-memory read and each config read's `local_files_only`."""
+    import transformers
+
+    def config(cls, *args, local_files_only=False, **kwargs):
+        events.append(f"config, cache only: {local_files_only}")
+        return paligemma2_config("3b", 448)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: events.append("free memory") or
+                        (int(14.5 * GIB), 15 * GIB))
+    monkeypatch.setattr(transformers.PaliGemmaConfig, "from_pretrained", classmethod(config))
+
+
+RUN = dict(use_lora=True, use_qlora=False, freeze_vision=True, lora_rank=16, lora_targets=["q_proj", "v_proj"],
+           batch_size=2, grad_accum=4, gradient_checkpointing=True, dtype=torch.bfloat16, label_tokens=150)
+
+
+def test_training_setting_reads_the_scripts_settings():
+    assert training_setting(**RUN) == TrainingSetting(
+        mode="lora", compute="bf16", batch_size=2, grad_accum=4, gradient_checkpointing=True, freeze_vision=True,
+        label_tokens=150, lora_rank=16, lora_targets=("q_proj", "v_proj"))
+    assert training_setting(**{**RUN, "use_qlora": True}).mode == "qlora"  # QLoRA is LoRA on a 4-bit base
+    assert training_setting(**{**RUN, "use_lora": False}).mode == "full"
+    assert training_setting(**{**RUN, "dtype": torch.float32}).compute == "fp32"
 
 
 def test_the_script_checks_before_the_model_loads(monkeypatch, capsys, demo_assets, small_export, tmp_path):
@@ -143,27 +186,21 @@ def test_the_script_checks_before_the_model_loads(monkeypatch, capsys, demo_asse
         events.append("model load")
         raise Stop
 
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: events.append("free memory") or
-                        (int(14.5 * GIB), 15 * GIB))
-    monkeypatch.setattr(transformers.PaliGemmaConfig, "from_pretrained",
-                        classmethod(lambda cls, *args, **kwargs: paligemma2_config("3b", 448)))
+    stand_in_t4(monkeypatch, events)
     monkeypatch.setattr(transformers.PaliGemmaForConditionalGeneration, "from_pretrained", model_load)
     with pytest.raises(Stop):
         run_flow(monkeypatch, "--dataset-dir", small_export, "--model-id", demo_assets[1], "--output-dir",
                  str(tmp_path / "out"), "--max-new-tokens", "150", "--no-dataset-report")
     printed = capsys.readouterr().out
-    assert events == ["free memory", "model load"]
+    assert [event for event in events if not event.startswith("config")] == ["free memory", "model load"]
     assert "memory: estimated peak" in printed and "GiB free on Tesla T4" in printed
     assert "the cheapest change that does: --gradient-checkpointing" in printed
 
 
 def test_the_check_stays_quiet_without_a_gpu_and_skips_an_unreadable_config(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    memory.check_fit("google/paligemma2-3b-pt-224", {}, torch.float32, 150)
+    memory.check_fit("google/paligemma2-3b-pt-224", training_setting(**RUN))
     assert capsys.readouterr().out == ""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    memory.check_fit("no-such/model", {}, torch.float32, 150, cache_only=True)
+    memory.check_fit("no-such/model", training_setting(**RUN), cache_only=True)
     assert capsys.readouterr().out.startswith("memory: check skipped, no config for no-such/model")

@@ -11,8 +11,8 @@ import zipfile
 import pytest
 
 from conftest import missing_check
-from paligemma_json.metrics import (char_similarity, compute_metrics, flatten, format_metrics_table, normalize,
-                                    parse_json, ted_accuracy)
+from paligemma_json.metrics import (char_similarity, compute_metrics, field_statuses, flatten, format_metrics_table,
+                                    normalize, parse_json, ted_accuracy)
 
 
 @pytest.fixture(scope="session")
@@ -187,7 +187,6 @@ def test_the_table_lists_overall_figures_then_worst_fields():
 
 
 def test_field_statuses_mark_right_wrong_missing_and_extra():
-    from paligemma_json.pictures import field_statuses
     truth = json.dumps({"a": "1", "b": "2", "c": "3"})
     statuses = field_statuses(json.dumps({"a": "1", "b": "9", "d": "4"}), truth)
     assert sorted(statuses) == sorted([("right", "a", "1", "1"), ("wrong", "b", "2", "9"), ("missing", "c", "3", ""),

@@ -6,6 +6,8 @@ import pytest
 import torch
 
 import finetune_paligemma2 as flow
+from paligemma_json.json_text import parse_json
+from conftest import build_trainer
 
 
 def load(demo_assets, use_lora=False, use_qlora=False, freeze_vision=False, dtype=torch.float32):
@@ -92,10 +94,9 @@ def test_a_few_training_steps_lower_the_loss(demo_assets, processor, splits, tmp
     """Full fine-tune at the demo's rate through the script's own TrainingArguments and Trainer."""
     torch.manual_seed(0)
     model = load(demo_assets)
-    settings = {**flow.DEFAULTS, "MAX_STEPS": 12, "BATCH_SIZE": 8, "GRAD_ACCUM": 1, "LEARNING_RATE": 2e-3,
-                "WARMUP_STEPS": 0, "LOGGING_STEPS": 1, "SAVE_STEPS": 100, "OUTPUT_DIR": str(tmp_path)}
-    generation = {"dtype": torch.float32, "batch_size": 8, "max_new_tokens": 20, "num_beams": 1}
-    trainer = flow.build_trainer(model, processor, splits["train"], splits["valid"], generation, **settings)
+    generation = flow.GenerationSettings(torch.float32, max_new_tokens=20)
+    trainer = build_trainer(flow, model, processor, splits, generation, str(tmp_path), max_steps=12, batch_size=8,
+                            grad_accum=1, learning_rate=2e-3, warmup_steps=0, logging_steps=1, save_steps=100)
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) == 12
@@ -112,8 +113,8 @@ def test_batched_generation_equals_one_by_one(demo_run, splits):
     batch = [splits["test"][i] for i in range(4)]
     batch[1] = (batch[1][0], {**batch[1][1], "prefix": "extract"})
     batch[3] = (batch[3][0], {**batch[3][1], "prefix": "extract data in JSON format, please, every field"})
-    together = flow.generate_batch(model, processor, batch, torch.float32, max_new_tokens=60, num_beams=1)
-    alone = [flow.generate_batch(model, processor, [item], torch.float32, max_new_tokens=60, num_beams=1)[0]
+    together = flow.generate_batch(model, processor, batch, flow.GenerationSettings(torch.float32, 60))
+    alone = [flow.generate_batch(model, processor, [item], flow.GenerationSettings(torch.float32, 60))[0]
              for item in batch]
     assert [(o["prediction"], o["truncated"]) for o in together] == [(o["prediction"], o["truncated"]) for o in alone]
     for batched, single in zip(together, alone):  # padding moves the logits by rounding only
@@ -130,8 +131,8 @@ def test_a_budget_too_small_is_flagged_truncated(demo_run, splits):
     model = flow.PaliGemmaForConditionalGeneration.from_pretrained(final).eval()
     processor = flow.load_processor(final)
     batch = [splits["test"][i] for i in range(3)]
-    short = flow.generate_batch(model, processor, batch, torch.float32, max_new_tokens=5, num_beams=1)
+    short = flow.generate_batch(model, processor, batch, flow.GenerationSettings(torch.float32, 5))
     assert all(output["truncated"] for output in short)
-    full = flow.generate_batch(model, processor, batch, torch.float32, max_new_tokens=400, num_beams=1)
+    full = flow.generate_batch(model, processor, batch, flow.GenerationSettings(torch.float32, 400))
     assert not any(output["truncated"] for output in full)
-    assert all(flow.parse_json(output["prediction"]) is not None for output in full)
+    assert all(parse_json(output["prediction"]) is not None for output in full)

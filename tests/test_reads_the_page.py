@@ -30,7 +30,7 @@ def trained(demo_run):
     import finetune_paligemma2 as flow
     output_dir, _ = demo_run
     final_dir = os.path.join(output_dir, "final")
-    model = flow.load_trained_model(final_dir, use_qlora=False, dtype=torch.float32)
+    model = flow.load_trained_model(final_dir, torch.float32)
     test = flow.load_splits(os.path.join(output_dir, "demo-dataset"), "extract data in JSON format")["test"]
     return flow, model, flow.load_processor(final_dir), test
 
@@ -38,7 +38,7 @@ def trained(demo_run):
 def colour_accuracy(flow, model, processor, dataset) -> float:
     """The colour each answer names first, from its first 8 tokens: the answer is cut off there, so
     it is read with a pattern, not parsed."""
-    rows = flow.predict_rows(model, processor, dataset, torch.float32, batch_size=8, max_new_tokens=8, num_beams=1,
+    rows = flow.predict_rows(model, processor, dataset, flow.GenerationSettings(torch.float32, max_new_tokens=8),
                              with_confidence=False)
     named = [re.match(rf'{{"{IMAGE_ONLY_FIELD}": "(\w+)"', row["prediction"]) for row in rows]
     truth = [json.loads(entry["suffix"])[IMAGE_ONLY_FIELD] for entry in dataset.entries]

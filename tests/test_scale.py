@@ -12,6 +12,9 @@ import torch
 
 import finetune_paligemma2 as flow
 from paligemma_json.confidence import calibrate
+from paligemma_json.constrained import with_layout
+from paligemma_json.json_text import parse_json
+from paligemma_json.metrics import compute_metrics
 from conftest import ROOT, SCRIPT, run_flow, run_script, short_run_args
 from test_model_card import assert_card_figures_match, card_header, free_prediction, run_card_code
 
@@ -37,9 +40,9 @@ def assert_validation_equals_one_process(output_dir, small_export, step=4):
                   if "eval_field_f1" in entry and entry["step"] == step)
     model = flow.PaliGemmaForConditionalGeneration.from_pretrained(checkpoint).eval()
     valid = flow.load_splits(small_export, "extract data in JSON format")["valid"]
-    rows = list(flow.predict_rows(model, flow.load_processor(str(checkpoint)), valid, torch.float32, batch_size=8,
-                                  max_new_tokens=220, num_beams=1, with_confidence=False))
-    scores = flow.compute_metrics(rows)
+    rows = list(flow.predict_rows(model, flow.load_processor(str(checkpoint)), valid,
+                                  flow.GenerationSettings(torch.float32, max_new_tokens=220), with_confidence=False))
+    scores = compute_metrics(rows)
     assert 0 < scores["field_f1"] < 1  # not a figure that any share of the rows would also give
     assert (logged["eval_field_f1"], logged["eval_json_valid_rate"]) == (scores["field_f1"], scores["json_valid_rate"])
 
@@ -79,7 +82,7 @@ def test_predict_reads_a_folder_or_one_image_with_the_final_model(demo_run):
     assert all(0 <= field["confidence"] <= 1 for row in rows for field in row["confidence"])
     assert sum(len(row["confidence"]) for row in rows) >= 24 * 10  # a confidence for every field
     assert sum(row["parsed"] for row in rows) >= 0.8 * len(rows)
-    assert all(row["parsed"] == (flow.parse_json(row["prediction"]) is not None) for row in rows)
+    assert all(row["parsed"] == (parse_json(row["prediction"]) is not None) for row in rows)
     assert f"predicted: 24 images, {sum(row['parsed'] for row in rows)} parsed as JSON" in result.stdout
     # The threshold picked on validation and saved with the model (tests/test_confidence.py), not 0.8.
     chosen = json.load(open(os.path.join(output_dir, "final", "confidence.json")))
@@ -134,8 +137,8 @@ def test_merge_gives_a_standalone_model_that_generates_like_base_plus_adapter(lo
     processor = flow.load_processor(merged_dir)
     test = flow.load_splits(small_export, "extract data in JSON format")["test"]
     batch = [test[i] for i in range(4)]
-    expected = flow.generate_batch(with_adapter, processor, batch, torch.float32, max_new_tokens=30, num_beams=1)
-    assert flow.generate_batch(merged, processor, batch, torch.float32, max_new_tokens=30, num_beams=1) == expected
+    expected = flow.generate_batch(with_adapter, processor, batch, flow.GenerationSettings(torch.float32, 30))
+    assert flow.generate_batch(merged, processor, batch, flow.GenerationSettings(torch.float32, 30)) == expected
 
     # Its card: final/'s, for full weights, loading as written without peft.
     card = open(os.path.join(merged_dir, "README.md"), encoding="utf-8").read()
@@ -218,7 +221,7 @@ def test_predict_no_constrained_decodes_free(demo_assets, tmp_path, capsys):
     """The untrained tiny model writes `<locNNNN>` tokens left to itself and a small object when
     held to final/schema.json: which of the two `--predict` wrote shows whether it was constrained."""
     model = flow.PaliGemmaForConditionalGeneration.from_pretrained(demo_assets[1]).eval()
-    schema = flow.with_layout({"type": "object", "properties": {"route": {"type": "string", "maxLength": 4}},
+    schema = with_layout({"type": "object", "properties": {"route": {"type": "string", "maxLength": 4}},
                                "required": ["route"], "additionalProperties": False}, ['{"route": "R12"}'])
     flow.save_final_model(model, flow.load_processor(demo_assets[1]), str(tmp_path / "final"), schema)
     source, images = os.path.join(demo_assets[0], "test"), tmp_path / "images"

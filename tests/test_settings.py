@@ -1,21 +1,28 @@
 """Constants, flags, the demo's overrides, and what the script does with an existing OUTPUT_DIR."""
 
 import os
+import shutil
 import sys
 
 import pytest
 
 import finetune_paligemma2 as flow
+from paligemma_json.plan import newest_checkpoint, plan_run, prepare_output_dir
+from paligemma_json.settings import parse_overrides, resolve_settings
 from conftest import run_script
 
 
+def resolve(argv):
+    return resolve_settings(argv, flow.DEFAULTS, flow.__file__)
+
+
 def parse(argv):
-    return flow.parse_overrides(argv, flow.DEFAULTS, flow.__file__)
+    return parse_overrides(argv, flow.DEFAULTS, flow.__file__)
 
 
 def test_flags_override_constants_with_their_types():
     given = parse(["--epochs", "3", "--learning-rate", "1e-4", "--no-use-lora",
-                                  "--lora-target-modules", "q_proj", "v_proj", "--model-id", "x/y"])
+                   "--lora-target-modules", "q_proj", "v_proj", "--model-id", "x/y"])
     assert given == {"EPOCHS": 3, "LEARNING_RATE": 1e-4, "USE_LORA": False,
                      "LORA_TARGET_MODULES": ["q_proj", "v_proj"], "MODEL_ID": "x/y"}
 
@@ -39,19 +46,19 @@ def test_help_lists_every_constant_and_the_fixed_flag_names():
 
 def test_demo_overrides_apply_and_explicit_flags_win():
     from paligemma_json.demo import DEMO_OVERRIDES
-    settings = flow.resolve_settings(["--demo", "--max-steps", "7"])
+    settings = resolve(["--demo", "--max-steps", "7"])
     assert settings["MAX_STEPS"] == 7
     assert settings["USE_LORA"] is False and settings["LEARNING_RATE"] == DEMO_OVERRIDES["LEARNING_RATE"]
-    assert flow.resolve_settings([]) == flow.DEFAULTS
+    assert resolve([]) == flow.DEFAULTS
 
 
 def test_qlora_implies_lora():
-    assert flow.resolve_settings(["--use-qlora", "--no-use-lora"])["USE_LORA"] is True
+    assert resolve(["--use-qlora", "--no-use-lora"])["USE_LORA"] is True
 
 
 def test_notebook_kernel_arguments_are_ignored(monkeypatch):
     monkeypatch.setitem(sys.modules, "ipykernel", object())
-    assert flow.resolve_settings(["-f", "/root/.local/share/jupyter/runtime/kernel-1.json"]) == flow.DEFAULTS
+    assert resolve(["-f", "/root/.local/share/jupyter/runtime/kernel-1.json"]) == flow.DEFAULTS
 
 
 def finished_run(tmp_path, demo=False):
@@ -68,21 +75,47 @@ def finished_run(tmp_path, demo=False):
 def test_a_finished_run_is_refused_without_overwrite(tmp_path):
     output_dir = finished_run(tmp_path)
     with pytest.raises(flow.FlowError, match="already holds a run .*--overwrite"):
-        flow.prepare_output_dir(output_dir, overwrite=False, resume=False, demo=False)
+        prepare_output_dir(output_dir, overwrite=False, resume=False, demo=False)
     assert os.path.isdir(os.path.join(output_dir, "final"))
 
 
 def test_overwrite_replaces_the_run_and_keeps_other_files(tmp_path):
     output_dir = finished_run(tmp_path)
-    flow.prepare_output_dir(output_dir, overwrite=True, resume=False, demo=False)
+    prepare_output_dir(output_dir, overwrite=True, resume=False, demo=False)
     assert sorted(os.listdir(output_dir)) == ["notes.txt"]
 
 
+def test_overwrite_removes_every_output_of_the_run_it_replaces(run, tmp_path):
+    """Everything the shared demo run wrote, with what --predict and --merge add beside it: after
+    --overwrite only the user's own file is left, so no old merged/ or schema sits beside the new run."""
+    old = tmp_path / "old"
+    shutil.copytree(run[0], old)
+    (old / "predict.jsonl").write_text("{}\n")
+    (old / "merged").mkdir()
+    (old / "notes.txt").write_text("the user's own file")
+    written = set(os.listdir(old))
+    assert {"final", "schema.json", "dataset_report.json", "run_settings.json", "report.html", "predictions.png",
+            "training_curves.png", "validation_predictions.jsonl", "runs"} <= written  # what there is to remove
+    prepare_output_dir(str(old), overwrite=True, resume=False, demo=False)
+    assert os.listdir(old) == ["notes.txt"]
+
+
+def test_the_effective_batch_counts_every_process(monkeypatch, tmp_path):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert plan_run({**flow.DEFAULTS, "OUTPUT_DIR": str(tmp_path), "BATCH_SIZE": 3, "GRAD_ACCUM": 5}).effective_batch == 30
+
+
+def test_one_mode_at_a_time():
+    assert plan_run(flow.DEFAULTS).mode == "train" and plan_run({**flow.DEFAULTS, "MERGE": True}).mode == "merge"
+    with pytest.raises(flow.FlowError, match="--evaluate and --predict are separate runs: pass one"):
+        plan_run({**flow.DEFAULTS, "EVALUATE": "predictions.jsonl", "PREDICT": "photos"})
+
+
 def test_demo_replaces_an_earlier_demo_but_not_a_real_run(tmp_path):
-    flow.prepare_output_dir(finished_run(tmp_path / "a", demo=True), overwrite=False, resume=False, demo=True)
+    prepare_output_dir(finished_run(tmp_path / "a", demo=True), overwrite=False, resume=False, demo=True)
     assert sorted(os.listdir(tmp_path / "a" / "run")) == ["notes.txt"]  # the demo rebuilds its assets
     with pytest.raises(flow.FlowError):
-        flow.prepare_output_dir(finished_run(tmp_path / "b"), overwrite=False, resume=False, demo=True)
+        prepare_output_dir(finished_run(tmp_path / "b"), overwrite=False, resume=False, demo=True)
 
 
 def test_a_refused_output_dir_stops_the_script_in_one_line(tmp_path):
@@ -100,7 +133,7 @@ def test_readme_documents_every_constant():
 
 def test_resume_keeps_the_earlier_run(tmp_path):
     output_dir = finished_run(tmp_path)
-    flow.prepare_output_dir(output_dir, overwrite=False, resume=True, demo=False)
+    prepare_output_dir(output_dir, overwrite=False, resume=True, demo=False)
     assert sorted(os.listdir(output_dir)) == ["checkpoint-10", "final", "metrics.json", "notes.txt"]
 
 
@@ -109,18 +142,18 @@ def test_newest_checkpoint_skips_one_cut_off_while_saving(tmp_path):
         (tmp_path / f"checkpoint-{step}").mkdir()
         if complete:
             (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
-    assert flow.newest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-16")
-    assert flow.newest_checkpoint(str(tmp_path / "checkpoint-24")) is None
+    assert newest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-16")
+    assert newest_checkpoint(str(tmp_path / "checkpoint-24")) is None
 
 
 def test_a_demo_never_replaces_a_real_run_that_overwrote_one(tmp_path):
     """demo, then a real run with --overwrite, then demo again: the real run is refused, not deleted."""
     output_dir = finished_run(tmp_path, demo=True)
-    flow.prepare_output_dir(output_dir, overwrite=True, resume=False, demo=False)
+    prepare_output_dir(output_dir, overwrite=True, resume=False, demo=False)
     assert "demo-model" not in os.listdir(output_dir)
     os.makedirs(os.path.join(output_dir, "final"))  # the real run's result
     with pytest.raises(flow.FlowError, match="already holds a run"):
-        flow.prepare_output_dir(output_dir, overwrite=False, resume=False, demo=True)
+        prepare_output_dir(output_dir, overwrite=False, resume=False, demo=True)
     assert os.path.isdir(os.path.join(output_dir, "final"))
 
 

@@ -1,7 +1,6 @@
 """REPORT_TO: the trackers the Trainer logs to, refused at start when one is not installed; their
 keys never printed. The whole run with a stand-in tracker is in tests/test_secrets.py."""
 
-import os
 import sys
 
 import pytest
@@ -9,7 +8,7 @@ import pytest
 import finetune_paligemma2 as flow
 from conftest import run_flow
 from paligemma_json import FlowError
-from paligemma_json.tracking import SECRET_ENV_VARS, TRACKERS, mask_secrets, trackers
+from paligemma_json.tracking import SECRET_ENV_VARS, TRACKERS, check_tracking_settings, mask_secrets, trackers
 
 FAKE_KEY = "FAKE-tracker-key-5f4e3d2c1b"
 
@@ -57,7 +56,7 @@ def test_a_missing_tracker_stops_the_run_before_any_data_or_model(monkeypatch, t
 
 def test_negative_patience_is_one_line():
     with pytest.raises(FlowError, match="EARLY_STOPPING_PATIENCE is -1: give 0"):
-        flow.check_tracking_settings({**flow.DEFAULTS, "EARLY_STOPPING_PATIENCE": -1})
+        check_tracking_settings(flow.REPORT_TO, -1)
 
 
 def test_every_trackers_key_is_a_secret():

@@ -7,9 +7,8 @@ import os
 import pytest
 from transformers import TrainerControl, TrainerState
 
-import paligemma_json.evaluation  # noqa: F401 (bound to the real compute_metrics before it is scripted)
 from conftest import run_flow, short_run_args
-from paligemma_json import metrics
+from paligemma_json import metrics, training
 from paligemma_json.training import EarlyStopping
 from test_best_checkpoint import same, weights
 
@@ -57,7 +56,7 @@ def test_early_stopping_stops_and_keeps_the_best(demo_assets, small_export, tmp_
 
     def scripted(rows, *args, **kwargs):  # the validation pass's figures, with a chosen field F1
         return {**real(rows, *args, **kwargs), "field_f1": next(scores)}
-    monkeypatch.setattr(metrics, "compute_metrics", scripted)
+    monkeypatch.setattr(training, "compute_metrics", scripted)  # the Trainer's validation scoring alone
     output_dir = tmp_path / "run"
     flow = run_flow(monkeypatch, *short_run_args(small_export, demo_assets[1], output_dir, "--save-steps", "2",
                                                  "--early-stopping-patience", "2", "--max-new-tokens", "4",

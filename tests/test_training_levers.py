@@ -7,6 +7,7 @@ from transformers import TrainerCallback, set_seed
 from transformers.trainer_utils import IntervalStrategy
 
 import finetune_paligemma2 as flow
+from conftest import build_trainer
 from paligemma_json.training import (LABEL_ONLY_KEYS, full_logits_loss, label_only_inputs, label_only_loss,
                                      without_label_only)
 
@@ -45,10 +46,10 @@ def assert_gradients_equal(expected: dict, actual: dict, rtol: float = 1e-4, ato
 
 
 def short_trainer(model, processor, splits, tmp_path, **changes):
-    settings = {**flow.DEFAULTS, "MAX_STEPS": 3, "BATCH_SIZE": 2, "GRAD_ACCUM": 2, "LEARNING_RATE": 2e-3,
-                "WARMUP_STEPS": 0, "LOGGING_STEPS": 1, "SAVE_STEPS": 100, "OUTPUT_DIR": str(tmp_path), **changes}
-    generation = {"dtype": torch.float32, "batch_size": 8, "max_new_tokens": 20, "num_beams": 1}
-    trainer = flow.build_trainer(model, processor, splits["train"], splits["valid"], generation, **settings)
+    settings = {"max_steps": 3, "batch_size": 2, "grad_accum": 2, "learning_rate": 2e-3, "warmup_steps": 0,
+                "logging_steps": 1, "save_steps": 100, **changes}
+    trainer = build_trainer(flow, model, processor, splits, flow.GenerationSettings(torch.float32, 20), str(tmp_path),
+                            **settings)
     trainer.args.eval_strategy = IntervalStrategy.NO  # in place: dataclasses.replace resets accelerate's state
     trainer.args.save_strategy = IntervalStrategy.NO
     return trainer
@@ -162,7 +163,7 @@ def test_gradient_checkpointing_gives_the_same_step(demo_assets, processor, spli
         if checkpointing:
             flow.enable_gradient_checkpointing(model)
         text_calls, vision_calls = (count_calls(layer) for layer in first_mlps(model))
-        trainer = short_trainer(model, processor, splits, tmp_path / str(checkpointing), MAX_STEPS=1, GRAD_ACCUM=1)
+        trainer = short_trainer(model, processor, splits, tmp_path / str(checkpointing), max_steps=1, grad_accum=1)
         recorder = GradientRecorder(model)
         trainer.add_callback(recorder)
         trainer.train()

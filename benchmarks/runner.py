@@ -1,0 +1,33 @@
+"""One measurement per fresh process, for every benchmark here that measures variants: a new
+process cannot warm another's caches or allocator, and its peak memory is its own.
+
+A benchmark runs itself as `script --child ...`; the child prints its result as the last line
+of stdout (JSON), and anything else it prints goes before that line or to stderr.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class ChildFailed(RuntimeError):
+    """A measurement's process exited with an error; `stderr` is what it printed there."""
+
+    def __init__(self, what: str, stderr: str):
+        super().__init__(f"{what} failed:\n{stderr[-3000:]}")
+        self.stderr = stderr
+
+
+def run_child(script: str, arguments: list[str], what: str, env: dict | None = None,
+              timeout: float | None = None) -> dict:
+    """`script --child *arguments` in a fresh process, run from the repository root with `env` added
+    to this environment; the JSON of its last stdout line. ChildFailed (naming `what`) when it fails."""
+    process = subprocess.run([sys.executable, os.path.abspath(script), "--child", *arguments],
+                             capture_output=True, text=True, cwd=ROOT, env={**os.environ, **(env or {})},
+                             timeout=timeout)
+    if process.returncode != 0:
+        raise ChildFailed(what, process.stderr)
+    return json.loads(process.stdout.strip().splitlines()[-1])

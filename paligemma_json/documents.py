@@ -1,0 +1,83 @@
+"""What the flow reads: a Roboflow split's rows and images, each checked before any model loads,
+and new documents for `--predict` in the shape of the script's `JSONLDataset` (`dataset[i] -> (image, entry)`)."""
+
+import os
+
+from PIL import Image
+from torch.utils.data import Dataset
+
+from paligemma_json import FlowError
+from paligemma_json.json_text import jsonl_rows, parse_json
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+PREDICT_KEYS = ("image", "image_path", "prefix", "prediction", "truncated", "confidence")  # no label to keep
+
+
+def check_image(path: str, where: str) -> None:
+    """Decodes the whole file (JPEGs at 1/8 scale, which is fast) so truncation is caught now."""
+    if not os.path.isfile(path):
+        raise FlowError(f"{where}: image {path} is missing; restore it or remove the row")
+    if os.path.getsize(path) == 0:
+        raise FlowError(f"{where}: image {path} is empty; re-export it or remove the row")
+    try:
+        with Image.open(path) as image:
+            image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
+            image.load()
+    except Exception as error:
+        raise FlowError(f"{where}: image {path} cannot be read ({error}); re-export it or remove the row") from None
+
+
+def read_annotations(jsonl_path: str, image_dir: str, prompt: str = "") -> list[dict]:
+    """A split's `{"image", "prefix", "suffix"}` rows, each checked with its image; `prompt`, when
+    given, replaces every row's prefix."""
+    if not os.path.isfile(jsonl_path):
+        raise FlowError(f"{jsonl_path}: missing; each split needs its annotations.jsonl")
+    entries = [{**entry, "prefix": prompt or entry["prefix"]}
+               for where, entry in jsonl_rows(jsonl_path, "fix or remove the line")
+               if check_row(entry, image_dir, where)]
+    if not entries:
+        raise FlowError(f"{jsonl_path}: no rows; the split must hold at least one labelled image")
+    return entries
+
+
+def check_row(entry, image_dir: str, where: str) -> bool:
+    if not isinstance(entry, dict):
+        raise FlowError(f"{where}: expected an object with image, prefix and suffix")
+    for key in ("image", "prefix", "suffix"):
+        if not isinstance(entry.get(key), str):
+            problem = "missing" if key not in entry else f"not a string ({type(entry[key]).__name__})"
+            raise FlowError(f"{where}: '{key}' is {problem}; every row needs string image, prefix and suffix")
+    check_image(os.path.join(image_dir, entry["image"]), where)
+    return True
+
+
+class DocumentImages(Dataset):
+    """New documents: an image file, or every image in a folder, each with the prompt and no label."""
+
+    def __init__(self, path: str, prompt: str):
+        if os.path.isdir(path):
+            self.image_directory_path = path
+            names = sorted(name for name in os.listdir(path) if name.lower().endswith(IMAGE_SUFFIXES))
+        elif os.path.isfile(path):
+            self.image_directory_path, names = os.path.dirname(path) or ".", [os.path.basename(path)]
+        else:
+            raise FlowError(f"{path}: no such image or folder; pass --predict an image or a folder of images")
+        if not names:
+            raise FlowError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+        if not prompt:
+            raise FlowError("--predict needs the prompt the model was trained with: pass --prompt")
+        for name in names:
+            check_image(os.path.join(self.image_directory_path, name), path)
+        self.entries = [{"image": name, "prefix": prompt, "suffix": ""} for name in names]
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, idx: int):
+        entry = self.entries[idx]
+        return Image.open(os.path.join(self.image_directory_path, entry["image"])).convert("RGB"), entry
+
+
+def document_row(row: dict) -> dict:
+    """A `--predict` row: the prediction row's keys but the (empty) label, and whether it parses."""
+    return {**{key: row[key] for key in PREDICT_KEYS}, "parsed": parse_json(row["prediction"]) is not None}

@@ -1,0 +1,152 @@
+"""How a run is planned before anything loads: which mode it is, which process writes, what a
+`--resume` continues, which flags clash, and the rules for an OUTPUT_DIR that already holds a run. `RUN_OUTPUTS`, the
+one list of what a run writes there, drives all three: what counts as an earlier run, what
+`--overwrite` removes, and what a resume with other decoding settings predicts again."""
+
+import os
+import re
+import shutil
+from dataclasses import dataclass
+
+from paligemma_json import FlowError
+from paligemma_json.confidence import RECORD_NAME as CONFIDENCE_RECORD, VALIDATION_PREDICTIONS, check_confidence_settings
+from paligemma_json.tracking import check_tracking_settings
+
+CHECKPOINT = "checkpoint-*"  # every checkpoint the Trainer keeps
+
+# Everything a run writes into OUTPUT_DIR, by its role:
+# - "trained": the training's results; a new run with other settings would be mixed with them;
+# - "predicted": made from the test (and validation) predictions; a resume whose decoding settings
+#   differ makes them again, and they too mark a folder as holding a run;
+# - "marks": no result, but a folder that holds them was used by a run (logs, the demo's assets);
+# - "derived": written again by any run that gets that far, and left alone until --overwrite.
+RUN_OUTPUTS = {
+    CHECKPOINT: "trained",
+    "final": "trained",
+    "predictions.jsonl": "predicted",
+    VALIDATION_PREDICTIONS: "predicted",  # decoded once to pick the confidence threshold
+    "metrics.json": "predicted",
+    os.path.join("final", CONFIDENCE_RECORD): "predicted",  # the threshold picked on those validation rows
+    "runs": "marks",  # TensorBoard
+    "demo-dataset": "marks",
+    "demo-model": "marks",
+    "schema.json": "derived",
+    "dataset_report.json": "derived",
+    "run_settings.json": "derived",
+    "training_curves.png": "derived",
+    "predictions.png": "derived",
+    "report.html": "derived",
+    "predict.jsonl": "derived",  # --predict
+    "merged": "derived",  # --merge
+}
+MODES = ("train", "evaluate", "predict", "merge")
+
+
+def outputs_with(*roles: str) -> list[str]:
+    return [name for name, role in RUN_OUTPUTS.items() if role in roles]
+
+
+def present(output_dir: str, names: list[str]) -> list[str]:
+    """Which of `names` are in `output_dir`, in their order; the checkpoint pattern stands for every checkpoint."""
+    if not os.path.isdir(output_dir):
+        return []
+    checkpoints = sorted(name for name in os.listdir(output_dir) if re.fullmatch(r"checkpoint-\d+", name))
+    return [found for name in names
+            for found in (checkpoints if name == CHECKPOINT else [name] if os.path.exists(os.path.join(output_dir, name))
+                          else [])]
+
+
+def earlier_run_outputs(output_dir: str) -> list[str]:
+    """What an earlier run left in `output_dir` that a new one must not be mixed with; the user's own
+    files there are never listed."""
+    return sorted(name for name in present(output_dir, outputs_with("trained", "predicted", "marks")) if os.sep not in name)
+
+
+def holds_results(output_dir: str) -> bool:
+    """Anything a run with other settings would be mixed with."""
+    return bool(present(output_dir, outputs_with("trained", "predicted")))
+
+
+def prepare_output_dir(output_dir: str, overwrite: bool, resume: bool, demo: bool) -> None:
+    """Refuse to mix a new run with a finished or cut-off one, unless asked to continue or replace
+    it. A demo's output is disposable, so a demo replaces an earlier demo without being asked.
+    Replacing removes every output of the earlier run, so nothing of it is left beside the new one."""
+    earlier = earlier_run_outputs(output_dir)
+    if not earlier or resume:
+        return
+    earlier_demo = "demo-model" in earlier  # --overwrite removes it: a real run there is never taken for a demo
+    if not (overwrite or (demo and earlier_demo)):
+        raise FlowError(f"{output_dir} already holds a run ({', '.join(earlier[:3])}): pass --resume to "
+                        "continue it, --overwrite to replace it, or choose another --output-dir")
+    print(f"replacing the earlier {'demo ' if earlier_demo else ''}run in {output_dir}")
+    for name in present(output_dir, list(RUN_OUTPUTS)):
+        path = os.path.join(output_dir, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):  # not already gone with the folder that held it
+            os.remove(path)
+
+
+def newest_checkpoint(output_dir: str) -> str | None:
+    """The newest complete checkpoint: the Trainer writes `trainer_state.json` last."""
+    steps = [int(name.split("-")[1]) for name in present(output_dir, [CHECKPOINT])
+             if os.path.isfile(os.path.join(output_dir, name, "trainer_state.json"))]
+    return os.path.join(output_dir, f"checkpoint-{max(steps)}") if steps else None
+
+
+def trained_run(output_dir: str) -> str:
+    """The `final/` of the finished run that --predict and --merge use."""
+    final_dir = os.path.join(output_dir, "final")
+    if not os.path.isdir(final_dir):
+        raise FlowError(f"{final_dir}: no trained model; point --output-dir at a finished run")
+    return final_dir
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    mode: str  # one of MODES: train (and test), or use a finished run
+    output_dir: str
+    processes: int  # under torchrun or `accelerate launch` every process runs the script
+    writes: bool  # the first process alone writes the run's files
+    resume: bool
+    overwrite: bool
+    demo: bool
+    training_done: bool  # a resumed run whose final/ exists: only predictions are missing
+    resume_checkpoint: str | None  # where a resumed training goes on from; None starts it afresh
+    effective_batch: int  # images per optimizer step, over every process: what the learning rate is tuned to
+
+    def prepare_output_dir(self) -> None:
+        """A training run's folder, by the rules above; the modes that use a finished run write beside it."""
+        if self.mode == "train" and self.writes:
+            prepare_output_dir(self.output_dir, self.overwrite, self.resume, self.demo)
+            os.makedirs(self.output_dir, exist_ok=True)
+
+
+def run_mode(evaluate: str, predict: str, merge: bool) -> str:
+    chosen = [mode for mode, given in (("evaluate", evaluate), ("predict", predict), ("merge", merge)) if given]
+    if len(chosen) > 1:
+        raise FlowError(f"--{' and --'.join(chosen)} are separate runs: pass one of them at a time")
+    return chosen[0] if chosen else "train"
+
+
+def plan_run(settings: dict) -> RunPlan:
+    """The plan for the script's settings, once every flag that could clash or fail late is checked;
+    it changes nothing on disk (RunPlan.prepare_output_dir does)."""
+    output_dir, resume, demo = settings["OUTPUT_DIR"], settings["RESUME"], settings["DEMO"]
+    mode = run_mode(settings["EVALUATE"], settings["PREDICT"], settings["MERGE"])
+    if resume and settings["OVERWRITE"]:
+        raise FlowError("--resume continues the run in OUTPUT_DIR and --overwrite replaces it: pass one")
+    check_confidence_settings(settings["CONFIDENCE_THRESHOLD"], settings["FLAG_WRONG_SHARE"])
+    if mode == "train":  # a tracker that is not installed stops the run now, not after the model has loaded
+        check_tracking_settings(settings["REPORT_TO"], settings["EARLY_STOPPING_PATIENCE"])
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if demo and processes > 1:
+        raise FlowError("--demo builds its data in one process: run it once without a launcher, then launch "
+                        "with --dataset-dir OUTPUT_DIR/demo-dataset --model-id OUTPUT_DIR/demo-model")
+    training_done = resume and os.path.isdir(os.path.join(output_dir, "final"))
+    checkpoint = newest_checkpoint(output_dir) if resume and not training_done else None
+    if resume:
+        print("resume: " + ("training finished; predicting what is missing" if training_done else
+                            f"training from {checkpoint}" if checkpoint else "no checkpoint yet; training from the start"))
+    return RunPlan(mode, output_dir, processes, int(os.environ.get("RANK", "0")) == 0, resume, settings["OVERWRITE"],
+                   demo, training_done, checkpoint, settings["BATCH_SIZE"] * settings["GRAD_ACCUM"] * processes)
