@@ -1,4 +1,4 @@
-"""Step 8 of the flow, and `--evaluate`: score prediction rows, write `metrics.json` and the
+"""Step 9 of the flow, and `--evaluate`: score prediction rows, write `metrics.json` and the
 pictures beside them, print the table. Needs no model and no GPU."""
 
 import os

@@ -1,4 +1,5 @@
-"""Memory levers for a training step: the loss on label positions only, and gradient checkpointing.
+"""Training beyond the tutorial's Trainer: validation scored by what it extracts, the loss on label
+positions only, gradient checkpointing, and early stopping.
 
 Label-only loss. Only the suffix carries labels; the image tokens (256 at 224 px, 1,024 at 448)
 and the prompt are -100. A plain forward still sends every position through the 257,216-wide

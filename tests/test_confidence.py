@@ -278,7 +278,7 @@ def test_the_demo_picks_its_threshold_on_validation_and_reports_it_on_test(run):
 
 def test_validation_is_decoded_as_the_test_set_is(run):
     """The first batch of validation_predictions.jsonl again, from final/ under the schema's
-    constraint with confidence, as step 7 decodes the test set."""
+    constraint with confidence, as step 8 decodes the test set."""
     output_dir, result = run
     final = os.path.join(output_dir, "final")
     processor = flow.load_processor(final)
