@@ -112,9 +112,8 @@ if __name__ == "__main__":
 
 # %% [markdown]
 # ## 2. Download the dataset from Roboflow (or build the offline demo's)
-# The export has `train/ valid/ test/`, each with its images and `annotations.jsonl` rows
-# `{"image", "prefix", "suffix"}`. The API key comes from `ROBOFLOW_API_KEY` or a Colab secret of
-# that name, and is never printed.
+# The export has `train/ valid/ test/`, each with its images and `annotations.jsonl` rows `{"image",
+# "prefix", "suffix"}`. The key comes from `ROBOFLOW_API_KEY` or a Colab secret of that name, never printed.
 
 # %%
 from paligemma_json.hub import find_roboflow_api_key  # the environment, or a Colab secret
@@ -234,7 +233,7 @@ from paligemma_json.dataset_report import label_tokens, report_dataset, token_bu
 from paligemma_json.devices import model_device_map, training_dtype  # bf16 from compute capability 8.0, else fp32
 from paligemma_json.distributed import loading_device_map, prepare_fsdp_loading
 from paligemma_json.files import adapter_base
-from paligemma_json.hub import cache_only_for, hub_load, push_to_hub
+from paligemma_json.hub import cache_only_for, hub_load
 from paligemma_json.memory import check_fit, training_setting  # on a GPU: will it fit? (a CPU-derived estimate)
 from paligemma_json.training import enable_gradient_checkpointing
 
@@ -380,7 +379,7 @@ from dataclasses import dataclass
 from tqdm.auto import tqdm
 
 from paligemma_json.confidence import calibrate_fields
-from paligemma_json.constrained import ChosenTokenProbabilities, JsonSchemaConstraint, build_constraint, field_confidences
+from paligemma_json.constrained import ChosenTokenProbabilities, build_constraint, field_confidences
 from paligemma_json.distributed import synced_generation
 from paligemma_json.files import append_jsonl, completed_rows
 
@@ -393,8 +392,8 @@ class GenerationSettings:
     batch_size: int = 8  # images generated together
 
 
-def generate_batch(model, processor, batch, generation: GenerationSettings,
-                   constraint: JsonSchemaConstraint | None = None, with_confidence: bool = True) -> list[dict]:
+def generate_batch(model, processor, batch, generation: GenerationSettings, constraint=None,
+                   with_confidence: bool = True) -> list[dict]:
     """`prediction` per image; `truncated`: the budget ran out before EOS, so the text is cut off;
     `confidence`: per field of the prediction, from the raw logits."""
     processor.tokenizer.padding_side = "left"  # right padding would put pads between prompt and answer
@@ -435,8 +434,8 @@ def predict_rows(model, processor, dataset: JSONLDataset, generation: Generation
         for output in outputs:
             calibrate_fields(output.get("confidence"), temperature)
         if constraint is not None and also_free:
-            for output, free in zip(outputs, generate_batch(model, processor, batch, generation, with_confidence=False)):
-                output.update(free_prediction=free["prediction"], free_truncated=free["truncated"])
+            for row, free in zip(outputs, generate_batch(model, processor, batch, generation, with_confidence=False)):
+                row.update(free_prediction=free["prediction"], free_truncated=free["truncated"])
         for (_, entry), output in zip(batch, outputs):
             yield {"image": entry["image"], "image_path": os.path.join(dataset.image_directory_path, entry["image"]),
                    "prefix": entry["prefix"], "suffix": entry["suffix"], **output}
@@ -478,8 +477,10 @@ from paligemma_json.training import ExtractionTrainer, early_stopping  # validat
 def training_arguments(output_dir: str, generation: GenerationSettings, *, epochs=EPOCHS, max_steps=MAX_STEPS,
                        batch_size=BATCH_SIZE, grad_accum=GRAD_ACCUM, learning_rate=LEARNING_RATE,
                        lr_scheduler=LR_SCHEDULER, warmup_steps=WARMUP_STEPS, weight_decay=WEIGHT_DECAY,
-                       save_steps=SAVE_STEPS, logging_steps=LOGGING_STEPS, report_to=REPORT_TO, seed=SEED) -> TrainingArguments:
-    """The tutorial's arguments, fixed where they misled; each setting as given (the defaults are step 1's)."""
+                       save_steps=SAVE_STEPS, logging_steps=LOGGING_STEPS, report_to=REPORT_TO,
+                       seed=SEED) -> TrainingArguments:
+    """The tutorial's arguments, fixed where they misled. Each setting defaults to step 1's constant of that
+    name as it stands when this cell runs (after the flags, or your edits in Colab)."""
     every = "steps" if save_steps > 0 else "epoch"
     return OneGPUPerProcessArguments(  # plain `python` on several GPUs: one GPU, never DataParallel
         output_dir=output_dir,
@@ -565,10 +566,7 @@ if __name__ == "__main__" and run.mode == "train":
     generation = GenerationSettings(TORCH_DTYPE, max_new_tokens, NUM_BEAMS, EVAL_BATCH_SIZE)
     final_dir = os.path.join(OUTPUT_DIR, "final")
     if not run.training_done:
-        arguments = training_arguments(OUTPUT_DIR, generation, epochs=EPOCHS, max_steps=MAX_STEPS, batch_size=BATCH_SIZE,
-                                       grad_accum=GRAD_ACCUM, learning_rate=LEARNING_RATE, lr_scheduler=LR_SCHEDULER,
-                                       warmup_steps=WARMUP_STEPS, weight_decay=WEIGHT_DECAY, save_steps=SAVE_STEPS,
-                                       logging_steps=LOGGING_STEPS, report_to=REPORT_TO, seed=SEED)
+        arguments = training_arguments(OUTPUT_DIR, generation)  # the rest: step 1's settings, as resolved
         trainer = build_trainer(model, processor, train_dataset, valid_dataset, generation, arguments,
                                 EARLY_STOPPING_PATIENCE)
         train_result = trainer.train(resume_from_checkpoint=run.resume_checkpoint)
@@ -599,13 +597,12 @@ if __name__ == "__main__" and run.mode == "train":
 
 # %% [markdown]
 # ## 8. Predict the test set
-# Each row is appended to `OUTPUT_DIR/predictions.jsonl` and flushed as soon as it is generated.
-# First, with `CONFIDENCE_THRESHOLD = 0`, the validation split is decoded the same way, once
-# (`validation_predictions.jsonl`), to fit the confidences' temperature and pick the threshold,
-# saved in `final/confidence.json`; the test rows are calibrated with that temperature.
+# Each row is appended to `OUTPUT_DIR/predictions.jsonl` as soon as it is generated. First, with
+# `CONFIDENCE_THRESHOLD = 0`, the validation split is decoded the same way once, to fit the confidences'
+# temperature and pick the threshold (saved in `final/confidence.json`) that the test rows are flagged by.
 
 # %%
-from paligemma_json.confidence import prediction_confidence, training_threshold
+from paligemma_json.confidence import training_threshold
 
 if __name__ == "__main__" and run.mode == "train":
     constraint = build_constraint(LABEL_SCHEMA, processor, CONSTRAINED)
@@ -627,7 +624,8 @@ if __name__ == "__main__" and run.mode == "train":
 
 # %%
 from paligemma_json.evaluation import evaluate_file, evaluate_predictions
-from paligemma_json.model_card import write_merged_card, write_model_card
+from paligemma_json.hub import push_to_hub
+from paligemma_json.model_card import write_model_card
 
 if __name__ == "__main__" and run.mode == "train":
     metrics = evaluate_predictions(predictions, OUTPUT_DIR, LABEL_SCHEMA, THRESHOLD["threshold"], THRESHOLD["source"])
@@ -650,7 +648,9 @@ if __name__ == "__main__" and run.mode == "evaluate":
 # is a standalone model with its processor that `from_pretrained` loads without peft.
 
 # %%
+from paligemma_json.confidence import prediction_confidence
 from paligemma_json.documents import DocumentImages, document_row
+from paligemma_json.model_card import write_merged_card
 from paligemma_json.plan import trained_run  # a finished run's final/, or a one-line reason
 from paligemma_json.schema import read_saved_schema
 
@@ -691,9 +691,8 @@ def merge_adapter(output_dir: str) -> str:
 
 
 if __name__ == "__main__" and run.mode == "predict":
-    new_predictions = predict_documents(OUTPUT_DIR, PREDICT, PROMPT, USE_QLORA, EVAL_BATCH_SIZE,
-                                        MAX_NEW_TOKENS or 1024, NUM_BEAMS,  # no labels here to size it by
-                                        CONSTRAINED, CONFIDENCE_THRESHOLD)
+    new_predictions = predict_documents(OUTPUT_DIR, PREDICT, PROMPT, USE_QLORA, EVAL_BATCH_SIZE, MAX_NEW_TOKENS or 1024,
+                                        NUM_BEAMS, CONSTRAINED, CONFIDENCE_THRESHOLD)  # 1024: no labels to size it by
 
 if __name__ == "__main__" and run.mode == "merge":
     merged_dir = merge_adapter(OUTPUT_DIR)

@@ -9,7 +9,8 @@ import shutil
 from dataclasses import dataclass
 
 from paligemma_json import FlowError
-from paligemma_json.confidence import RECORD_NAME as CONFIDENCE_RECORD, VALIDATION_PREDICTIONS, check_confidence_settings
+from paligemma_json.confidence import RECORD_NAME as CONFIDENCE_RECORD
+from paligemma_json.confidence import VALIDATION_PREDICTIONS, check_confidence_settings
 from paligemma_json.tracking import check_tracking_settings
 
 CHECKPOINT = "checkpoint-*"  # every checkpoint the Trainer keeps
@@ -51,15 +52,15 @@ def present(output_dir: str, names: list[str]) -> list[str]:
     if not os.path.isdir(output_dir):
         return []
     checkpoints = sorted(name for name in os.listdir(output_dir) if re.fullmatch(r"checkpoint-\d+", name))
-    return [found for name in names
-            for found in (checkpoints if name == CHECKPOINT else [name] if os.path.exists(os.path.join(output_dir, name))
-                          else [])]
+    return [found for name in names for found in (
+        checkpoints if name == CHECKPOINT else [name] if os.path.exists(os.path.join(output_dir, name)) else [])]
 
 
 def earlier_run_outputs(output_dir: str) -> list[str]:
     """What an earlier run left in `output_dir` that a new one must not be mixed with; the user's own
     files there are never listed."""
-    return sorted(name for name in present(output_dir, outputs_with("trained", "predicted", "marks")) if os.sep not in name)
+    at_the_top = present(output_dir, outputs_with("trained", "predicted", "marks"))
+    return sorted(name for name in at_the_top if os.sep not in name)
 
 
 def holds_results(output_dir: str) -> bool:
@@ -146,7 +147,8 @@ def plan_run(settings: dict) -> RunPlan:
     training_done = resume and os.path.isdir(os.path.join(output_dir, "final"))
     checkpoint = newest_checkpoint(output_dir) if resume and not training_done else None
     if resume:
-        print("resume: " + ("training finished; predicting what is missing" if training_done else
-                            f"training from {checkpoint}" if checkpoint else "no checkpoint yet; training from the start"))
+        print("resume: " + ("training finished; predicting what is missing" if training_done
+                            else f"training from {checkpoint}" if checkpoint
+                            else "no checkpoint yet; training from the start"))
     return RunPlan(mode, output_dir, processes, int(os.environ.get("RANK", "0")) == 0, resume, settings["OVERWRITE"],
                    demo, training_done, checkpoint, settings["BATCH_SIZE"] * settings["GRAD_ACCUM"] * processes)
