@@ -2,8 +2,8 @@
 # # Fine-tune PaliGemma 2 to read photographed documents into JSON
 #
 # The flow of Roboflow's guide "How to Fine-tune PaliGemma 2" (pallet load manifests → JSON), with
-# its bugs fixed: download the Roboflow JSONL export, load it as `JSONLDataset`, batch it with
-# `collate_fn`, load the model with LoRA / QLoRA / a frozen vision tower, train with the Hugging Face
+# its bugs fixed: download the Roboflow JSONL export, load it as `JSONLDataset`, load the model with
+# LoRA / QLoRA / a frozen vision tower, batch with `collate_fn`, generate, train with the Hugging Face
 # `Trainer`, predict the test set and score the predictions.
 #
 #     pip install torch==2.13.0 && pip install -r requirements.txt   # or keep the CUDA torch you have
@@ -107,7 +107,7 @@ if __name__ == "__main__":
     print(mask_secrets("settings: " + ", ".join(f"{name}={value}" for name, value in settings.items())))
     if run.mode == "train":
         print(f"effective batch: {run.effective_batch} (BATCH_SIZE {BATCH_SIZE} x GRAD_ACCUM {GRAD_ACCUM} x "
-              f"{run.processes} process{'es' if run.processes > 1 else ''}), what LEARNING_RATE is tuned to")
+              f"{run.processes} process{'es' if run.processes > 1 else ''}); LEARNING_RATE goes with it")
     run.prepare_output_dir()  # refuses to mix with an earlier run, or replaces it whole (--overwrite)
 
 # %% [markdown]
@@ -116,7 +116,7 @@ if __name__ == "__main__":
 # "prefix", "suffix"}`. The key comes from `ROBOFLOW_API_KEY` or a Colab secret of that name, never printed.
 
 # %%
-from paligemma_json.hub import find_roboflow_api_key  # the environment, or a Colab secret
+from paligemma_json.tracking import find_roboflow_api_key  # the environment, or a Colab secret
 from paligemma_json.model_card import record_roboflow_source
 
 
@@ -159,10 +159,10 @@ if __name__ == "__main__" and run.mode == "train":
 from PIL import Image
 from torch.utils.data import Dataset
 
-from paligemma_json.constrained import compile_schema
+from paligemma_json.constrained import compile_schema, label_schema
 from paligemma_json.documents import read_annotations
 from paligemma_json.run_record import check_run_settings  # a --resume never mixes two runs' settings
-from paligemma_json.schema import label_schema, save_label_schema, warn_non_json_labels
+from paligemma_json.schema import save_label_schema, warn_non_json_labels
 
 SPLITS = ("train", "valid", "test")
 
@@ -235,7 +235,7 @@ from paligemma_json.distributed import loading_device_map, prepare_fsdp_loading
 from paligemma_json.files import adapter_base
 from paligemma_json.hub import cache_only_for, hub_load
 from paligemma_json.memory import check_fit, training_setting  # on a GPU: will it fit? (a CPU-derived estimate)
-from paligemma_json.training import enable_gradient_checkpointing
+from paligemma_json.training import count_parameters, enable_gradient_checkpointing
 
 
 def quantization_config(dtype: torch.dtype) -> BitsAndBytesConfig:
@@ -303,25 +303,20 @@ def load_trained_model(final_dir: str, dtype: torch.dtype, use_qlora: bool = Fal
     return PeftModel.from_pretrained(base, final_dir)
 
 
-def count_parameters(model) -> tuple[int, int]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, sum(p.numel() for p in model.parameters())
-
-
 if __name__ == "__main__" and run.mode == "train":
     set_seed(SEED)  # before the adapters exist: their A matrices are random
     TORCH_DTYPE = training_dtype()
     cache_only = cache_only_for(MODEL_ID)
     processor = load_processor(MODEL_ID, cache_only)
-    label_lengths = label_tokens(splits, processor.tokenizer)  # per split, in the model's tokens, with EOS
+    label_token_counts = label_tokens(splits, processor.tokenizer)  # per split: each label's tokens, with EOS
     max_new_tokens = MAX_NEW_TOKENS
     if max_new_tokens <= 0:
-        max_new_tokens = token_budget(label_lengths["train"] + label_lengths["valid"])
+        max_new_tokens = token_budget(label_token_counts["train"] + label_token_counts["valid"])
         print(f"MAX_NEW_TOKENS={max_new_tokens}: the longest train/valid label in tokens, + 25%")
-    settings_as_run = {**settings, "MAX_NEW_TOKENS": max_new_tokens}
+    settings_as_run = {**settings, "MAX_NEW_TOKENS": max_new_tokens}  # what run_settings.json and the card record
     check_run_settings(settings_as_run, run, LABEL_SCHEMA, splits, resolved=True)  # then OUTPUT_DIR/run_settings.json
     if DATASET_REPORT and run.writes:  # it needs the tokenizer, so it runs here, before the model loads
-        report_dataset(splits, label_lengths, max_new_tokens, OUTPUT_DIR, STRICT)
+        report_dataset(splits, label_token_counts, max_new_tokens, OUTPUT_DIR, STRICT)
     if run.training_done:
         model = load_trained_model(os.path.join(OUTPUT_DIR, "final"), TORCH_DTYPE, USE_QLORA)
     else:
@@ -526,7 +521,7 @@ def build_trainer(model, processor, train_dataset, valid_dataset, generation: Ge
         processing_class=processor,  # saved into every checkpoint, so each one loads on its own
         data_collator=functools.partial(collate_fn, processor=processor, dtype=generation.dtype),
         # Free decoding: the raw model's learning signal, which a constraint would hide.
-        predict=functools.partial(predict_rows, generation=generation, with_confidence=False),
+        predict_rows=functools.partial(predict_rows, generation=generation, with_confidence=False),
         callbacks=early_stopping(early_stopping_patience),  # on validation field F1
     )
 
@@ -582,7 +577,7 @@ if __name__ == "__main__" and run.mode == "train":
         if torch.cuda.is_available():  # model FLOPs per second over this card's peak: paligemma_json/speed.py
             print(mfu_report(model.config, tokens_per_second, samples_per_second, USE_LORA, FREEZE_VISION,
                              trainer.args.world_size, torch.cuda.get_device_name(), TORCH_DTYPE,
-                             sum(label_lengths["train"]) / len(train_dataset)))  # where the LM head runs
+                             sum(label_token_counts["train"]) / len(train_dataset)))  # where the LM head runs
         if is_sharded(trainer.model):  # on with a whole copy of what was saved, as a finished run reloads final/
             release_training_memory(trainer)
             model = load_trained_model(whole_weights, TORCH_DTYPE, USE_QLORA)
@@ -655,17 +650,19 @@ from paligemma_json.plan import trained_run  # a finished run's final/, or a one
 from paligemma_json.schema import read_saved_schema
 
 
-def predict_documents(output_dir: str, path: str, prompt: str, use_qlora: bool, batch_size: int,
-                      max_new_tokens: int, num_beams: int, constrained: bool, threshold: float) -> list[dict]:
-    final_dir, dtype = trained_run(output_dir), training_dtype()
+def predict_documents(output_dir: str, path: str, prompt: str, generation: GenerationSettings, use_qlora: bool = False,
+                      constrained: bool = True, threshold: float = 0.0) -> list[dict]:
+    final_dir = trained_run(output_dir)
     threshold, temperature = prediction_confidence(threshold, final_dir)  # 0: the one saved with the model
     documents = DocumentImages(path, prompt)
-    processor, model = load_processor(final_dir), load_trained_model(final_dir, dtype, use_qlora)
+    processor, model = load_processor(final_dir), load_trained_model(final_dir, generation.dtype, use_qlora)
     constraint = build_constraint(read_saved_schema(final_dir), processor, constrained)
     rows, target = [], os.path.join(output_dir, "predict.jsonl")
-    said = replace_atomically(lambda temporary: rows.extend(predict_to_file(  # renamed into place once complete
-        model, processor, documents, temporary, GenerationSettings(dtype, max_new_tokens, num_beams, batch_size),
-        shape=document_row, constraint=constraint, temperature=temperature)), target)
+
+    def write(temporary):  # rows appended as they come; the file renamed into place once complete
+        rows.extend(predict_to_file(model, processor, documents, temporary, generation, shape=document_row,
+                                    constraint=constraint, temperature=temperature))
+    said = replace_atomically(write, target)
     unsure = sum(field["confidence"] < threshold for row in rows for field in row["confidence"])
     print(f"predicted: {len(rows)} images, {sum(row['parsed'] for row in rows)} parsed as JSON, {unsure} fields "
           f"below confidence {threshold} to check; {said} {target}")
@@ -690,9 +687,10 @@ def merge_adapter(output_dir: str) -> str:
     return target
 
 
-if __name__ == "__main__" and run.mode == "predict":
-    new_predictions = predict_documents(OUTPUT_DIR, PREDICT, PROMPT, USE_QLORA, EVAL_BATCH_SIZE, MAX_NEW_TOKENS or 1024,
-                                        NUM_BEAMS, CONSTRAINED, CONFIDENCE_THRESHOLD)  # 1024: no labels to size it by
+if __name__ == "__main__" and run.mode == "predict":  # MAX_NEW_TOKENS 0 is 1024 here: no labels to size it by
+    generation = GenerationSettings(training_dtype(), MAX_NEW_TOKENS or 1024, NUM_BEAMS, EVAL_BATCH_SIZE)
+    new_predictions = predict_documents(OUTPUT_DIR, PREDICT, PROMPT, generation, USE_QLORA, CONSTRAINED,
+                                        CONFIDENCE_THRESHOLD)
 
 if __name__ == "__main__" and run.mode == "merge":
     merged_dir = merge_adapter(OUTPUT_DIR)

@@ -308,7 +308,7 @@ def time_to_loss(curve, target: float) -> float | None:
 
 
 def valid_json_count(texts: list[str]) -> int:
-    from paligemma_json.metrics import parse_json
+    from paligemma_json.json_text import parse_json
     return sum(parse_json(text) is not None for text in texts)
 
 

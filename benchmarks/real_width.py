@@ -178,7 +178,7 @@ def load(shape: dict):
     generation = flow.GenerationSettings(dtype, max_new_tokens=8)
     with tempfile.TemporaryDirectory() as output_dir:
         arguments = flow.training_arguments(output_dir, generation, grad_accum=2, max_steps=1)
-        trainer = flow.ExtractionTrainer(model=model, args=arguments, eval_dataset=[{}], predict=None)  # never evaluates
+        trainer = flow.ExtractionTrainer(model=model, args=arguments, eval_dataset=[{}], predict_rows=None)  # never evaluates
     trainer.current_gradient_accumulation_steps = 2
     return model, trainer, trainer.accelerator.prepare_model(model), dtype
 

@@ -22,6 +22,7 @@ from transformers import LogitsProcessor
 
 from paligemma_json import FlowError
 from paligemma_json.json_text import child_path, parse_json
+from paligemma_json.schema import load_schema, schema_from_labels
 
 
 # --- The layout the labels are written in --------------------------------------------------------
@@ -50,6 +51,14 @@ def with_layout(schema: dict, suffixes: list[str]) -> dict:
     validators ignore it), unless the user's schema says otherwise: saved with it, so `--predict`
     writes the way the model was trained to."""
     return {**schema, "x-guidance": {**json_layout(suffixes), **schema.get("x-guidance", {})}}
+
+
+def label_schema(splits: dict, schema_path: str = "") -> dict | None:
+    """The structure predictions should have: the user's schema, or one inferred from the train and
+    valid labels (None when they are not JSON), with the labels' separators for the grammar."""
+    suffixes = [entry["suffix"] for split in ("train", "valid") for entry in splits[split].entries]
+    schema = load_schema(schema_path) if schema_path else schema_from_labels(suffixes)
+    return None if schema is None else with_layout(schema, suffixes)
 
 
 # --- The grammar, and the logits processor that applies it -------------------------------------

@@ -32,15 +32,16 @@ def read_annotations(jsonl_path: str, image_dir: str, prompt: str = "") -> list[
     given, replaces every row's prefix."""
     if not os.path.isfile(jsonl_path):
         raise FlowError(f"{jsonl_path}: missing; each split needs its annotations.jsonl")
-    entries = [{**entry, "prefix": prompt or entry["prefix"]}
-               for where, entry in jsonl_rows(jsonl_path, "fix or remove the line")
-               if check_row(entry, image_dir, where)]
+    entries = []
+    for where, entry in jsonl_rows(jsonl_path, "fix or remove the line"):
+        check_row(entry, image_dir, where)
+        entries.append({**entry, "prefix": prompt or entry["prefix"]})
     if not entries:
         raise FlowError(f"{jsonl_path}: no rows; the split must hold at least one labelled image")
     return entries
 
 
-def check_row(entry, image_dir: str, where: str) -> bool:
+def check_row(entry, image_dir: str, where: str) -> None:
     if not isinstance(entry, dict):
         raise FlowError(f"{where}: expected an object with image, prefix and suffix")
     for key in ("image", "prefix", "suffix"):
@@ -48,7 +49,6 @@ def check_row(entry, image_dir: str, where: str) -> bool:
             problem = "missing" if key not in entry else f"not a string ({type(entry[key]).__name__})"
             raise FlowError(f"{where}: '{key}' is {problem}; every row needs string image, prefix and suffix")
     check_image(os.path.join(image_dir, entry["image"]), where)
-    return True
 
 
 class DocumentImages(Dataset):

@@ -1,12 +1,11 @@
 """The Hugging Face Hub: one line instead of a traceback when it cannot give us the model, and
 quickly: without a network, `from_pretrained` retries every file for minutes before failing; and
-the optional upload of a finished model. And where the Roboflow API key is found, never printed."""
+the optional upload of a finished model."""
 
 import contextlib
 import logging
 import os
 import shlex
-import sys
 
 from paligemma_json import FlowError
 
@@ -84,14 +83,3 @@ def push_to_hub(final_dir: str, repo_id: str) -> None:
                         f"written. Check HF_TOKEN and that it may write to {repo_id}, then upload again: "
                         f"{shlex.join(['hf', 'upload', repo_id, final_dir, '--private'])}") from None
     print(f"pushed: {final_dir} to huggingface.co/{repo_id}")
-
-
-def find_roboflow_api_key() -> str | None:
-    key = os.environ.get("ROBOFLOW_API_KEY")
-    if not key and "google.colab" in sys.modules:
-        try:
-            from google.colab import userdata
-            key = userdata.get("ROBOFLOW_API_KEY")
-        except Exception:  # no such secret, or access not granted
-            key = None
-    return key or None

@@ -1,6 +1,6 @@
 """The rules for JSON text that the whole package shares, each written once: what counts as a parsed
 label or prediction, how a field is named (Donut's key paths), a value's JSON type, and how a JSON
-Lines file is read. It imports nothing else of the package, so every module can import it."""
+Lines file is read. It imports nothing else of the package but FlowError, so every module can import it."""
 
 import json
 from collections.abc import Iterator
@@ -61,9 +61,9 @@ def json_type(value) -> str:
 def jsonl_rows(path: str, advice: str | None) -> Iterator[tuple[str, object]]:
     """(where, row) for each non-blank line of a JSON Lines file; `where` ("PATH line N") is for the
     caller's own messages about a row. Lines are decoded one by one, so a line that is not UTF-8 is
-    named, not the whole file. A line that is not UTF-8 JSON is a FlowError naming it, then `advice`
-    (what to do). With `advice` None the file is one a crash may have cut off while rows were
-    appended: a bad line, or a last line without its newline, quietly ends the rows."""
+    named, not the whole file. A line that is not UTF-8 JSON is a FlowError naming it and what to do:
+    save as UTF-8, or `advice` for bad JSON. With `advice` None the file is one a crash may have cut
+    off while rows were appended: a bad line, or a last line without its newline, quietly ends the rows."""
     with open(path, "rb") as file:
         for number, raw in enumerate(file, start=1):
             if not raw.strip():
@@ -72,9 +72,9 @@ def jsonl_rows(path: str, advice: str | None) -> Iterator[tuple[str, object]]:
             try:
                 row = json.loads(raw.decode("utf-8"))
             except UnicodeDecodeError:
-                reason = "not UTF-8 text"
+                reason, remedy = "not UTF-8 text", "save the file as UTF-8"
             except json.JSONDecodeError as error:
-                reason = f"not valid JSON ({error.msg})"
+                reason, remedy = f"not valid JSON ({error.msg})", advice
             else:
                 if advice is None and not raw.endswith(b"\n"):
                     return  # a row is written with its newline: without it, the write did not finish
@@ -82,4 +82,4 @@ def jsonl_rows(path: str, advice: str | None) -> Iterator[tuple[str, object]]:
                 continue
             if advice is None:
                 return
-            raise FlowError(f"{where}: {reason}; {advice}")
+            raise FlowError(f"{where}: {reason}; {remedy}")

@@ -1,7 +1,7 @@
 """How a run is planned before anything loads: which mode it is, which process writes, what a
-`--resume` continues, which flags clash, and the rules for an OUTPUT_DIR that already holds a run. `RUN_OUTPUTS`, the
-one list of what a run writes there, drives all three: what counts as an earlier run, what
-`--overwrite` removes, and what a resume with other decoding settings predicts again."""
+`--resume` continues, which flags clash, and the rules for an OUTPUT_DIR that already holds a run.
+`RUN_OUTPUTS`, the one list of what a run writes there, drives all three: what counts as an earlier
+run, what `--overwrite` removes, and what a resume with other decoding settings predicts again."""
 
 import os
 import re
@@ -20,7 +20,7 @@ CHECKPOINT = "checkpoint-*"  # every checkpoint the Trainer keeps
 # - "predicted": made from the test (and validation) predictions; a resume whose decoding settings
 #   differ makes them again, and they too mark a folder as holding a run;
 # - "marks": no result, but a folder that holds them was used by a run (logs, the demo's assets);
-# - "derived": written again by any run that gets that far, and left alone until --overwrite.
+# - "derived": the rest; none of them alone marks a folder as holding a run.
 RUN_OUTPUTS = {
     CHECKPOINT: "trained",
     "final": "trained",
@@ -68,10 +68,11 @@ def holds_results(output_dir: str) -> bool:
     return bool(present(output_dir, outputs_with("trained", "predicted")))
 
 
-def prepare_output_dir(output_dir: str, overwrite: bool, resume: bool, demo: bool) -> None:
+def prepare_output_dir(output_dir: str, overwrite: bool, resume: bool, demo: bool, reads: tuple = ()) -> None:
     """Refuse to mix a new run with a finished or cut-off one, unless asked to continue or replace
     it. A demo's output is disposable, so a demo replaces an earlier demo without being asked.
-    Replacing removes every output of the earlier run, so nothing of it is left beside the new one."""
+    Replacing removes every output of the earlier run (and what a cut-off write left half done), so
+    nothing of it is left beside the new one; never a file the new run `reads` (its dataset, model, schema)."""
     earlier = earlier_run_outputs(output_dir)
     if not earlier or resume:
         return
@@ -79,8 +80,14 @@ def prepare_output_dir(output_dir: str, overwrite: bool, resume: bool, demo: boo
     if not (overwrite or (demo and earlier_demo)):
         raise FlowError(f"{output_dir} already holds a run ({', '.join(earlier[:3])}): pass --resume to "
                         "continue it, --overwrite to replace it, or choose another --output-dir")
+    doomed = present(output_dir, [name + end for name in RUN_OUTPUTS for end in ("", ".tmp")])
+    for read in reads:
+        inside = os.path.relpath(os.path.abspath(read), os.path.abspath(output_dir)).split(os.sep)[0]
+        if inside in doomed:
+            raise FlowError(f"{read}: this run reads it, and replacing the run in {output_dir} would remove it; "
+                            "move it out of the folder, or choose another --output-dir")
     print(f"replacing the earlier {'demo ' if earlier_demo else ''}run in {output_dir}")
-    for name in present(output_dir, list(RUN_OUTPUTS)):
+    for name in doomed:
         path = os.path.join(output_dir, name)
         if os.path.isdir(path):
             shutil.rmtree(path)
@@ -115,11 +122,12 @@ class RunPlan:
     training_done: bool  # a resumed run whose final/ exists: only predictions are missing
     resume_checkpoint: str | None  # where a resumed training goes on from; None starts it afresh
     effective_batch: int  # images per optimizer step, over every process: what the learning rate is tuned to
+    reads: tuple  # the user's inputs (dataset, model, schema), which replacing an earlier run must not remove
 
     def prepare_output_dir(self) -> None:
         """A training run's folder, by the rules above; the modes that use a finished run write beside it."""
         if self.mode == "train" and self.writes:
-            prepare_output_dir(self.output_dir, self.overwrite, self.resume, self.demo)
+            prepare_output_dir(self.output_dir, self.overwrite, self.resume, self.demo, self.reads)
             os.makedirs(self.output_dir, exist_ok=True)
 
 
@@ -150,5 +158,7 @@ def plan_run(settings: dict) -> RunPlan:
         print("resume: " + ("training finished; predicting what is missing" if training_done
                             else f"training from {checkpoint}" if checkpoint
                             else "no checkpoint yet; training from the start"))
+    inputs = [settings["SCHEMA"]] if demo else [settings["DATASET_DIR"], settings["MODEL_ID"], settings["SCHEMA"]]
     return RunPlan(mode, output_dir, processes, int(os.environ.get("RANK", "0")) == 0, resume, settings["OVERWRITE"],
-                   demo, training_done, checkpoint, settings["BATCH_SIZE"] * settings["GRAD_ACCUM"] * processes)
+                   demo, training_done, checkpoint, settings["BATCH_SIZE"] * settings["GRAD_ACCUM"] * processes,
+                   reads=tuple(path for path in inputs if path))

@@ -6,7 +6,6 @@ import math
 import os
 
 from paligemma_json import FlowError
-from paligemma_json.constrained import with_layout
 from paligemma_json.files import write_json_atomically
 from paligemma_json.json_text import json_type, parse_json
 
@@ -81,14 +80,6 @@ def load_schema(path: str) -> dict:
         message = getattr(error, "message", None) or str(error)
         raise FlowError(f"{path}: not a usable JSON Schema ({message.splitlines()[0][:200]}); fix it or drop --schema") from None
     return schema
-
-
-def label_schema(splits: dict, schema_path: str = "") -> dict | None:
-    """The structure predictions should have: the user's schema, or one inferred from the train and
-    valid labels (None when they are not JSON), with the labels' separators for the grammar."""
-    suffixes = [entry["suffix"] for split in ("train", "valid") for entry in splits[split].entries]
-    schema = load_schema(schema_path) if schema_path else schema_from_labels(suffixes)
-    return None if schema is None else with_layout(schema, suffixes)
 
 
 def count_non_json_labels(dataset) -> int:

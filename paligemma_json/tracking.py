@@ -14,6 +14,7 @@ into a flag, an error that quotes a URL).
 
 import logging
 import os
+import sys
 
 from paligemma_json import FlowError
 
@@ -97,3 +98,15 @@ def check_tracking_settings(report_to: str | list[str], early_stopping_patience:
     """REPORT_TO and EARLY_STOPPING_PATIENCE checked at start, before any data or model loads."""
     trackers(report_to)
     check_patience(early_stopping_patience)
+
+
+def find_roboflow_api_key() -> str | None:
+    """From the environment, or a Colab secret of that name; never printed."""
+    key = os.environ.get("ROBOFLOW_API_KEY")
+    if not key and "google.colab" in sys.modules:
+        try:
+            from google.colab import userdata
+            key = userdata.get("ROBOFLOW_API_KEY")
+        except Exception:  # no such secret, or access not granted
+            key = None
+    return key or None

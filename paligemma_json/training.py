@@ -89,6 +89,12 @@ def full_logits_loss(model, batch: dict, num_items_in_batch: int | torch.Tensor 
     return model(**without_label_only(batch), **extra).loss
 
 
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, all) parameters, for the line step 4 prints."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
 def enable_gradient_checkpointing(model) -> None:
     """Non-reentrant checkpointing of every layer, without the input hooks that would send the
     backward through a frozen vision tower. A PeftModel passes both calls to its base model."""
@@ -124,11 +130,11 @@ def early_stopping(patience: int) -> list[TrainerCallback]:
 
 
 class ExtractionTrainer(Trainer):
-    """`predict(model, processor, dataset)`: prediction rows for `dataset`, as the script's `predict_rows`."""
+    """`predict_rows(model, processor, dataset)`: prediction rows for `dataset`, as the script's."""
 
-    def __init__(self, *args, predict, **kwargs):
+    def __init__(self, *args, predict_rows, **kwargs):
         super().__init__(*args, **kwargs)
-        self.predict_rows = predict
+        self.predict_rows = predict_rows
         self.evaluation_seconds = 0.0  # kept out of the training throughput
         self.session_start = SessionStart()  # after --resume, throughput counts this session's tokens only
         self.add_callback(self.session_start)

@@ -92,7 +92,7 @@ def test_an_untrained_model_under_the_constraint_writes_only_schema_valid_json(u
 
 def test_the_mask_covers_padded_logits_and_a_complete_json_allows_only_eos(untrained, schema):
     model, processor = untrained
-    constraint = flow.JsonSchemaConstraint(schema, processor.tokenizer)
+    constraint = JsonSchemaConstraint(schema, processor.tokenizer)
     mask = constraint.logits_processor()
     prompt = torch.zeros((1, 3), dtype=torch.long)
     scores = mask(prompt, torch.zeros((1, len(processor.tokenizer) + 64)))

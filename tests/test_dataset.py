@@ -132,5 +132,5 @@ def test_a_file_that_is_not_utf8_is_named(export):
     lines = open(annotations, "rb").read().splitlines(keepends=True)
     lines[4] = b'{"image": "caf\xe9.jpg"}\n'  # Latin-1
     open(annotations, "wb").write(b"".join(lines))
-    with pytest.raises(flow.FlowError, match=r"annotations\.jsonl line 5: not UTF-8"):
+    with pytest.raises(flow.FlowError, match=r"annotations\.jsonl line 5: not UTF-8 text; save the file as UTF-8"):
         flow.load_splits(export, prompt="")

@@ -9,7 +9,8 @@ import shutil
 import pytest
 
 from paligemma_json.demo import DEMO_OVERRIDES
-from paligemma_json.metrics import compute_metrics, parse_json
+from paligemma_json.json_text import parse_json
+from paligemma_json.metrics import compute_metrics
 from conftest import read_jsonl
 
 DEMO_STEPS = DEMO_OVERRIDES["MAX_STEPS"]  # evaluated and saved every 100

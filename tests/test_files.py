@@ -138,8 +138,8 @@ def writers(tiny, splits, demo_assets, tmp_path):
                                                                  str(run / "final"), [schema, None][g])),
         "predictions.jsonl": (run / "predictions.jsonl", predictions),
         "predict.jsonl": (run / "predict.jsonl", lambda g: flow.predict_documents(
-            trained(g), [images, os.path.join(images, splits["test"].entries[0]["image"])][g], PROMPT, False, 2,
-            4, 1, False, 0.8)),
+            trained(g), [images, os.path.join(images, splits["test"].entries[0]["image"])][g], PROMPT,
+            flow.GenerationSettings(torch.float32, max_new_tokens=4, batch_size=2), constrained=False, threshold=0.8)),
         "merged": (tmp_path / "lora" / "merged", lambda g: flow.merge_adapter(lora_run(g))),
     }
 

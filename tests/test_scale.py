@@ -232,8 +232,9 @@ def test_predict_no_constrained_decodes_free(demo_assets, tmp_path, capsys):
     images = str(images)
 
     def predict(constrained):
-        rows = flow.predict_documents(str(tmp_path), images, "extract data in JSON format", False, 3, 30, 1,
-                                      constrained, 0.8)
+        rows = flow.predict_documents(str(tmp_path), images, "extract data in JSON format",
+                                      flow.GenerationSettings(torch.float32, 30, batch_size=3), constrained=constrained,
+                                      threshold=0.8)
         return rows, capsys.readouterr().out
     held, printed = predict(True)
     assert "decoding: constrained" in printed and all(row["parsed"] for row in held)

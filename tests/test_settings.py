@@ -7,6 +7,7 @@ import sys
 import pytest
 
 import finetune_paligemma2 as flow
+from paligemma_json.demo import demo_paths
 from paligemma_json.plan import newest_checkpoint, plan_run, prepare_output_dir
 from paligemma_json.settings import parse_overrides, resolve_settings
 from conftest import run_script
@@ -92,12 +93,26 @@ def test_overwrite_removes_every_output_of_the_run_it_replaces(run, tmp_path):
     shutil.copytree(run[0], old)
     (old / "predict.jsonl").write_text("{}\n")
     (old / "merged").mkdir()
+    (old / "final.tmp").mkdir()  # a write the earlier run was cut off in
     (old / "notes.txt").write_text("the user's own file")
     written = set(os.listdir(old))
     assert {"final", "schema.json", "dataset_report.json", "run_settings.json", "report.html", "predictions.png",
             "training_curves.png", "validation_predictions.jsonl", "runs"} <= written  # what there is to remove
     prepare_output_dir(str(old), overwrite=True, resume=False, demo=False)
     assert os.listdir(old) == ["notes.txt"]
+
+
+def test_overwrite_never_removes_what_the_new_run_reads(tmp_path):
+    output_dir = finished_run(tmp_path)
+    schema = os.path.join(output_dir, "schema.json")  # the earlier run's, now the user's --schema
+    open(schema, "w").write("{}")
+    reads = plan_run({**flow.DEFAULTS, "OUTPUT_DIR": output_dir, "OVERWRITE": True, "SCHEMA": schema}).reads
+    assert reads == (flow.DATASET_DIR, flow.MODEL_ID, schema)
+    with pytest.raises(flow.FlowError, match="schema.json: this run reads it, and replacing the run"):
+        prepare_output_dir(output_dir, overwrite=True, resume=False, demo=False, reads=reads)
+    assert sorted(os.listdir(output_dir)) == ["checkpoint-10", "final", "metrics.json", "notes.txt", "schema.json"]
+    demo = {**flow.DEFAULTS, **dict(zip(("DATASET_DIR", "MODEL_ID"), demo_paths(output_dir))), "DEMO": True}
+    assert plan_run(demo).reads == ()  # the demo's own assets are rebuilt, not read
 
 
 def test_the_effective_batch_counts_every_process(monkeypatch, tmp_path):
