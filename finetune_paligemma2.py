@@ -456,13 +456,12 @@ def predict_to_file(model, processor, dataset: JSONLDataset, path: str, generati
 
 # %%
 import functools
-import json
 
 from transformers import Trainer, TrainingArguments
 
 from paligemma_json.devices import OneGPUPerProcessArguments
 from paligemma_json.distributed import end_distributed, is_sharded, release_training_memory, save_whole_weights
-from paligemma_json.files import replace_atomically
+from paligemma_json.files import replace_atomically, write_json_atomically
 from paligemma_json.pictures import draw_training_curves
 from paligemma_json.speed import mfu_report
 from paligemma_json.tracking import trackers
@@ -552,8 +551,7 @@ def save_final_model(model, processor, final_dir: str, schema: dict | None = Non
         model.save_pretrained(path, safe_serialization=True, state_dict=state_dict)
         processor.save_pretrained(path)
         if schema is not None:
-            with open(os.path.join(path, "schema.json"), "w", encoding="utf-8") as out:
-                json.dump(schema, out, indent=2)
+            write_json_atomically(schema, os.path.join(path, "schema.json"))
     replace_atomically(write, final_dir)
 
 

@@ -80,8 +80,8 @@ def fit_temperature(marked: list[tuple[float, bool]]) -> float | None:
         curvature = sum(p * (1 - p) * z * z for p, z, _ in probabilities)
         if curvature <= 0:
             break
-        step = gradient / curvature
-        while abs(step) > 1e-12 and _log_loss(scale - step, scores) > _log_loss(scale, scores):
+        step, current = gradient / curvature, _log_loss(scale, scores)
+        while abs(step) > 1e-12 and _log_loss(scale - step, scores) > current:
             step /= 2
         scale -= step
         if abs(step) < 1e-9:

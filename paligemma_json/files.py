@@ -70,8 +70,5 @@ def completed_rows(predictions_path: str, entries: list[dict]) -> list[dict]:
 
 def adapter_base(final_dir: str) -> str | None:
     """The base model a LoRA adapter was trained on, or None for full weights."""
-    config_path = os.path.join(final_dir, "adapter_config.json")
-    if not os.path.isfile(config_path):
-        return None
-    with open(config_path, encoding="utf-8") as config:
-        return json.load(config)["base_model_name_or_path"]
+    config = read_saved_json(os.path.join(final_dir, "adapter_config.json"))
+    return None if config is None else config["base_model_name_or_path"]

@@ -15,7 +15,7 @@ import shlex
 import shutil
 
 from paligemma_json.files import adapter_base, read_saved_json, replace_atomically, write_json_atomically
-from paligemma_json.plan import newest_checkpoint
+from paligemma_json.plan import newest_checkpoint, process_count
 
 CARD_NAME = "README.md"
 ROBOFLOW_SOURCE = "roboflow-source.json"  # written beside a downloaded export: where it came from
@@ -158,7 +158,7 @@ def _trainer_state(output_dir: str) -> dict:
 
 
 def training_lines(settings: dict, base_model: str) -> list[str]:
-    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    processes = process_count()
     method = training_method(settings)
     if method == "full-fine-tune":
         how = "full fine-tune: every weight trained"

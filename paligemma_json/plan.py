@@ -40,7 +40,6 @@ RUN_OUTPUTS = {
     "predict.jsonl": "derived",  # --predict
     "merged": "derived",  # --merge
 }
-MODES = ("train", "evaluate", "predict", "merge")
 
 
 def outputs_with(*roles: str) -> list[str]:
@@ -112,7 +111,7 @@ def trained_run(output_dir: str) -> str:
 
 @dataclass(frozen=True)
 class RunPlan:
-    mode: str  # one of MODES: train (and test), or use a finished run
+    mode: str  # "train" (and test), or one that uses a finished run: "evaluate", "predict", "merge"
     output_dir: str
     processes: int  # under torchrun or `accelerate launch` every process runs the script
     writes: bool  # the first process alone writes the run's files
@@ -129,6 +128,11 @@ class RunPlan:
         if self.mode == "train" and self.writes:
             prepare_output_dir(self.output_dir, self.overwrite, self.resume, self.demo, self.reads)
             os.makedirs(self.output_dir, exist_ok=True)
+
+
+def process_count() -> int:
+    """Under torchrun or `accelerate launch` every process runs the script; plain `python` is one."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def run_mode(evaluate: str, predict: str, merge: bool) -> str:
@@ -148,7 +152,7 @@ def plan_run(settings: dict) -> RunPlan:
     check_confidence_settings(settings["CONFIDENCE_THRESHOLD"], settings["FLAG_WRONG_SHARE"])
     if mode == "train":  # a tracker that is not installed stops the run now, not after the model has loaded
         check_tracking_settings(settings["REPORT_TO"], settings["EARLY_STOPPING_PATIENCE"])
-    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    processes = process_count()
     if demo and processes > 1:
         raise FlowError("--demo builds its data in one process: run it once without a launcher, then launch "
                         "with --dataset-dir OUTPUT_DIR/demo-dataset --model-id OUTPUT_DIR/demo-model")

@@ -80,13 +80,14 @@ def check_run_settings(settings: dict, run: RunPlan, schema: dict | None, splits
     that would mix two trainings; once resolved, re-predicts when the predictions would be mixed
     and writes the record (the first process alone)."""
     output_dir, now = run.output_dir, run_settings(settings, schema, splits, run.effective_batch)
-    earlier = read_record(output_dir) if run.resume and holds_results(output_dir) else None
+    resumes_results = run.resume and holds_results(output_dir)
+    earlier = read_record(output_dir) if resumes_results else None
     if earlier is not None:
         refuse_mixed_training(output_dir, earlier, now, run.training_done)
     if not resolved:
         return
     writes = run.writes
-    if run.resume and holds_results(output_dir) and earlier is None and writes:
+    if resumes_results and earlier is None and writes:
         print(f"note: {output_dir} has no {RECORD_NAME} (an older version made it): its settings cannot be "
               "checked against these; they are recorded from now on")
     if earlier is not None and run.training_done:

@@ -42,13 +42,13 @@ def in_notebook() -> bool:
 def resolve_settings(argv: list[str], defaults: dict, script_path: str) -> dict:
     """Defaults, then the demo's overrides, then the flags given: the later wins."""
     given = {} if in_notebook() else parse_overrides(argv, defaults, script_path)
-    settings = dict(defaults)
-    if given.get("DEMO", defaults["DEMO"]):
+    settings, demo = dict(defaults), given.get("DEMO", defaults["DEMO"])
+    if demo:
         from paligemma_json.demo import DEMO_OVERRIDES, demo_paths  # the demo's own imports, only for a demo
         print("demo: overriding " + ", ".join(f"{k}={v}" for k, v in DEMO_OVERRIDES.items() if k not in given))
         settings.update(DEMO_OVERRIDES)
     settings.update(given)
-    if settings["DEMO"]:  # built in step 2, inside OUTPUT_DIR
+    if demo:  # built in step 2, inside OUTPUT_DIR
         settings["DATASET_DIR"], settings["MODEL_ID"] = demo_paths(settings["OUTPUT_DIR"])
     if settings["USE_QLORA"]:
         settings["USE_LORA"] = True  # QLoRA is LoRA on a quantized base
