@@ -61,7 +61,9 @@ def label_only_inputs(labels: torch.Tensor) -> dict[str, torch.Tensor]:
     shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
     scored_columns = (shifted != IGNORE_INDEX).any(dim=0).nonzero().flatten().tolist() or [0]  # none: keep one
     first, last = scored_columns[0], scored_columns[-1]
-    positions = torch.arange(first, last + 1, device=labels.device).expand(labels.shape[0], -1)
+    # Every row its own copy: on a GPU the DataLoader pins each tensor into a buffer of the same strides,
+    # and an `expand`ed (zero-stride) view cannot be copied into one (it crashed the first step on an H200).
+    positions = torch.arange(first, last + 1, device=labels.device).repeat(labels.shape[0], 1)
     return {"logits_to_keep": positions, "shift_labels": shifted[:, first:last + 1].contiguous()}
 
 
