@@ -129,6 +129,8 @@ def peak_flops(device_name: str, dtype: torch.dtype) -> float | None:
 def mfu_report(config, tokens_per_second: float, samples_per_second: float, use_lora: bool, freeze_vision: bool,
                devices: int, device_name: str, dtype: torch.dtype, lm_head_positions: float | None = None) -> str:
     """The line the script prints: MFU against this card's peak in the training dtype, or why there is none."""
+    if not samples_per_second:  # tokens per sample would be 0 / 0
+        return "MFU: not computed: no training step ran in this session (it resumed a finished training)"
     dtype_name = DTYPE_NAMES.get(dtype, str(dtype))
     peak = peak_flops(device_name, dtype)
     if peak is None:
@@ -152,6 +154,8 @@ def training_report(metrics: dict, steps: int, tokens: int, evaluation_s: float,
     Trainer's rates also count validation, which would understate speed and MFU. `metrics`: the
     Trainer's training metrics, this session's; `tokens`: those this session's steps saw."""
     runtime = metrics["train_runtime"]
+    if not metrics["train_samples_per_second"]:  # resumed from the last step's checkpoint: its rates and loss are 0
+        return f"training: all {steps} steps were taken before this resume; none ran in this session", 0.0, 0.0
     samples_per_second, tokens_per_second = training_rates(metrics["train_samples_per_second"] * runtime, tokens,
                                                            runtime, evaluation_s)
     line = (f"training: {steps} steps in {runtime:.0f} s ({evaluation_s:.0f} s of it validation); the steps alone: "

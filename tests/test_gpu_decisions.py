@@ -237,3 +237,25 @@ def test_a_resumed_trainer_reports_the_tokens_seen_before_this_session(demo_asse
     before_second, after_second = run(4, resume=os.path.join(tmp_path, "checkpoint-2"))
     assert before_first == 0 and before_second == after_first > 0
     assert after_second > after_first
+
+
+def test_a_resume_with_no_step_left_reports_speed_without_dividing_by_zero(demo_assets, small_export, tmp_path):
+    """A run killed after its last checkpoint but before final/ is saved: the resumed `train()` takes no
+    step, and the Trainer reports 0 samples/s. The MFU line (printed on every GPU) must say so, not fail."""
+    model = flow.load_model(demo_assets[1], False, False, False, 8, flow.LORA_TARGET_MODULES, torch.float32)
+    processor = flow.load_processor(demo_assets[1])
+    splits = flow.load_splits(small_export, PROMPT)
+    generation = flow.GenerationSettings(torch.float32, 8)
+
+    def train(resume=None):
+        trainer = build_trainer(flow, model, processor, splits, generation, str(tmp_path), max_steps=8, save_steps=8,
+                                batch_size=4, grad_accum=1, report_to=["none"])  # one epoch of the 32 rows
+        return trainer, trainer.train(resume_from_checkpoint=resume)
+    train()
+    trainer, result = train(resume=os.path.join(tmp_path, "checkpoint-8"))
+    line, samples_per_second, tokens_per_second = trainer.speed(result, resumed=True)
+    assert result.metrics["train_samples_per_second"] == 0  # what transformers reports for no step
+    assert line == "training: all 8 steps were taken before this resume; none ran in this session"
+    mfu_line = mfu_report(model.config, tokens_per_second, samples_per_second, False, False, 1, "NVIDIA H100 80GB HBM3",
+                          torch.bfloat16)
+    assert mfu_line == "MFU: not computed: no training step ran in this session (it resumed a finished training)"
