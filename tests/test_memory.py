@@ -89,6 +89,16 @@ def test_a_3b_lora_at_224_px_fits_an_a100_40gb_as_it_is(arch):
     assert len(lines) == 1 and "against 39.5 GiB free on NVIDIA A100-SXM4-40GB" in lines[0]
 
 
+def test_the_optimizer_state_counts_toward_what_must_fit(arch):
+    """A full fine-tune of the 3B holds two fp32 AdamW moments per weight, ~22 GiB: left out of the
+    total, an A100 40GB would be waved through."""
+    full = setting(mode="full", batch_size=1)
+    guess = estimate(arch[("3b", 224)], full)
+    assert guess.allocated == guess.weights + guess.gradients + guess.optimizer + guess.activations
+    lines = fit_report(arch[("3b", 224)], full, free_bytes=39.5 * GIB, card="NVIDIA A100-SXM4-40GB")
+    assert "it may not fit; the cheapest change that does: --use-lora" in lines[1], lines
+
+
 def test_a_t4_is_told_the_cheapest_change_that_fits(arch):
     """A T4 trains in fp32 (no native bf16): the 3B's LoRA base alone is ~11 GiB of its 15."""
     t4 = setting(compute="fp32", batch_size=2)
@@ -143,9 +153,9 @@ def test_candidates_come_cheapest_first():
     assert candidates(setting(mode="qlora", gradient_checkpointing=True, batch_size=1, freeze_vision=True)) == []
 
 
-def stand_in_t4(monkeypatch, events: list) -> None:
-    """A T4 with 14.5 GiB free, whose every model id resolves to the real 3B-448 config; `events`
-    records each free-memory read and each config read's `local_files_only`."""
+def stand_in_t4(monkeypatch, events: list, free_gib: float = 14.5) -> None:
+    """A T4 with `free_gib` of its 15 GiB free, whose every model id resolves to the real 3B-448 config;
+    `events` records each free-memory read and each config read's `local_files_only`."""
     import transformers
 
     def config(cls, *args, local_files_only=False, **kwargs):
@@ -155,7 +165,7 @@ def stand_in_t4(monkeypatch, events: list) -> None:
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: events.append("free memory") or
-                        (int(14.5 * GIB), 15 * GIB))
+                        (int(free_gib * GIB), 15 * GIB))
     monkeypatch.setattr(transformers.PaliGemmaConfig, "from_pretrained", classmethod(config))
 
 
@@ -195,6 +205,17 @@ def test_the_script_checks_before_the_model_loads(monkeypatch, capsys, demo_asse
     assert [event for event in events if not event.startswith("config")] == ["free memory", "model load"]
     assert "memory: estimated peak" in printed and "GiB free on Tesla T4" in printed
     assert "the cheapest change that does: --gradient-checkpointing" in printed
+
+
+def test_the_check_counts_what_another_process_holds(monkeypatch, capsys):
+    """Judged against the card's free memory, not its size: with 4 of 15 GiB free, a setting that fits
+    an empty T4 does not."""
+    for free, fits in ((14.5, True), (4.0, False)):
+        stand_in_t4(monkeypatch, [], free_gib=free)
+        memory.check_fit("any/model", training_setting(**RUN))
+        printed = capsys.readouterr().out
+        assert f"against {free:.1f} GiB free on Tesla T4" in printed
+        assert ("may not fit" not in printed) == fits, printed
 
 
 def test_the_check_stays_quiet_without_a_gpu_and_skips_an_unreadable_config(monkeypatch, capsys):
