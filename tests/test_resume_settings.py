@@ -162,6 +162,24 @@ def test_other_decoding_settings_re_predict_every_row(finished_run, demo_assets,
     assert saved["prediction"]["CONSTRAINED"] is False and saved["training"] == record(finished_run)["training"]
 
 
+@pytest.mark.parametrize("flags, change", [
+    (("--max-new-tokens", "30"), "MAX_NEW_TOKENS was 20, now 30"),
+    (("--num-beams", "2"), "NUM_BEAMS was 1, now 2"),
+    (("--prompt", "read the manifest"), "PROMPT was 'extract data in JSON format', now 'read the manifest'")])
+def test_settings_of_both_training_and_prediction_re_predict_a_finished_run(finished_run, tmp_path, resume, capsys,
+                                                                            flags, change):
+    """They shaped the training too (validation decodes with them), yet once final/ exists they only change
+    the predictions: the earlier rows go, rather than sit beside rows decoded the new way."""
+    output_dir = copy_of(finished_run, tmp_path)
+    earlier = (output_dir / "predictions.jsonl").read_text().splitlines(keepends=True)
+    (output_dir / "predictions.jsonl").write_text("".join(earlier[:5]))  # cut off
+    resume(output_dir, *flags)
+    assert f"resume: re-predicting every row, since {change}; removed predictions.jsonl" in capsys.readouterr().out
+    assert not (output_dir / "predictions.jsonl").exists()
+    name, value = flags[0][2:].upper().replace("-", "_"), flags[1]
+    assert str(record(output_dir)["prediction"][name]) == value
+
+
 def test_a_cut_off_training_may_change_prediction_only_settings(finished_run, tmp_path, resume):
     output_dir = copy_of(finished_run, tmp_path, finished=False)
     resume(output_dir, "--no-constrained")  # nothing predicted yet, so nothing to mix
