@@ -227,10 +227,11 @@ import torch
 # its own kernel is used instead, and 4-bit on a CPU is for testing anyway.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 from peft import LoraConfig, get_peft_model  # noqa: E402
-from transformers import BitsAndBytesConfig, PaliGemmaForConditionalGeneration, PaliGemmaProcessor, set_seed
+from transformers import (BitsAndBytesConfig, PaliGemmaConfig, PaliGemmaForConditionalGeneration, PaliGemmaProcessor,
+                          set_seed)
 
 from paligemma_json.dataset_report import label_tokens, report_dataset, token_budget
-from paligemma_json.devices import model_device_map, training_dtype  # bf16 from compute capability 8.0, else fp32
+from paligemma_json.devices import model_device_map, place_whole_copy, training_dtype  # bf16 from 8.0, else fp32
 from paligemma_json.distributed import loading_device_map, prepare_fsdp_loading
 from paligemma_json.files import adapter_base
 from paligemma_json.hub import cache_only_for, hub_load
@@ -290,17 +291,19 @@ def load_model(model_id: str, use_lora: bool, use_qlora: bool, freeze_vision: bo
     return model
 
 
-def load_trained_model(final_dir: str, dtype: torch.dtype, use_qlora: bool = False):
-    """A finished run's `final/`: full weights, or its adapter on the base model it was trained on."""
-    base_id = adapter_base(final_dir)
+def load_trained_model(final_dir: str, dtype: torch.dtype, use_qlora: bool = False, device_map: dict | None = None):
+    """A finished run's `final/`: full weights, or its adapter on the base model it was trained on;
+    on this process's device unless `device_map` says where."""
+    base_id, device_map = adapter_base(final_dir), device_map or model_device_map()
     if base_id is None:
         return PaliGemmaForConditionalGeneration.from_pretrained(final_dir, dtype=dtype, use_safetensors=True,
-                                                                 device_map=model_device_map())
+                                                                 device_map=device_map)
     from peft import PeftModel
     base = hub_load(PaliGemmaForConditionalGeneration.from_pretrained, base_id, dtype=dtype, use_safetensors=True,
-                    device_map=model_device_map(), local_files_only=cache_only_for(base_id),
+                    device_map=device_map, local_files_only=cache_only_for(base_id),
                     quantization_config=quantization_config(dtype) if use_qlora else None)
-    return PeftModel.from_pretrained(base, final_dir)
+    # peft loads the adapter onto "cuda" whenever there is one, wherever the base is: say where.
+    return PeftModel.from_pretrained(base, final_dir, torch_device=str(torch.device(device_map[""])))
 
 
 if __name__ == "__main__" and run.mode == "train":
@@ -538,6 +541,7 @@ def load_best_checkpoint(trainer: Trainer, dtype: torch.dtype):
     if hasattr(model, "peft_config"):
         model.load_adapter(best, adapter_name=model.active_adapter)
         return model
+    release_training_memory(trainer)  # the gradients and AdamW's state (3x the fp32 weights) before a second copy
     return PaliGemmaForConditionalGeneration.from_pretrained(best, dtype=dtype, use_safetensors=True,
                                                              device_map=model_device_map())
 
@@ -578,7 +582,9 @@ if __name__ == "__main__" and run.mode == "train":
                              sum(label_token_counts["train"]) / len(train_dataset)))  # where the LM head runs
         if is_sharded(trainer.model):  # on with a whole copy of what was saved, as a finished run reloads final/
             release_training_memory(trainer)
-            model = load_trained_model(whole_weights, TORCH_DTYPE, USE_QLORA)
+            model = load_trained_model(whole_weights, TORCH_DTYPE, USE_QLORA, device_map=place_whole_copy(
+                model.config, TORCH_DTYPE, prefer_gpu=True, purpose="test predictions", remedy=f"{final_dir} is "
+                "saved: run the same command again with --resume, without the launcher, to predict on one GPU"))
         else:
             model = load_best_checkpoint(trainer, TORCH_DTYPE)
         save_final_model(model, processor, final_dir, LABEL_SCHEMA)
@@ -674,7 +680,10 @@ def merge_adapter(output_dir: str) -> str:
         raise FlowError(f"{final_dir} holds full weights, not a LoRA adapter: it already loads on its own")
     # fp32, and saved so: peft adds the adapter's change in the base's dtype, and bf16, in the merge or
     # in the saved file, rounds away every part of it below half a bf16 step of the weight.
-    merged = load_trained_model(final_dir, torch.float32).merge_and_unload()
+    config = hub_load(PaliGemmaConfig.from_pretrained, base_id, local_files_only=cache_only_for(base_id))
+    device_map = place_whole_copy(config, torch.float32, prefer_gpu=False, purpose="merge",  # RAM first: no GPU needed
+                                  remedy="run --merge where RAM (or a GPU) has that much free; it needs no GPU")
+    merged = load_trained_model(final_dir, torch.float32, device_map=device_map).merge_and_unload()
     processor, target = load_processor(final_dir), os.path.join(output_dir, "merged")
 
     def write(temporary):

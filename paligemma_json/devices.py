@@ -1,4 +1,5 @@
-"""What the GPU decides: the one training dtype, and one GPU (a whole model copy) per process.
+"""What the GPU decides: the one training dtype, one GPU (a whole model copy) per process, and where a
+whole copy loaded after training (a merge, the end of an FSDP run) has room.
 
 The training dtype is decided once, here, and the Trainer's `bf16` flag, the LoRA base's weights,
 QLoRA's compute dtype and the generation inputs all follow it. Weights are never fp16: Gemma 2
@@ -10,6 +11,14 @@ import os
 
 import torch
 from transformers import TrainingArguments
+
+from paligemma_json import FlowError
+
+GIB = 1024 ** 3
+# A whole copy's peak over its weights. Measured for a CPU merge (`merge_adapter`, real 3B widths with 4 text
+# and 4 vision layers, torch 2.13 CPU): anonymous memory peaked at 1.07x the fp32 weights; the bf16
+# checkpoint mapped from disk came on top as page cache, which the kernel reclaims. Rounded up.
+WHOLE_COPY_FACTOR = 1.15
 
 
 def native_bf16() -> bool:
@@ -54,3 +63,40 @@ def model_device_map() -> dict:
     if torch.cuda.is_available():
         return {"": int(os.environ.get("LOCAL_RANK", 0))}
     return {"": "cpu"}
+
+
+def available_ram_bytes() -> float | None:
+    """What can be allocated without swapping (Linux's MemAvailable, page cache included), or None where
+    /proc/meminfo cannot be read."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def place_whole_copy(config, dtype: torch.dtype, prefer_gpu: bool, purpose: str, remedy: str) -> dict:
+    """The device map for a whole copy of the model `config` describes, in `dtype`: the CPU or this process's
+    GPU, the preferred first, whichever has room. Says where before anything loads; where neither has
+    room, refuses in one line with what it needs. A GPU is never chosen just because there is one: a
+    merge needs none, and on a 12 GB card the 3B's fp32 copy (11.3 GiB) does not fit."""
+    from paligemma_json.memory import architecture
+    needed = WHOLE_COPY_FACTOR * architecture(config).parameters * torch.finfo(dtype).bits / 8
+    ram = available_ram_bytes()
+    places = [("the CPU", {"": "cpu"}, ram, "RAM: " + ("unknown" if ram is None else f"{ram / GIB:.1f} GiB available"))]
+    if torch.cuda.is_available():
+        gpu = model_device_map()[""]
+        free, _ = torch.cuda.mem_get_info(gpu)
+        places.append((f"GPU {gpu}", {"": gpu}, free, f"GPU {gpu}: {free / GIB:.1f} GiB free"))
+    if prefer_gpu:
+        places.reverse()
+    room = "; ".join(place[3] for place in places)
+    need = f"about {needed / GIB:.1f} GiB for the model in {str(dtype).removeprefix('torch.')}"
+    for name, device_map, free, _ in places:
+        if free is None or free >= needed:  # RAM that cannot be read is tried: loading says if it is short
+            print(f"{purpose}: on {name}, {need} ({room})")
+            return device_map
+    raise FlowError(f"{purpose}: {need}, more than is free ({room}); {remedy}")

@@ -3,6 +3,7 @@ dtype, one GPU per process without a launcher, an fp32 merge, and MFU against th
 
 import functools
 import os
+import re
 
 import pytest
 import torch
@@ -155,6 +156,46 @@ def test_merge_on_a_bf16_gpu_equals_base_plus_adapter_in_fp32(adapter_run, demo_
     assert error < 1e-5 < adapter_effect / 100  # the adapter moves the logits; the merge keeps all of it
     weights = load_file(os.path.join(merged_dir, "model.safetensors"))
     assert {tensor.dtype for tensor in weights.values() if tensor.is_floating_point()} == {torch.float32}
+
+
+def stand_in_memory(monkeypatch, ram_gib: float, gpu_free_gib: float | None) -> None:
+    """RAM available and, unless None, one GPU with that much free (an A100's capability)."""
+    from paligemma_json import devices
+    monkeypatch.setattr(devices, "available_ram_bytes", lambda: ram_gib * devices.GIB)
+    stand_in_gpu(monkeypatch, None if gpu_free_gib is None else A100)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (gpu_free_gib * devices.GIB, 80 * devices.GIB))
+
+
+def test_a_merge_on_a_gpu_machine_runs_on_the_cpu_when_ram_holds_it(adapter_run, monkeypatch, capsys):
+    """The merge really runs here, with a stand-in GPU that has room too: loading onto GPU 0 would fail."""
+    stand_in_memory(monkeypatch, ram_gib=24, gpu_free_gib=40)
+    flow.merge_adapter(adapter_run[0])
+    assert "merge: on the CPU, about 0.0 GiB for the model in float32 (RAM: 24.0 GiB available; GPU 0: 40.0 GiB " \
+           "free)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("ram, gpu_free, prefer_gpu, expected", [
+    (24, 40, False, {"": "cpu"}),  # a merge: RAM first, though the GPU has room
+    (11.8, 14.5, False, {"": 0}),  # Colab with a T4: 12.7 GB of RAM do not hold the 3B in fp32
+    (11.8, None, False, "merge: about 13.0 GiB for the model in float32, more than is free (RAM: 11.8 GiB"),
+    (11.8, 11.0, False, "merge: about 13.0 GiB for the model in float32, more than is free (RAM: 11.8 GiB "
+                        "available; GPU 0: 11.0 GiB free); run"),  # a QLoRA user's 12 GB card
+    (100, 14.5, True, {"": 0}),  # the end of an FSDP run: the GPU first, to predict on
+    (100, 5.0, True, {"": "cpu"})])
+def test_a_whole_copy_goes_where_it_fits(monkeypatch, capsys, ram, gpu_free, prefer_gpu, expected):
+    """The real 3B (meta device): 3.03e9 parameters, 11.3 GiB in fp32, 13.0 with what loading holds besides."""
+    from paligemma_json import FlowError
+    stand_in_memory(monkeypatch, ram, gpu_free)
+
+    def place():
+        return flow.place_whole_copy(paligemma2_3b_config(224), torch.float32, prefer_gpu, "merge", "run it elsewhere")
+    if isinstance(expected, str):
+        with pytest.raises(FlowError, match=re.escape(expected)):
+            place()
+    else:
+        assert place() == expected
+        where = "the CPU" if expected[""] == "cpu" else "GPU 0"
+        assert capsys.readouterr().out.startswith(f"merge: on {where}, about 13.0 GiB for the model in float32")
 
 
 # 4. MFU against the card's own peak, over this session's steps
