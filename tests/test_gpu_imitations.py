@@ -7,6 +7,8 @@ H200 the script crashed at its first training batch that way (shared/GPU-RUNS.md
 pinned, so here the same copy stands in for `pin_memory`, and the DataLoader is told an accelerator
 is present so that it pins."""
 
+import os
+
 import pytest
 import torch
 from torch.utils.data._utils.pin_memory import pin_memory as pin_batch
@@ -80,3 +82,41 @@ def test_generation_batches_survive_pinning(splits, processor, gpu_pinning, dtyp
     batch = flow.collate_fn([splits["test"][i] for i in range(3)], processor, dtype, with_labels=False)
     pinned = pin_batch(batch)
     assert len(gpu_pinning) == len(batch) and all(torch.equal(pinned[key], batch[key]) for key in batch)
+
+
+# What the Trainer is given on a GPU with native bf16 (an A100, an H100): bf16 autocast, and the fused
+# AdamW (`training_arguments` picks it whenever CUDA is there). Both run on a CPU too, so a resume is
+# checked with them here, as shared/DECISIONS.md asks of the optimizer the script ships.
+
+def test_a_gpu_gets_bf16_autocast_and_the_fused_optimizer(monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(flow, "OneGPUPerProcessArguments", lambda **kwargs: kwargs)
+    arguments = flow.training_arguments(str(tmp_path), flow.GenerationSettings(torch.bfloat16, 8))
+    assert arguments["optim"] == "adamw_torch_fused" and arguments["bf16"]
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_resume_with_the_gpus_optimizer_and_autocast_repeats_the_losses(demo_assets, processor, small_export,
+                                                                        tmp_path, mode):
+    splits = flow.load_splits(small_export, "extract data in JSON format")
+    generation = flow.GenerationSettings(torch.bfloat16, 8)
+    use_lora = mode == "lora"
+
+    def train(steps, checkpoint=None):
+        flow.set_seed(0)  # before the adapters are made, as the script does
+        model = flow.load_model(demo_assets[1], use_lora, False, False, 8, flow.LORA_TARGET_MODULES, torch.bfloat16,
+                                checkpoint=checkpoint)
+        arguments = flow.training_arguments(str(tmp_path), generation, max_steps=steps, save_steps=2, batch_size=4,
+                                            grad_accum=1, learning_rate=1e-3, warmup_steps=0, logging_steps=1,
+                                            report_to=["none"], seed=0)
+        arguments.optim = "adamw_torch_fused"  # as on a GPU (the test above)
+        trainer = flow.build_trainer(model, processor, splits["train"], splits["valid"], generation, arguments)
+        result = trainer.train(resume_from_checkpoint=checkpoint)
+        assert trainer.args.bf16 and trainer.optimizer.optimizer.defaults["fused"]
+        losses = [(entry["step"], entry["loss"]) for entry in trainer.state.log_history if "loss" in entry]
+        return losses, result.metrics["train_samples_per_second"] * result.metrics["train_runtime"]
+    (straight, _), (resumed, samples) = train(4), train(4, checkpoint=os.path.join(tmp_path, "checkpoint-2"))
+    assert samples == pytest.approx(2 * 4, rel=0.01)  # this session took steps 3 and 4 alone
+    # Step 4's loss follows step 3's update, which AdamW's restored moments shape.
+    assert [step for step, _ in resumed] == [1, 2, 3, 4]
+    assert [loss for _, loss in resumed] == pytest.approx([loss for _, loss in straight], rel=1e-4)
