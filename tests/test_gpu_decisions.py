@@ -195,7 +195,11 @@ def test_a_whole_copy_goes_where_it_fits(monkeypatch, capsys, ram, gpu_free, pre
     else:
         assert place() == expected
         where = "the CPU" if expected[""] == "cpu" else "GPU 0"
-        assert capsys.readouterr().out.startswith(f"merge: on {where}, about 13.0 GiB for the model in float32")
+        printed = capsys.readouterr().out
+        assert printed.startswith(f"merge: on {where}, about 13.0 GiB for the model in float32")
+        if (ram, gpu_free) == (24, 40):  # docs/using-the-model.md quotes this line
+            assert printed == ("merge: on the CPU, about 13.0 GiB for the model in float32 (RAM: 24.0 GiB available; "
+                               "GPU 0: 40.0 GiB free)\n")
 
 
 # 4. MFU against the card's own peak, over this session's steps
