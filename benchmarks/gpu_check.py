@@ -1,53 +1,55 @@
-"""Issue 16, part 7: the real-width memory, lever, generation and speed figures checked on a lent GPU.
+"""The one call a lent GPU gets: the script as a user runs it, then the real-width memory, lever, generation
+and speed figures. Every part is capped in time, prints its line as it ends and is saved at once.
 
-PaliGemma 2 3B at full depth (26 text, 27 vision layers; benchmarks/real_width.py's `saved_model`,
-random weights, built on the GPU and saved once per resolution), loaded through the script's
-`load_model` and trained through its Trainer's `training_step` (bf16 autocast), as real_width does:
+    bash benchmarks/gpu_wheels.sh                              # here, once: ~30 MB of wheels in .whl/
+    OMP_NUM_THREADS=1 python benchmarks/gpu_check.py --smoke   # here: every part on the CPU, ~4 min
 
- (a) one step's `torch.cuda.max_memory_allocated()` (AdamW's state made by one real step before it, the
-     gradients held, as under accumulation) against paligemma_json/memory.py's `.allocated`, and the
-     peak reserved against `.total`: LoRA at 224 and 448 px, batch 2, without and with gradient
-     checkpointing; a full fine-tune at 224, batch 1; QLoRA at 448 if bitsandbytes imports;
- (b) 448 px, batch 2: logits at every position against the label-only loss, checkpointing, and Liger's
-     fused linear cross-entropy (if liger_kernel imports): peak memory and median step time (CUDA events);
- (c) generation, 8 images x 256 new tokens (`min_new_tokens`): what it adds above the weights with
-     `output_logits=True` confidence, the `ChosenTokenProbabilities` recorder, and none; then the
-     JSON Schema constraint with a synthetic 257,152-token tokenizer, its cost per generated step;
- (d) tokens/s and MFU of LoRA training steps (optimizer included) at 224 px, batch 8, label-only loss.
-
-    OMP_NUM_THREADS=1 python benchmarks/gpu_check.py --smoke    # the same paths on a CPU, 1+1 layers, ~2 min, ~5 GiB
-
-`--smoke`: 1 text and 1 vision layer, 224 px only, batch 1, 1 image x 4 new tokens, no full fine-tune
-(its fp32 weights, gradients and AdamW state of the 257k embedding alone pass 8 GiB); perf_counter for
-times, memory "n/a". Results as JSON in $OUT/gpu_check.json when $OUT is set.
-
-On the device tool (prepare the wheels here once, ~21 MiB: the GPU image has transformers 5.17 and
-lacks llguidance and rapidfuzz):
-
-    mkdir -p .git/info && echo /.whl/ >> .git/info/exclude
-    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-      --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux_2_27_x86_64 \
-      --platform manylinux_2_28_x86_64 --platform manylinux_2_31_x86_64 -d .whl \
-      transformers==5.24.0 peft==0.21.2 llguidance==1.9.1 rapidfuzz==3.14.6
-
-then `run` with carry [".whl"], timeout_s 480, and this command (one line):
+then the device tool's `run` with carry [".whl"], timeout_s 600 and this command (docs/gpu-check.md):
 
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site
-    .whl/*.whl && export PYTHONPATH=/tmp/site || exit; set -o pipefail; nvidia-smi --query-gpu=name,memory.total
-    --format=csv; PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py --work-dir /tmp/gpu_check 2>&1
-    | tee $OUT/gpu_check.log
+    .whl/*.whl && export PYTHONPATH=/tmp/site || exit; set -o pipefail; nvidia-smi --query-gpu=name,memory.total,
+    driver_version --format=csv; PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py --work-dir /tmp/gpu_check
+    2>&1 | tee $OUT/gpu_check.log
 
-QLoRA needs bitsandbytes (~41 MiB): measure it in a call of its own (shared/DECISIONS.md), carrying
-its wheel beside the others and adding `--only qlora`. A part that fails (out of memory, a
-version mismatch) is reported as skipped with its reason, and the others still run.
+Parts, in this order (the most valuable first; `--quick` runs demo, real-width-lora, predict, merge and resume):
+
+  the script (benchmarks/gpu_check_script.py says what each checks): demo, real-width-lora, qlora,
+    checkpointing, freeze-vision, predict, merge, resume;
+  memory-lora-224: (a) one step's `torch.cuda.max_memory_allocated()` (AdamW's state made by one real step
+    before it, the gradients held, as under accumulation) against paligemma_json/memory.py's `.allocated`,
+    and the peak reserved against `.total`, batch 2, without and with gradient checkpointing; (d) tokens/s
+    and MFU of LoRA training steps (optimizer included), batch 8, label-only loss;
+  memory-full-224: a full fine-tune, batch 1; generation: (c) 8 images x 256 new tokens (`min_new_tokens`),
+    what `output_logits=True` confidence, the `ChosenTokenProbabilities` recorder and none add above the
+    weights, and the JSON Schema constraint's cost per step with a synthetic 257,152-token tokenizer;
+  memory-qlora-448 (if bitsandbytes imports); memory-levers-448: (b) logits at every position against the
+    label-only loss, and checkpointing: peak memory and median step time (CUDA events); memory-liger-448:
+    Liger's fused linear cross-entropy, if liger_kernel imports (liger-kernel 0.8.5 did not work with
+    transformers 5.24: reported as skipped with its error, costing that part alone).
+
+The memory parts use PaliGemma 2 3B at full depth (26 text, 27 vision layers; benchmarks/real_width.py's
+`saved_model`, random weights, built on the GPU and saved once per resolution), loaded through the script's
+`load_model` and trained through its Trainer's `training_step` (bf16 autocast), each part in a process of its
+own. `--smoke`: 1 text and 1 vision layer, 224 px only, batch 1, 1 image x 4 new tokens, no full fine-tune
+(its fp32 weights, gradients and AdamW state of the 257k embedding alone pass 8 GiB); perf_counter for times,
+memory "n/a".
+
+Reading the result: a line `part NAME: ok|failed|skipped (N s): reason figures` per part, as it ends; the
+memory rows under the table header as they are measured; the whole table, the levers and a summary last.
+$OUT (or the work dir) gets gpu_check.json (rewritten after every part) and script_runs.log (the end of
+each script run's output). `--budget-s` (480 on a GPU) caps the whole check: parts left when it runs out
+are reported as skipped, so the call ends inside the device tool's 600 s.
 """
 
 import argparse
 import gc
 import importlib
 import json
+import logging
 import os
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -55,6 +57,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "benchmarks")]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# bitsandbytes warns on every import that an optional CPU kernel is missing (the script says why it is muted)
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 import torch  # noqa: E402
 
@@ -125,8 +129,36 @@ def release(*objects) -> None:
 
 # --- (a), (b), (d): training steps ------------------------------------------------------------------
 
-def train_model(mode: str, image_size: int, variants: list[dict], args) -> list[dict]:
-    """One loaded model, its variants in order (checkpointing and Liger change the model: last)."""
+# liger-kernel 0.8.5 (the newest on the index in 2026-12) against transformers 5.24 on an H200 (docs/gpu-check.md).
+KNOWN_LIGER_FAILURE = "'BaseModelOutputWithPooling' object has no attribute 'numel'"
+
+
+def liger_failure(error: Exception) -> str:
+    """Why the Liger variant was skipped: the versions that do not work together, and the error."""
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        liger_version = version("liger-kernel")
+    except PackageNotFoundError:
+        liger_version = "(version unknown)"
+    known = (" - known: its PaliGemma patch expects a tensor where transformers 5 returns a model output"
+             if KNOWN_LIGER_FAILURE in str(error) else "")
+    return (f"incompatible: liger-kernel {liger_version} with transformers "
+            f"{importlib.import_module('transformers').__version__}: {type(error).__name__}: {str(error)[:160]}{known}")
+
+
+def failure(error: Exception) -> str:
+    return f"failed: {type(error).__name__}: {str(error)[:160]}"
+
+
+def apply_liger(model, mode: str) -> None:
+    liger = importlib.import_module("liger_kernel.transformers")
+    liger.apply_liger_kernel_to_paligemma(model=model.get_base_model() if mode != "full" else model)
+
+
+def train_model(mode: str, image_size: int, variants: list[dict], args, on_row=lambda row: None) -> list[dict]:
+    """One loaded model, its variants in order (checkpointing and Liger change the model: last). A variant
+    that fails is reported as skipped with its reason, and the next one still runs; `on_row` gets each row
+    as soon as it is measured."""
     shape = dict(size="3b", image_size=image_size, text_layers=args.layers[0], vision_layers=args.layers[1],
                  mode=mode, compute="bf16", freeze_vision=False, cache_dir=args.work_dir)
     model, trainer, wrapped, dtype = load(shape)
@@ -138,41 +170,48 @@ def train_model(mode: str, image_size: int, variants: list[dict], args) -> list[
     results = []
     for variant in variants:
         row = {"mode": mode, "image_size": image_size, **variant}
-        if variant.get("liger"):  # it patches classes too: the plan gives it a model of its own, last
-            try:
-                liger = importlib.import_module("liger_kernel.transformers")
-                liger.apply_liger_kernel_to_paligemma(model=model.get_base_model() if mode != "full" else model)
-            except Exception as error:  # a Liger release that does not know this transformers
-                results.append({**row, "skipped": f"failed: {type(error).__name__}: {str(error)[:120]}"})
-                continue
-        if variant["checkpointing"]:
-            enable_gradient_checkpointing(model)
-        inputs = synthetic_batch(model.config, variant["batch"], dtype, variant["label_only"])
-        if variant.get("liger"):
-            inputs = without_label_only(inputs)  # Liger fuses the head and the loss over every position
-        scored = int((inputs["labels"][:, 1:] != -100).sum())
-
-        def step():
-            trainer.training_step(wrapped, inputs, num_items_in_batch=scored)
-            if variant.get("optimizer"):
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=False)
-        before = fresh_peak()
-        row["first_step_s"] = timed(step)
-        row["allocated_before"] = before if CUDA else None
-        row["peak_allocated"], row["peak_reserved"] = peaks()
-        row.update(predicted(mode, image_size, variant["batch"], variant["checkpointing"], variant["label_only"],
-                             args.layers))
-        if variant.get("timed"):
-            for _ in range(args.warmup):
-                step()
-            times = [timed(step) for _ in range(args.repeats)]
-            row["step_s"] = statistics.median(times)
-        if variant.get("speed"):
-            row.update(speed(model.config, inputs, row["step_s"], mode != "full"))
+        try:
+            row.update(measure_variant(model, trainer, wrapped, optimizer, dtype, mode, variant, args))
+            row.update(predicted(mode, image_size, variant["batch"], variant["checkpointing"], variant["label_only"],
+                                 args.layers))
+        except Exception as error:  # out of memory, a Liger or version mismatch: the other variants still report
+            row["skipped"] = liger_failure(error) if variant.get("liger") else failure(error)
+            optimizer.zero_grad(set_to_none=False)
+            release()
         results.append(row)
+        on_row(row)
     release(optimizer, trainer, wrapped, model)
     return results
+
+
+def measure_variant(model, trainer, wrapped, optimizer, dtype, mode: str, variant: dict, args) -> dict:
+    """One variant's first step (its peak memory), then its timed steps where asked."""
+    if variant.get("liger"):  # it patches classes too: the plan gives it a model of its own, last
+        apply_liger(model, mode)
+    if variant["checkpointing"]:
+        enable_gradient_checkpointing(model)
+    inputs = synthetic_batch(model.config, variant["batch"], dtype, variant["label_only"])
+    if variant.get("liger"):
+        inputs = without_label_only(inputs)  # Liger fuses the head and the loss over every position
+    scored = int((inputs["labels"][:, 1:] != -100).sum())
+
+    def step():
+        trainer.training_step(wrapped, inputs, num_items_in_batch=scored)
+        if variant.get("optimizer"):
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=False)
+    row = {}
+    before = fresh_peak()
+    row["first_step_s"] = timed(step)
+    row["allocated_before"] = before if CUDA else None
+    row["peak_allocated"], row["peak_reserved"] = peaks()
+    if variant.get("timed"):
+        for _ in range(args.warmup):
+            step()
+        row["step_s"] = statistics.median(timed(step) for _ in range(args.repeats))
+    if variant.get("speed"):
+        row.update(speed(model.config, inputs, row["step_s"], mode != "full"))
+    return row
 
 
 def speed(config, inputs: dict, step_s: float, use_lora: bool) -> dict:
@@ -270,19 +309,21 @@ def variant(batch, label_only=True, checkpointing=False, section="a", **flags) -
     return {"section": section, "batch": batch, "label_only": label_only, "checkpointing": checkpointing, **flags}
 
 
-def plan(smoke: bool, only: str):
-    """(what, mode, px, variants); generation is ("generation", ...). Liger patches classes: last."""
+def plan(smoke: bool, only: str = ""):
+    """(part name, what, mode, px, variants); generation's variants are None. Liger patches classes: last."""
     high, b2, b8 = (224, 1, 1) if smoke else (448, 2, 8)
-    steps = [("train", "lora", 224, [variant(b2), variant(b8, section="d", timed=True, speed=True, optimizer=True),
-                                     variant(b2, checkpointing=True)]),
-             ("train", "full", 224, [] if smoke else [variant(1)]),
-             ("generation", None, 224, None),
-             ("train", "qlora", high, [variant(b2)]),
-             ("train", "lora", high, [variant(b2, label_only=False, section="b", timed=True),
-                                      variant(b2, section="ab", timed=True),
-                                      variant(b2, checkpointing=True, section="ab", timed=True)]),
-             ("train", "lora", high, [variant(b2, label_only=False, section="b", timed=True, liger=True)])]
-    return [step for step in steps if not only or step[1] == only or (only == step[0])]
+    steps = [("memory-lora-224", "train", "lora", 224,
+              [variant(b2), variant(b8, section="d", timed=True, speed=True, optimizer=True),
+               variant(b2, checkpointing=True)]),
+             ("memory-full-224", "train", "full", 224, [] if smoke else [variant(1)]),
+             ("generation", "generation", None, 224, None),
+             (f"memory-qlora-{high}", "train", "qlora", high, [variant(b2)]),
+             (f"memory-levers-{high}", "train", "lora", high,
+              [variant(b2, label_only=False, section="b", timed=True), variant(b2, section="ab", timed=True),
+               variant(b2, checkpointing=True, section="ab", timed=True)]),
+             (f"memory-liger-{high}", "train", "lora", high,
+              [variant(b2, label_only=False, section="b", timed=True, liger=True)])]
+    return [step for step in steps if not only or only in (step[0], step[1], step[2])]
 
 
 def gib(value) -> str:
@@ -291,6 +332,10 @@ def gib(value) -> str:
 
 def error(measured, guess) -> str:
     return "n/a" if measured is None or guess is None else f"{guess / measured - 1:+.1%}"
+
+
+TABLE_HEADER = (f"{'sec':3} {'setting':42} {'peak alloc':>10} {'pred':>6} {'err':>7} {'reserved':>8} {'pred':>6} "
+                f"{'err':>7} {'step s':>7} {'tok/s':>7} {'MFU':>6}")
 
 
 def training_line(r: dict) -> str:
@@ -306,11 +351,20 @@ def training_line(r: dict) -> str:
             f"{error(r['peak_reserved'], total):>7} {r.get('step_s', r['first_step_s']):7.3f} {rate} {utilisation:>6}")
 
 
+def generation_line(g: dict) -> str:
+    extra = f", {g['extra_s_per_step'] * 1e3:+.2f} ms/step over free ({g['tokenizer']})" if "tokenizer" in g else ""
+    return (f"c   generate {g['variant']:12} {g['images']} images x {g['steps']} steps: "
+            f"{gib(g['added_above_weights'])} GiB above the weights, {g['s_per_step'] * 1e3:.2f} ms/step{extra}")
+
+
 def lever_lines(training: list[dict]) -> list[str]:
     """Part 3's ratios at the highest resolution, against the label-only loss without checkpointing."""
-    high = max(row["image_size"] for row in training)
-    rows = {(r["label_only"], r["checkpointing"], bool(r.get("liger"))): r for r in training
-            if r["mode"] == "lora" and r["image_size"] == high and "step_s" in r and "skipped" not in r}
+    timed_rows = [r for r in training if r["mode"] == "lora" and "step_s" in r and "skipped" not in r]
+    if not timed_rows:  # `--only generation`, or every timed variant failed
+        return []
+    high = max(row["image_size"] for row in timed_rows)
+    rows = {(r["label_only"], r["checkpointing"], bool(r.get("liger"))): r for r in timed_rows
+            if r["image_size"] == high}
     base = rows.get((True, False, False))
     if base is None:
         return []
@@ -329,26 +383,239 @@ def lever_lines(training: list[dict]) -> list[str]:
 def print_table(training: list[dict], generated: list[dict], device: str) -> None:
     print(f"\n== GPU check on {device} (GiB; err = predicted / measured - 1; step s: median after warm-up "
           "where timed, else the measured step) ==")
-    print(f"{'sec':3} {'setting':42} {'peak alloc':>10} {'pred':>6} {'err':>7} {'reserved':>8} {'pred':>6} "
-          f"{'err':>7} {'step s':>7} {'tok/s':>7} {'MFU':>6}")
+    print(TABLE_HEADER)
     for row in training:
         print(training_line(row))
     for g in generated:
-        extra = f", {g['extra_s_per_step'] * 1e3:+.2f} ms/step over free ({g['tokenizer']})" if "tokenizer" in g else ""
-        print(f"c   generate {g['variant']:12} {g['images']} images x {g['steps']} steps: "
-              f"{gib(g['added_above_weights'])} GiB above the weights, {g['s_per_step'] * 1e3:.2f} ms/step{extra}")
+        print(generation_line(g))
     for line in lever_lines(training):
         print(line)
     if any("estimate" in row for row in training):
         print("no predictions: paligemma_json/memory.py's COEFFICIENTS are not filled in yet")
 
 
+# --- One memory part, in a process of its own --------------------------------------------------------
+
+def write_json(data, path: str) -> None:
+    """Whole or not at all: a check killed at its limit leaves the last complete file."""
+    with open(path + ".tmp", "w") as out:
+        json.dump(data, out, indent=1, default=str)
+    os.replace(path + ".tmp", path)
+
+
+def memory_part(name: str, args) -> None:
+    """Measures one step of the plan; prints each row as it is measured and keeps `args.rows_file` current."""
+    (_, what, mode, image_size, variants), = [step for step in plan(args.smoke) if step[0] == name]
+    rows = {"training": [], "generation": []}
+
+    def on_row(row, kind="training"):
+        rows[kind].append(row)
+        print(training_line(row) if kind == "training" else generation_line(row), flush=True)
+        write_json(rows, args.rows_file)
+    if what == "generation":
+        for row in generation(args):
+            on_row(row, "generation")
+        return
+    needs = "bitsandbytes" if mode == "qlora" else "liger_kernel.transformers" if variants[-1:] and \
+        variants[-1].get("liger") else None
+    if needs and optional(needs) is None:
+        for v in variants:
+            on_row({"mode": mode, "image_size": image_size, **v, "skipped": f"not installed ({needs})"})
+        return
+    if not variants:
+        return
+    with torch.device("cuda" if CUDA else "cpu"):  # a 3B's random init is minutes on a CPU
+        saved_model("3b", image_size, *args.layers, args.work_dir)
+    try:
+        train_model(mode, image_size, variants, args, on_row)
+    except Exception as error:  # loading or the warm-up step: no variant could run
+        for v in variants[len(rows["training"]):]:
+            on_row({"mode": mode, "image_size": image_size, **v, "skipped": failure(error)})
+
+
+def memory_status(name: str, rows: dict, smoke: bool) -> tuple[str, str]:
+    """(ok / failed / skipped, why) of a memory part from its rows."""
+    found = rows["training"] + rows["generation"]
+    if not found:
+        return ("skipped", "--smoke: a full fine-tune's fp32 weights, gradients and AdamW state of the 257k "
+                "embedding alone pass 8 GiB") if smoke and "full" in name else ("failed", "no rows measured")
+    reasons = [row["skipped"] for row in found if "skipped" in row]
+    failed = [reason for reason in reasons if reason.startswith("failed")]
+    if failed:
+        return "failed", failed[0]
+    if len(reasons) == len(found):
+        return "skipped", reasons[0]
+    return "ok", f"{len(found) - len(reasons)} rows" + (f", {len(reasons)} skipped" if reasons else "")
+
+
+# --- The whole check: every part capped, each reported as it ends ------------------------------------
+
+class Report:
+    """A line per part as it ends, and the JSON rewritten after each part, so a check cut off at the device
+    tool's limit still returns what it measured."""
+
+    def __init__(self, path: str, header: dict):
+        self.path, self.data = path, {**header, "parts": [], "training": [], "generation": []}
+
+    def part(self, name: str, status: str, seconds: float, figures: dict | None = None, reason: str = "") -> None:
+        entry = {"name": name, "status": status, "seconds": round(seconds, 1), "figures": figures or {},
+                 "reason": reason}
+        self.data["parts"].append(entry)
+        print(part_line(entry), flush=True)
+        self.save()
+
+    def save(self) -> None:
+        self.data["wall_s"] = round(time.time() - self.data["started"], 1)
+        write_json(self.data, self.path)
+
+
+def shown(value) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def part_line(entry: dict) -> str:
+    figures = {key: value for key, value in entry["figures"].items() if key != "printed"}
+    text = f"part {entry['name']}: {entry['status']} ({entry['seconds']:.0f} s)"
+    if entry["reason"]:
+        text += f": {entry['reason']}"
+    if figures:
+        text += " " + " ".join(f"{key}={shown(value)}" for key, value in figures.items())
+    return "\n".join([text] + [f"    | {line}" for line in entry["figures"].get("printed", [])])
+
+
+def device_name() -> str:
+    """From nvidia-smi: asking torch would open a CUDA context in this process, whose memory the measured
+    runs would then lack."""
+    try:
+        names = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+                               capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        names = ""
+    return names or "CPU"
+
+
+def run_capped(command: list[str], cap: float) -> int | str:
+    """Runs `command` with this process's output (its rows print as they come), killed whole at `cap`."""
+    process = subprocess.Popen(command, cwd=ROOT, start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        return process.wait(timeout=cap)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        return "timeout"
+
+
+def run_memory_part(name: str, cap: float, args, report: Report) -> None:
+    (_, _, _, _, variants), = [step for step in plan(args.smoke) if step[0] == name]
+    if variants == []:  # nothing to measure here (--smoke's full fine-tune): no process to start
+        status, reason = memory_status(name, {"training": [], "generation": []}, args.smoke)
+        report.part(name, status, 0, reason=reason)
+        return
+    rows_file = os.path.join(args.work_dir, f"{name}.rows.json")
+    if os.path.exists(rows_file):
+        os.remove(rows_file)
+    started = time.time()
+    command = [sys.executable, os.path.abspath(__file__), "--memory-part", name, "--rows-file", rows_file,
+               "--work-dir", args.work_dir] + (["--smoke"] if args.smoke else [])
+    returncode = run_capped(command, cap)
+    rows = json.load(open(rows_file)) if os.path.exists(rows_file) else {"training": [], "generation": []}
+    report.data["training"] += rows["training"]
+    report.data["generation"] += rows["generation"]
+    status, reason = memory_status(name, rows, args.smoke)
+    if returncode == "timeout":
+        measured = len(rows['training'] + rows['generation'])
+        status, reason = "failed", f"cut off at its cap of {cap:.0f} s after {measured} rows"
+    elif returncode != 0:
+        status, reason = "failed", f"exited {returncode} (its output is above)"
+    report.part(name, status, time.time() - started, reason=reason)
+
+
+def run_script_part(part, cap: float, context, report: Report) -> None:
+    from gpu_check_script import Skipped
+    started = time.time()
+    context.deadline = started + cap
+    try:
+        figures = part.run(context)
+    except Skipped as why:
+        report.part(part.name, "skipped", time.time() - started, reason=str(why))
+    except Exception as error:  # the part's own check failed, or its run crashed or hit its cap
+        report.part(part.name, "failed", time.time() - started, reason=f"{type(error).__name__}: {str(error)[:400]}")
+    else:
+        report.part(part.name, "ok", time.time() - started, figures)
+
+
+def selected_parts(args) -> list[tuple[str, object, float]]:
+    """(name, script part or None for a memory part, cap in seconds), in the order they run."""
+    import gpu_check_script
+    scale = SMOKE_CAP_SCALE if args.smoke else 1
+    parts = [] if args.only else [(part.name, part, part.cap_s * scale) for part in gpu_check_script.PARTS
+                                  if part.quick or not args.quick]
+    if not args.quick:
+        parts += [(step[0], None, MEMORY_CAP_S * scale) for step in plan(args.smoke, args.only)]
+    if args.parts:
+        wanted = args.parts.split(",")
+        unknown = set(wanted) - {name for name, _, _ in parts}
+        if unknown:
+            sys.exit(f"gpu_check: no part {', '.join(sorted(unknown))}; the parts: {', '.join(n for n, _, _ in parts)}")
+        parts = [entry for entry in parts if entry[0] in wanted]
+    return parts
+
+
+def run_check(args) -> Report:
+    from gpu_check_script import Context
+    out = os.environ.get("OUT") or args.work_dir
+    started = time.time()
+    device = device_name() if not args.smoke else "CPU (--smoke)"
+    report = Report(os.path.join(out, "gpu_check.json"), {
+        "device": device, "smoke": args.smoke, "quick": args.quick, "started": started, "torch": torch.__version__,
+        "transformers": importlib.import_module("transformers").__version__, "budget_s": args.budget_s})
+    context = Context(smoke=args.smoke, work_dir=args.work_dir, log_path=os.path.join(out, "script_runs.log"))
+    print(f"gpu_check on {device}: {'smoke, ' if args.smoke else ''}{'quick, ' if args.quick else ''}"
+          f"budget {args.budget_s:.0f} s; work dir {args.work_dir}; results in {report.path}", flush=True)
+    table_printed = False
+    for name, part, cap in selected_parts(args):
+        left = args.budget_s - (time.time() - started)
+        if left < MIN_PART_S:
+            report.part(name, "skipped", 0, reason=f"out of time: {left:.0f} s of the check's --budget-s left")
+            continue
+        cap = min(cap, left)
+        print(f"[{time.time() - started:5.0f} s] part {name} (cap {cap:.0f} s)", flush=True)
+        if part is not None:
+            run_script_part(part, cap, context, report)
+            continue
+        if not table_printed:  # the memory rows print under it as they are measured
+            print(TABLE_HEADER, flush=True)
+            table_printed = True
+        run_memory_part(name, cap, args, report)
+    if report.data["training"] or report.data["generation"]:
+        print_table(report.data["training"], report.data["generation"], device)
+    summary = {status: [p["name"] for p in report.data["parts"] if p["status"] == status]
+               for status in ("ok", "skipped", "failed")}
+    print("summary: " + "; ".join(f"{status} {len(names)}: {', '.join(names)}" for status, names in summary.items()
+                                  if names))
+    report.save()
+    print(f"wall time {time.time() - started:.0f} s", flush=True)
+    return report
+
+
+SMOKE_CAP_SCALE = 5  # a CPU core is far slower than a GPU: the caps grow with it
+MEMORY_CAP_S = 120  # one memory part: a 3B model built or loaded, a few steps; the H200 needed under a minute
+MIN_PART_S = 20  # less left than this: a part could not even start its model
+
+
 def main(argv=None) -> None:
     global CUDA
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--smoke", action="store_true", help="the same paths on a CPU, at 1 text + 1 vision layer")
-    parser.add_argument("--work-dir", default="", help="where the random-weight models are saved (default: temp)")
-    parser.add_argument("--only", default="", help="one of lora, full, qlora, generation")
+    parser.add_argument("--smoke", action="store_true", help="every part on the CPU, at 1 text + 1 vision layer")
+    parser.add_argument("--quick", action="store_true", help="the script's demo, real-width LoRA, predict, merge "
+                        "and resume only")
+    parser.add_argument("--work-dir", default="", help="models and runs go here (default: a temp dir)")
+    parser.add_argument("--only", default="", help="memory parts only: lora, full, qlora, generation or a part name")
+    parser.add_argument("--parts", default="", help="comma-separated part names to run (default: all)")
+    parser.add_argument("--budget-s", type=float, default=0, help="the whole check's time; parts past it are "
+                        "skipped, saying so (default: 480 on a GPU, 3600 on --smoke)")
+    parser.add_argument("--memory-part", default="", help=argparse.SUPPRESS)  # a child: one memory part
+    parser.add_argument("--rows-file", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     CUDA = torch.cuda.is_available() and not args.smoke
     if not CUDA and not args.smoke:
@@ -357,36 +624,12 @@ def main(argv=None) -> None:
     args.warmup, args.repeats = (1, 1) if args.smoke else (2, 5)
     args.images, args.new_tokens = (1, 4) if args.smoke else (8, 256)
     args.work_dir = args.work_dir or tempfile.mkdtemp(prefix="gpu_check_")
-    device = torch.cuda.get_device_name() if CUDA else "CPU (--smoke)"
-    started, training, generated = time.time(), [], []
-    for what, mode, image_size, variants in plan(args.smoke, args.only):
-        print(f"[{time.time() - started:5.0f} s] {what} {mode or ''} {image_size}px", flush=True)
-        if what == "generation":
-            generated = generation(args)
-            continue
-        needs = "bitsandbytes" if mode == "qlora" else "liger_kernel.transformers" if variants[-1:] and \
-            variants[-1].get("liger") else None
-        if needs and optional(needs) is None:
-            training += [{"mode": mode, "image_size": image_size, **v, "skipped": f"not installed ({needs})"}
-                         for v in variants]
-            continue
-        if variants:
-            with torch.device("cuda" if CUDA else "cpu"):  # a 3B's random init is minutes on a CPU
-                saved_model("3b", image_size, *args.layers, args.work_dir)
-            try:
-                training += train_model(mode, image_size, variants, args)
-            except Exception as error:  # out of memory, a Liger or version mismatch: the other parts still report
-                reason = f"failed: {type(error).__name__}: {str(error)[:160]}"
-                print(reason, flush=True)
-                training += [{"mode": mode, "image_size": image_size, **v, "skipped": reason} for v in variants]
-                release()
-    print_table(training, generated, device)
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "gpu_check.json"), "w") as out:
-            json.dump({"device": device, "smoke": args.smoke, "torch": torch.__version__,
-                       "transformers": importlib.import_module("transformers").__version__,
-                       "wall_s": time.time() - started, "training": training, "generation": generated}, out, indent=1)
-    print(f"wall time {time.time() - started:.0f} s")
+    os.makedirs(args.work_dir, exist_ok=True)
+    args.budget_s = args.budget_s or (3600 if args.smoke else 480)
+    if args.memory_part:
+        memory_part(args.memory_part, args)
+        return
+    run_check(args)
 
 
 if __name__ == "__main__":

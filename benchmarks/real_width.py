@@ -116,12 +116,22 @@ def saved_model(size: str, image_size: int, text_layers: int, vision_layers: int
         finally:
             torch.set_default_dtype(torch.float32)
         model.tie_weights()  # part of the initialisation skipped: the LM head is the embedding
-        generator = torch.Generator().manual_seed(0)
-        for parameter in model.parameters():  # memory does not depend on the values: any random ones do
-            parameter.data.normal_(0.0, 0.02, generator=generator)
+        fill_random(model, seed=0)  # memory does not depend on the values: any random ones do
         model.save_pretrained(path + ".partial")
         os.rename(path + ".partial", path)
     return path
+
+
+def fill_random(model, seed: int = 0, std: float = 0.02) -> None:
+    """Random normal values in every parameter, drawn by a generator on that parameter's own device:
+    under `torch.device("cuda")` the model is built on the GPU, and a CPU generator cannot fill it."""
+    import torch
+    generators = {}
+    for parameter in model.parameters():
+        device = parameter.device
+        if device not in generators:
+            generators[device] = torch.Generator(device=device).manual_seed(seed)
+        parameter.data.normal_(0.0, std, generator=generators[device])
 
 
 def synthetic_batch(config, batch_size: int, dtype, label_only: bool) -> dict:
