@@ -264,6 +264,15 @@ def freeze_vision_tower(model) -> None:
         part.requires_grad_(False)
 
 
+def keep_4bit_layers_unpacked(model) -> None:
+    """On an AVX512-BF16 CPU bitsandbytes repacks 4-bit weights for inference, 32 rows by 64 columns a
+    block; SigLIP's 4304-wide MLP is neither, and stopped the first evaluation. The plain kernel takes any width."""
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False) and (
+                module.out_features % 32 or module.in_features % module.weight.blocksize):
+            module.support_avx512bf16_for_cpu = False
+
+
 def load_processor(model_id: str, cache_only: bool = False) -> PaliGemmaProcessor:
     processor = hub_load(PaliGemmaProcessor.from_pretrained, model_id, local_files_only=cache_only)
     processor.tokenizer.padding_side = "left"  # generation appends on the right
@@ -282,6 +291,8 @@ def load_model(model_id: str, use_lora: bool, use_qlora: bool, freeze_vision: bo
                      dtype=dtype if use_lora or use_qlora else torch.float32, use_safetensors=True,
                      device_map=loading_device_map(model_device_map()), local_files_only=cache_only,
                      quantization_config=quantization_config(dtype) if use_qlora else None)
+    if use_qlora and not torch.cuda.is_available():
+        keep_4bit_layers_unpacked(model)
     if freeze_vision:
         freeze_vision_tower(model)
     if use_lora or use_qlora:

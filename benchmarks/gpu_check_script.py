@@ -65,7 +65,6 @@ class Context:
     log_path: str  # each script run's output tail is appended here
     deadline: float = 0.0  # the current part's cap, as time.time()
     made: dict = field(default_factory=dict)  # what earlier parts left for later ones: paths
-    script: list = field(default_factory=lambda: [SCRIPT])  # what `python` runs as the script
 
     def seconds_left(self) -> float:
         return max(1.0, self.deadline - time.time())
@@ -151,7 +150,7 @@ def last_line(text: str) -> str:
 
 
 def run_script(arguments: list[str], context: Context, label: str, timeout: float | None = None) -> dict:
-    return run_logged([sys.executable, *context.script, *arguments], context, label, timeout)
+    return run_logged([sys.executable, SCRIPT, *arguments], context, label, timeout)
 
 
 def run_child(job: str, arguments: list[str], context: Context, label: str) -> dict:
@@ -289,31 +288,13 @@ def import_failure(module: str) -> str:
     return "" if asked.returncode == 0 else last_line(asked.stderr)
 
 
-def packs_4bit_weights_for_cpu() -> bool:
-    """Whether bitsandbytes will repack 4-bit weights for its CPU inference kernel (AVX512-BF16 CPUs): it
-    packs 32 rows a block, and SigLIP's 4304-wide MLP is no multiple of 32, so `--use-qlora` at the real
-    widths stops at its first evaluation there (AssertionError: N must be divisible by block_n; bitsandbytes
-    0.50.2). A GPU never takes that path."""
-    asked = subprocess.run([sys.executable, "-c", "import torch; from bitsandbytes.functional import has_avx512bf16; "
-                            "print(not torch.cuda.is_available() and bool(has_avx512bf16()))"],
-                           capture_output=True, text=True, timeout=120, env=child_environment())
-    return asked.stdout.strip().endswith("True")
-
-
 def qlora(context: Context) -> dict:
     failure = import_failure("bitsandbytes")
     if failure:  # not installed, or no library for this CUDA
         raise Skipped(f"bitsandbytes does not import: {failure}")
-    note = {}
-    if packs_4bit_weights_for_cpu():  # so that the smoke still reaches the rest of QLoRA's path on this CPU
-        context.script = [os.path.abspath(__file__), "--without-cpu-4bit-packing"]
-        note = {"cpu_note": "bitsandbytes' CPU 4-bit packing crashes at SigLIP's 4304 width: run with it off"}
-    try:
-        run = variant_run(context, "qlora", "--use-qlora")
-    finally:
-        context.script = [SCRIPT]
+    run = variant_run(context, "qlora", "--use-qlora")
     run.pop("output_dir")
-    return {**run, **note}
+    return run
 
 
 def checkpointing(context: Context) -> dict:
@@ -557,17 +538,6 @@ def compare_merge(run_dir: str, images_split: str) -> dict:
             "log_prob_scale": float(with_adapter.abs().mean())}
 
 
-def run_script_without_cpu_packing(arguments: list[str]) -> None:
-    """The script as `python finetune_paligemma2.py ARGUMENTS`, with bitsandbytes' CPU weight packing off
-    (packs_4bit_weights_for_cpu says why): its plain CPU 4-bit path takes any width."""
-    import runpy
-
-    import bitsandbytes.nn.modules
-    bitsandbytes.nn.modules.has_avx512bf16 = lambda: False
-    sys.argv = [SCRIPT, *arguments]
-    runpy.run_path(SCRIPT, run_name="__main__")
-
-
 def main(argv=None) -> None:
     job, *arguments = sys.argv[1:] if argv is None else argv
     if job == "--build-model":
@@ -575,9 +545,6 @@ def main(argv=None) -> None:
         result = build_real_width_model(demo_model, target, json.loads(shape))
     elif job == "--compare-merge":
         result = compare_merge(*arguments)
-    elif job == "--without-cpu-4bit-packing":
-        run_script_without_cpu_packing(arguments)
-        return
     else:
         sys.exit(f"{job}: not a job of this file (gpu_check.py runs it: --build-model, --compare-merge)")
     print(json.dumps(result))

@@ -136,3 +136,18 @@ def test_a_budget_too_small_is_flagged_truncated(demo_run, splits):
     full = flow.generate_batch(model, processor, batch, flow.GenerationSettings(torch.float32, 400))
     assert not any(output["truncated"] for output in full)
     assert all(parse_json(output["prediction"]) is not None for output in full)
+
+
+def test_qlora_on_a_cpu_decodes_widths_that_are_no_multiple_of_32(demo_assets, processor, splits, tmp_path):
+    """SigLIP's MLP is 4304 wide; bitsandbytes' AVX512-BF16 CPU kernel packs 32 rows a block and stopped
+    the first evaluation at the real widths ("N must be divisible by block_n")."""
+    config = flow.PaliGemmaConfig.from_pretrained(demo_assets[1])
+    config.vision_config.intermediate_size = 4304  # SigLIP So400m's own
+    flow.PaliGemmaForConditionalGeneration(config).save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    model = flow.load_model(str(tmp_path), True, True, False, 8, flow.LORA_TARGET_MODULES, torch.float32)
+    odd = [module for module in model.modules() if type(module).__name__ == "Linear4bit" and
+           (module.out_features % 32 or module.in_features % 64)]  # up_proj and down_proj
+    assert odd and not any(module.support_avx512bf16_for_cpu for module in odd)
+    rows = flow.generate_batch(model.eval(), processor, [splits["test"][0]], flow.GenerationSettings(torch.float32, 4))
+    assert len(rows) == 1
