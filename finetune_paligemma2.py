@@ -83,6 +83,7 @@ RESUME = False  # continue a cut-off run in OUTPUT_DIR: from its newest checkpoi
 MAX_NEW_TOKENS = 0  # 0: the longest train/valid label in tokens + 25% (printed); the tutorial's 256 cut manifests off
 NUM_BEAMS = 1  # greedy; beams multiply the KV cache over hundreds of image tokens
 EVAL_BATCH_SIZE = 8  # test images generated together
+FAST_DECODING = True  # on a GPU: static KV cache, compiled decoding step; where that fails, the usual path
 CONSTRAINED = True  # hold test and --predict generation to the labels' schema (llguidance); the test set is also decoded free once, for comparison
 CONFIDENCE_THRESHOLD = 0.0  # a field whose confidence is below this is flagged for a check; 0: picked on validation
 FLAG_WRONG_SHARE = 0.9  # the picked threshold's flags catch this share of the wrong validation fields
@@ -383,13 +384,15 @@ def collate_fn(batch, processor, dtype: torch.dtype, with_labels: bool = True):
 # (step 7), the test set (step 8) and new documents (step 10).
 
 # %%
+import time
 from dataclasses import dataclass
 
 from tqdm.auto import tqdm
 
 from paligemma_json.confidence import calibrate_fields
 from paligemma_json.constrained import ChosenTokenProbabilities, build_constraint, field_confidences
-from paligemma_json.distributed import synced_generation
+from paligemma_json.decoding import FastDecoding  # a static KV cache and a compiled decoding step, on a GPU
+from paligemma_json.distributed import is_sharded, synced_generation
 from paligemma_json.files import append_jsonl, completed_rows
 
 
@@ -399,6 +402,7 @@ class GenerationSettings:
     max_new_tokens: int
     num_beams: int = 1
     batch_size: int = 8  # images generated together
+    fast: FastDecoding | None = None  # FAST_DECODING's path, and whether it failed here; None: today's
 
 
 def generate_batch(model, processor, batch, generation: GenerationSettings, constraint=None,
@@ -406,19 +410,36 @@ def generate_batch(model, processor, batch, generation: GenerationSettings, cons
     """`prediction` per image; `truncated`: the budget ran out before EOS, so the text is cut off;
     `confidence`: per field of the prediction, from the raw logits."""
     processor.tokenizer.padding_side = "left"  # right padding would put pads between prompt and answer
+    images, eos = len(batch), processor.tokenizer.eos_token_id
     inputs = collate_fn(batch, processor, generation.dtype, with_labels=False).to(model.device)
-    prompt_length, eos = inputs["input_ids"].shape[-1], processor.tokenizer.eos_token_id
-    recorder = ChosenTokenProbabilities(generation.num_beams, eos) if with_confidence else None
-    processors = [recorder] if recorder else []  # first: it must see the scores before the schema's mask
-    processors += [constraint.logits_processor()] if constraint else []
-    with torch.inference_mode():
-        output = model.generate(**inputs, max_new_tokens=generation.max_new_tokens, do_sample=False,
-                                num_beams=generation.num_beams, logits_processor=processors,
-                                return_dict_in_generate=True,
-                                synced_gpus=synced_generation(model))  # FSDP: every process steps together
+    prompt_length = inputs["input_ids"].shape[-1]
+    fast = generation.fast is not None and generation.fast.use_fast(
+        model, generation.num_beams, generation.batch_size, prompt_length + generation.max_new_tokens, model.dtype,
+        sharded=is_sharded(model))
+    if fast and images < generation.batch_size:  # one compiled shape: filled up with its last image, then dropped
+        inputs = collate_fn(list(batch) + [batch[-1]] * (generation.batch_size - images), processor,
+                            generation.dtype, with_labels=False).to(model.device)
+
+    def decode(fast: bool):
+        recorder = ChosenTokenProbabilities(generation.num_beams, eos) if with_confidence else None
+        processors = [recorder] if recorder else []  # first: it must see the scores before the schema's mask
+        processors += [constraint.logits_processor()] if constraint else []
+        with torch.inference_mode():
+            return recorder, model.generate(
+                **inputs, max_new_tokens=generation.max_new_tokens, do_sample=False, num_beams=generation.num_beams,
+                logits_processor=processors, return_dict_in_generate=True,
+                synced_gpus=synced_generation(model),  # FSDP: every process steps together
+                **(generation.fast.generate_kwargs(model) if fast else {}))
+    try:
+        recorder, output = decode(fast)
+    except Exception as error:  # no compiler, CUDA graphs failing on this card: today's path, said once
+        if not fast:
+            raise
+        generation.fast.fall_back(error)
+        recorder, output = decode(False)
     probabilities = recorder.probabilities(output.sequences).tolist() if with_confidence else None
     rows = []
-    for index, answer in enumerate(output.sequences[:, prompt_length:].tolist()):
+    for index, answer in enumerate(output.sequences[:images, prompt_length:].tolist()):
         ended = eos in answer
         answer = answer[:answer.index(eos)] if ended else answer
         text = processor.tokenizer.decode(answer, skip_special_tokens=True)
@@ -458,8 +479,13 @@ def predict_to_file(model, processor, dataset: JSONLDataset, path: str, generati
     kept = completed_rows(path, dataset.entries) if resume else []
     if kept:
         print(f"predictions: {len(kept)} of {len(dataset)} already in {path}; predicting the rest")
+    started = time.perf_counter()
     rows = predict_rows(model, processor, dataset, generation, start=len(kept), **decoding)
-    return append_jsonl(path, kept, map(shape, rows) if shape else rows)
+    written = append_jsonl(path, kept, map(shape, rows) if shape else rows)
+    if len(written) > len(kept):  # the wait a user feels: decoding, more than training, on a GPU
+        print(f"decoded {len(written) - len(kept)} images in {time.perf_counter() - started:.1f} s "
+              f"({'constrained, then free' if decoding.get('also_free') else 'once each'}): {os.path.basename(path)}")
+    return written
 
 
 # %% [markdown]
@@ -474,7 +500,7 @@ import functools
 from transformers import Trainer, TrainingArguments
 
 from paligemma_json.devices import OneGPUPerProcessArguments
-from paligemma_json.distributed import end_distributed, is_sharded, release_training_memory, save_whole_weights
+from paligemma_json.distributed import end_distributed, release_training_memory, save_whole_weights
 from paligemma_json.files import replace_atomically, write_json_atomically
 from paligemma_json.pictures import draw_training_curves
 from paligemma_json.speed import mfu_report
@@ -571,7 +597,8 @@ def save_final_model(model, processor, final_dir: str, schema: dict | None = Non
 
 
 if __name__ == "__main__" and run.mode == "train":
-    generation = GenerationSettings(TORCH_DTYPE, max_new_tokens, NUM_BEAMS, EVAL_BATCH_SIZE)
+    generation = GenerationSettings(TORCH_DTYPE, max_new_tokens, NUM_BEAMS, EVAL_BATCH_SIZE,
+                                    FastDecoding(FAST_DECODING))
     final_dir = os.path.join(OUTPUT_DIR, "final")
     if not run.training_done:
         arguments = training_arguments(OUTPUT_DIR, generation)  # the rest: step 1's settings, as resolved
@@ -706,7 +733,8 @@ def merge_adapter(output_dir: str) -> str:
 
 
 if __name__ == "__main__" and run.mode == "predict":  # MAX_NEW_TOKENS 0 is 1024 here: no labels to size it by
-    generation = GenerationSettings(training_dtype(), MAX_NEW_TOKENS or 1024, NUM_BEAMS, EVAL_BATCH_SIZE)
+    generation = GenerationSettings(training_dtype(), MAX_NEW_TOKENS or 1024, NUM_BEAMS, EVAL_BATCH_SIZE,
+                                    FastDecoding(FAST_DECODING))
     new_predictions = predict_documents(OUTPUT_DIR, PREDICT, PROMPT, generation, USE_QLORA, CONSTRAINED,
                                         CONFIDENCE_THRESHOLD)
 

@@ -62,6 +62,7 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 import torch  # noqa: E402
 
+from paligemma_json.decoding import FastDecoding  # noqa: E402
 from paligemma_json.memory import GIB, TrainingSetting, architecture, estimate  # noqa: E402
 from paligemma_json.speed import image_tokens, mfu, paligemma2_config, peak_flops  # noqa: E402
 from paligemma_json.training import enable_gradient_checkpointing, without_label_only  # noqa: E402
@@ -295,10 +296,35 @@ def generation(args) -> list[dict]:
     results = [run("none"), run("kept_logits", output_logits=True), run("recorded")]
     schema, tokenizer = schema_and_tokenizer()
     constraint = JsonSchemaConstraint(schema, tokenizer)
-    results.append(run("constrained", min_new_tokens=0, logits_processor=[constraint.logits_processor()]))
-    free = results[0]["s_per_step"]
-    results[-1]["extra_s_per_step"] = results[-1]["s_per_step"] - free
-    results[-1]["tokenizer"] = f"synthetic, {len(tokenizer):,} tokens"
+
+    def constrained(name, **extra):
+        row = run(name, min_new_tokens=0, logits_processor=[constraint.logits_processor()], **extra)
+        row["tokenizer"] = f"synthetic, {len(tokenizer):,} tokens"
+        return row
+    results.append(constrained("constrained"))
+    # The decoding issue's goals, today's path and the fast one (paligemma_json/decoding.py): plain greedy,
+    # the constraint's cost, and an unmerged LoRA adapter's. Each fast variant is run once untimed first,
+    # at the same shapes: that run is the compilation (`warmup_s`), reported apart from ms per step.
+    fast = FastDecoding(True, compiled=CUDA, devices=("cuda", "cpu"))  # --smoke: the static cache alone
+
+    def fast_run(name, make_row, **extra):
+        started = time.perf_counter()
+        make_row(name, **extra, **fast.generate_kwargs(model))
+        warmup = time.perf_counter() - started
+        return {**make_row(name, **extra, **fast.generate_kwargs(model)), "warmup_s": warmup}
+    results += [fast_run("none-fast", run), fast_run("constrained-fast", constrained)]
+    from peft import LoraConfig, get_peft_model
+    torch.manual_seed(0)
+    model = get_peft_model(model, LoraConfig(r=8, target_modules=["q_proj", "o_proj", "k_proj", "v_proj", "gate_proj",
+                                                                  "up_proj", "down_proj"], init_lora_weights=False,
+                                             task_type="CAUSAL_LM")).eval()
+    results += [run("lora"), fast_run("lora-fast", run)]
+    by_name = {row["variant"]: row["s_per_step"] for row in results}
+    for name, base in (("constrained", "none"), ("constrained-fast", "none-fast"), ("lora", "none"),
+                       ("lora-fast", "none-fast")):
+        row = next(row for row in results if row["variant"] == name)
+        row["extra_s_per_step"] = by_name[name] - by_name[base]
+        row["extra_share"] = row["extra_s_per_step"] / by_name[base]
     release(model)
     return results
 
@@ -352,7 +378,12 @@ def training_line(r: dict) -> str:
 
 
 def generation_line(g: dict) -> str:
-    extra = f", {g['extra_s_per_step'] * 1e3:+.2f} ms/step over free ({g['tokenizer']})" if "tokenizer" in g else ""
+    extra = ""
+    if "extra_s_per_step" in g:
+        extra = (f", {g['extra_s_per_step'] * 1e3:+.2f} ms/step ({g['extra_share']:+.0%}) over "
+                 f"{'none-fast' if g['variant'].endswith('-fast') else 'none'}")
+    extra += f" ({g['tokenizer']})" if "tokenizer" in g else ""
+    extra += f"; compiled in a first run of {g['warmup_s']:.1f} s" if "warmup_s" in g else ""
     return (f"c   generate {g['variant']:12} {g['images']} images x {g['steps']} steps: "
             f"{gib(g['added_above_weights'])} GiB above the weights, {g['s_per_step'] * 1e3:.2f} ms/step{extra}")
 

@@ -239,7 +239,7 @@ def small_dataset(context: Context) -> str:
         for row in rows:
             image = json.loads(row)["image"]
             shutil.copy(os.path.join(source, split, image), os.path.join(target, split, image))
-    context.made["demo_model"] = model_dir
+    context.made["demo_model"], context.made["demo_export"] = model_dir, source
     return target
 
 
@@ -337,6 +337,34 @@ def predict(context: Context) -> dict:
         raise RuntimeError(f"predict.jsonl has {len(rows)} rows for {expected} images")
     return {"wall_s": round(result["seconds"], 1), "images": expected,
             "parsed": sum(bool(row.get("parsed")) for row in rows)}
+
+
+def decoding(context: Context) -> dict:
+    """The decoding issue's test-set row: `--predict` on the demo's 24 test pages with the real-width
+    run's adapter at the labels' budget (218 tokens), today's path (`--no-fast-decoding`) and then the
+    fast one, whose wall time includes its compilation. Each run's own "decoded N images in S s" line."""
+    lora_dir = context.needs("lora_dir", "real-width-lora")
+    images = os.path.join(context.work_dir, "decoding-images")
+    shutil.rmtree(images, ignore_errors=True)
+    os.makedirs(images)
+    test = os.path.join(context.made["demo_export"], "test")
+    for name in sorted(name for name in os.listdir(test) if name.endswith(".jpg"))[:4 if context.smoke else None]:
+        shutil.copy(os.path.join(test, name), images)
+    figures = {"images": len(os.listdir(images))}
+    for label, flags in (("today", ["--no-fast-decoding"]), ("fast", [])):
+        result = run_script(["--output-dir", lora_dir, "--predict", images, "--max-new-tokens",
+                             "8" if context.smoke else "218", "--eval-batch-size", "8", *flags], context,
+                            f"decoding-{label}")
+        succeeded(result, f"decoding-{label}")
+        decoded = re.search(r"decoded \d+ images in ([\d.]+) s", result["stdout"])
+        if decoded is None:
+            raise RuntimeError(f"decoding-{label}: no 'decoded N images in S s' line")
+        figures[f"{label}_s"] = float(decoded.group(1))
+        fell_back = re.search(r"decoding: .*", result["stdout"])
+        if fell_back:
+            figures[f"{label}_note"] = fell_back.group(0)[:200]
+    figures["speedup"] = round(figures["today_s"] / figures["fast_s"], 2)
+    return figures
 
 
 def merge(context: Context) -> dict:
@@ -457,6 +485,7 @@ PARTS = [
     Part("predict", predict, 60, True),
     Part("merge", merge, 180, True),
     Part("resume", resume, 150, True),
+    Part("decoding", decoding, 240, False),  # the decoding issue's; `--parts decoding,generation` alone
 ]
 
 

@@ -1,0 +1,168 @@
+"""The fast decoding path (paligemma_json/decoding.py): a static KV cache, and on a GPU a compiled
+decoding step. On the CPU, in fp32 and uncompiled, it must give today's greedy tokens exactly, free
+and constrained, with an unmerged adapter, with rows that finish at different steps and a last batch
+filled up to the full size; and the same confidences. Where it fails, today's path takes over, said once."""
+
+import json
+import types
+
+import pytest
+import torch
+
+import finetune_paligemma2 as flow
+from paligemma_json.decoding import FastDecoding, static_cache_bytes
+from paligemma_json.speed import paligemma2_config
+
+
+def assert_same_rows(fast: list[dict], today: list[dict]) -> None:
+    """The same text and truncation; each field's confidence within 2e-4: a longer, masked cache sums the
+    attention in another order, which moved one confidence by 1e-4, rounded to 4 decimals (measured)."""
+    assert [(row["prediction"], row["truncated"]) for row in fast] == [(row["prediction"], row["truncated"])
+                                                                       for row in today]
+    for new, old in zip(fast, today):
+        assert [(field["field"], field["value"]) for field in new["confidence"]] == \
+               [(field["field"], field["value"]) for field in old["confidence"]]
+        assert [field["confidence"] for field in new["confidence"]] == \
+               pytest.approx([field["confidence"] for field in old["confidence"]], abs=2e-4)
+
+
+def static_cache_on_cpu() -> FastDecoding:
+    return FastDecoding(True, compiled=False, devices=("cpu",))
+
+
+def decode(model, processor, images, constraint, fast, batch_size=8, max_new_tokens=60):
+    generation = flow.GenerationSettings(torch.float32, max_new_tokens, 1, batch_size, fast)
+    return [row for first in range(0, len(images), batch_size)
+            for row in flow.generate_batch(model, processor, images[first:first + batch_size], generation, constraint)]
+
+
+@pytest.fixture(scope="module")
+def test_images(splits):
+    return [splits["test"][i] for i in range(11)]  # a full batch of 8, then 3 filled up to 8
+
+
+@pytest.fixture(scope="module")
+def models(demo_assets):
+    """The demo's tiny model, and the same with an unmerged LoRA adapter whose B is not zero."""
+    from peft import LoraConfig, get_peft_model
+    plain = flow.PaliGemmaForConditionalGeneration.from_pretrained(demo_assets[1], dtype=torch.float32).eval()
+    torch.manual_seed(0)
+    base = flow.PaliGemmaForConditionalGeneration.from_pretrained(demo_assets[1], dtype=torch.float32)
+    adapted = get_peft_model(base, LoraConfig(r=8, target_modules=flow.LORA_TARGET_MODULES, init_lora_weights=False,
+                                              task_type="CAUSAL_LM")).eval()
+    return {"plain": plain, "lora": adapted}
+
+
+@pytest.fixture(scope="module")
+def constraint(splits, processor):
+    return flow.build_constraint(flow.label_schema(splits, ""), processor, True)
+
+
+@pytest.mark.parametrize("model_name", ["plain", "lora"])
+@pytest.mark.parametrize("constrained", [False, True], ids=["free", "constrained"])
+def test_the_static_cache_gives_todays_tokens_and_confidences(models, processor, test_images, constraint,
+                                                              model_name, constrained):
+    model, schema = models[model_name], constraint if constrained else None
+    today, path = decode(model, processor, test_images, schema, fast=None), static_cache_on_cpu()
+    assert_same_rows(decode(model, processor, test_images, schema, fast=path), today)
+    assert path.failed is None  # not today's path again, through the fallback
+
+
+@pytest.mark.parametrize("constrained", [False, True], ids=["free", "constrained"])
+def test_rows_that_finish_at_different_steps_decode_alike(run, constrained):
+    """The demo's trained model (the shared --demo run) ends its rows at EOS, each at its own step: the
+    finished rows are padded while the others go on, in the static cache as in the dynamic one."""
+    final_dir = f"{run[0]}/final"
+    model, processor = flow.load_trained_model(final_dir, torch.float32), flow.load_processor(final_dir)
+    test = flow.load_splits(f"{run[0]}/demo-dataset", "extract data in JSON format")["test"]
+    test_images = [test[i] for i in range(11)]
+    schema = flow.build_constraint(flow.read_saved_schema(final_dir), processor, constrained)
+    budget = json.load(open(f"{run[0]}/run_settings.json"))["prediction"]["MAX_NEW_TOKENS"]  # as the run decoded
+    today, path = decode(model, processor, test_images, schema, fast=None, max_new_tokens=budget), static_cache_on_cpu()
+    assert_same_rows(decode(model, processor, test_images, schema, fast=path, max_new_tokens=budget), today)
+    assert path.failed is None
+    ended = [len(row["prediction"]) for row in today if not row["truncated"]]
+    assert len(ended) >= 2 and len(set(ended)) >= 2
+
+
+def test_the_fast_path_is_really_taken(models, processor, test_images, monkeypatch):
+    """The comparison above would pass if the fast path were never used: see that generate gets the
+    static cache, and a full batch when the last one is short."""
+    seen = []
+    generate = type(models["plain"]).generate
+
+    def spy(self, **kwargs):
+        seen.append((kwargs.get("cache_implementation"), kwargs["input_ids"].shape[0]))
+        return generate(self, **kwargs)
+    monkeypatch.setattr(type(models["plain"]), "generate", spy)
+    decode(models["plain"], processor, test_images, None, fast=static_cache_on_cpu(), max_new_tokens=4)
+    assert seen == [("static", 8), ("static", 8)]
+
+
+def test_a_failing_fast_path_falls_back_once_with_the_same_rows(models, processor, test_images, monkeypatch, capsys):
+    today = decode(models["plain"], processor, test_images, None, fast=None, max_new_tokens=8)
+    fast = static_cache_on_cpu()
+    monkeypatch.setattr(fast, "generate_kwargs", lambda model: {"cache_implementation": "no-such-cache"})
+    assert decode(models["plain"], processor, test_images, None, fast=fast, max_new_tokens=8) == today  # today's path
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == 1 and printed[0].startswith("decoding: the static cache and compiled step failed (")
+    assert "the rest of the run, with today's dynamic cache" in printed[0]
+
+
+def stand_in(device="cuda", **attributes):
+    return types.SimpleNamespace(device=torch.device(device), config=paligemma2_config("3b", 448), **attributes)
+
+
+@pytest.mark.parametrize("model, beams, sharded, free_gib, reason", [
+    (stand_in(), 1, False, 80, None),
+    (stand_in("cpu"), 1, False, 80, ""),  # the CPU keeps today's path, silently
+    (stand_in(), 2, False, 80, "beam search (NUM_BEAMS > 1) keeps today's dynamic cache"),
+    (stand_in(is_loaded_in_4bit=True), 1, False, 80, "transformers does not compile a 4-bit (QLoRA) model"),
+    (stand_in(), 1, True, 80, "a sharded (FSDP) model decodes with every process in step, on today's path"),
+    (stand_in(), 1, False, 4, "its static cache needs about 4.9 GiB and 4.0 GiB are free")])
+def test_when_the_fast_path_is_not_taken(monkeypatch, model, beams, sharded, free_gib, reason):
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free_gib * 1024 ** 3, 80 * 1024 ** 3))
+    said = FastDecoding(True).reason_against(model, beams, 8, 1044 + 1024, torch.float32, sharded)
+    assert said == reason if reason is None or not reason else said.startswith(reason)
+    assert FastDecoding(False).reason_against(model, beams, 8, 2068, torch.float32, sharded) == ""
+
+
+def test_the_static_cache_is_sized_as_the_model_needs():
+    """The 3B at 448 px, 8 images of 1,044 prompt tokens and 1,024 new ones, in fp32 (a T4): ~3.5 GB."""
+    bytes_ = static_cache_bytes(paligemma2_config("3b", 448), 8, 1044 + 1024, torch.float32)
+    assert bytes_ == 2 * 26 * 4 * 256 * 8 * 2068 * 4
+
+
+def token_agreement(processor, new: list[dict], old: list[dict]) -> float:
+    """Tokens equal at the same place, over the longer of each pair of predictions."""
+    same = total = 0
+    for a, b in zip(new, old):
+        x, y = (processor.tokenizer(row["prediction"], add_special_tokens=False)["input_ids"] for row in (a, b))
+        same += sum(p == q for p, q in zip(x, y))
+        total += max(len(x), len(y))
+    return same / max(total, 1)
+
+
+@pytest.mark.slow
+def test_the_compiled_step_on_the_cpu_keeps_the_demos_predictions(run, capsys):
+    """Compiled (inductor, on the CPU): the test set's tokens agree to >= 99% with today's, and field F1
+    moves by at most 0.01; every constrained prediction still parses. Prints the figures it measured."""
+    from paligemma_json.metrics import compute_metrics
+    final_dir = f"{run[0]}/final"
+    model, processor = flow.load_trained_model(final_dir, torch.float32), flow.load_processor(final_dir)
+    test = flow.load_splits(f"{run[0]}/demo-dataset", "extract data in JSON format")["test"]
+    schema = flow.build_constraint(flow.read_saved_schema(final_dir), processor, True)
+    budget = json.load(open(f"{run[0]}/run_settings.json"))["prediction"]["MAX_NEW_TOKENS"]
+
+    def predict(fast):
+        generation = flow.GenerationSettings(torch.float32, budget, 1, 8, fast)
+        return list(flow.predict_rows(model, processor, test, generation, constraint=schema))
+    compiled = FastDecoding(True, compiled=True, devices=("cpu",))
+    today, new = predict(None), predict(compiled)
+    assert compiled.failed is None
+    agreement = token_agreement(processor, new, today)
+    f1_today, f1_new = compute_metrics(today)["field_f1"], compute_metrics(new)["field_f1"]
+    with capsys.disabled():
+        print(f"\ncompiled on the CPU: token agreement {agreement:.4f}, field F1 {f1_new:.4f} (today's {f1_today:.4f})")
+    assert agreement >= 0.99 and abs(f1_new - f1_today) <= 0.01
+    assert compute_metrics(new)["json_valid_rate"] == 1.0
