@@ -11,7 +11,7 @@
 #     ROBOFLOW_API_KEY=... python finetune_paligemma2.py --model-id google/paligemma2-3b-pt-448
 #
 # Last measured (README): `--demo` on a 2-core CPU (torch 2.13.0, transformers 5.24.0), three seeds:
-# the paper's colour, the one field a 64 px page shows, right on 23-24 of 24 test pages (guessing: 7-10).
+# the paper's colour, the one field a 64 px page shows, right on 24 of 24 test pages (guessing: 7-10).
 
 # %% [markdown]
 # ## 0. In Colab: fetch this repository and its requirements

@@ -63,7 +63,10 @@ def demo_outcome(tmp_path_factory):
     stopped at its cap."""
     output_dir = str(tmp_path_factory.mktemp("demo") / "out")
     try:
-        return {"run": (output_dir, run_script("--demo", "--output-dir", output_dir, timeout=DEMO_TIMEOUT))}
+        # One thread, as the README's measured table: at two, OpenMP's sums vary from run to run, and the
+        # demo's valid-JSON share at seed 42 with them (19 and 20 of 24 in two runs on one machine).
+        return {"run": (output_dir, run_script("--demo", "--output-dir", output_dir, env={"OMP_NUM_THREADS": "1"},
+                                               timeout=DEMO_TIMEOUT))}
     except subprocess.TimeoutExpired as timeout:
         printed = timeout.stdout or b""  # bytes whatever `text` says, or None
         printed = (printed.decode(errors="replace") if isinstance(printed, bytes) else printed).strip().splitlines()
