@@ -38,8 +38,8 @@ def pass_prepared_masks() -> None:
 
     def passing(make, kind):
         def make_unless_prepared(*args, attention_mask=None, **kwargs):
-            if isinstance(attention_mask, dict):
-                return attention_mask[kind]
+            if isinstance(attention_mask, dict):  # a kind it lacks, no layer uses (a one-layer model)
+                return attention_mask.get(kind)
             return make(*args, attention_mask=attention_mask, **kwargs)
         make_unless_prepared.passes_prepared_masks = True
         return make_unless_prepared

@@ -166,3 +166,16 @@ def test_the_compiled_step_on_the_cpu_keeps_the_demos_predictions(run, capsys):
         print(f"\ncompiled on the CPU: token agreement {agreement:.4f}, field F1 {f1_new:.4f} (today's {f1_today:.4f})")
     assert agreement >= 0.99 and abs(f1_new - f1_today) <= 0.01
     assert compute_metrics(new)["json_valid_rate"] == 1.0
+
+
+def test_a_model_with_one_kind_of_attention_decodes_with_the_static_cache(demo_assets, processor, test_images,
+                                                                         tmp_path):
+    """gpu_check's one-layer model: its only layer has sliding-window attention, so the masks generate
+    prepares hold no full-attention one."""
+    config = flow.PaliGemmaConfig.from_pretrained(demo_assets[1])
+    config.text_config.num_hidden_layers, config.text_config.layer_types = 1, ["sliding_attention"]
+    torch.manual_seed(0)
+    model = flow.PaliGemmaForConditionalGeneration(config).eval()
+    today, path = decode(model, processor, test_images[:8], None, fast=None, max_new_tokens=8), static_cache_on_cpu()
+    assert_same_rows(decode(model, processor, test_images[:8], None, fast=path, max_new_tokens=8), today)
+    assert path.failed is None
