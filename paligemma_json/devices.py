@@ -16,8 +16,9 @@ from paligemma_json import FlowError
 
 GIB = 1024 ** 3
 # A whole copy's peak over its weights. Measured for a CPU merge (`merge_adapter`, real 3B widths with 4 text
-# and 4 vision layers, torch 2.13 CPU): anonymous memory peaked at 1.07x the fp32 weights; the bf16
-# checkpoint mapped from disk came on top as page cache, which the kernel reclaims. Rounded up.
+# and 4 vision layers, torch 2.13 CPU; `python benchmarks/merge_memory.py`): anonymous memory peaked at
+# 1.05-1.07x the fp32 weights; the bf16 checkpoint mapped from disk came on top as page cache, which the
+# kernel reclaims. Rounded up.
 WHOLE_COPY_FACTOR = 1.15
 
 

@@ -19,7 +19,7 @@ import gpu_check_script  # noqa: E402
 import real_width  # noqa: E402
 
 SMOKE_PARTS = ["demo", "real-width-lora", "qlora", "checkpointing", "freeze-vision", "predict", "merge", "resume",
-               "memory-lora-224", "memory-full-224", "generation", "memory-qlora-224", "memory-levers-224",
+               "decoding", "memory-lora-224", "memory-full-224", "generation", "memory-qlora-224", "memory-levers-224",
                "memory-liger-224"]
 
 
