@@ -102,7 +102,9 @@ DEFAULTS = {name: value for name, value in dict(globals()).items() if name.isupp
 
 if __name__ == "__main__":
     sys.excepthook = report_flow_errors
-    settings = resolve_settings(sys.argv[1:], DEFAULTS, __file__)  # defaults, the demo's, then the flags given
+    # Defaults, the demo's, then the flags given (read with their help from this file; a notebook has no
+    # __file__, and takes no flags).
+    settings = resolve_settings(sys.argv[1:], DEFAULTS, sys.argv[0])
     globals().update(settings)
     run = plan_run(settings)  # which mode, which process writes, what is resumed; clashing flags stop it here
     print(mask_secrets("settings: " + ", ".join(f"{name}={value}" for name, value in settings.items())))
