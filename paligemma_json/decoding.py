@@ -24,7 +24,7 @@ outputs are dropped.
 
 import torch
 
-GIB = 1024 ** 3
+from paligemma_json.memory import GIB
 CACHE_ROOM = 1.5  # the static cache, with room for the compiled graphs' own buffers (an assumption)
 
 

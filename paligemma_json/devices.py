@@ -13,8 +13,7 @@ import torch
 from transformers import TrainingArguments
 
 from paligemma_json import FlowError
-
-GIB = 1024 ** 3
+from paligemma_json.memory import GIB, architecture
 # A whole copy's peak over its weights. Measured for a CPU merge (`merge_adapter`, real 3B widths with 4 text
 # and 4 vision layers, torch 2.13 CPU; `python benchmarks/merge_memory.py`): anonymous memory peaked at
 # 1.05-1.07x the fp32 weights; the bf16 checkpoint mapped from disk came on top as page cache, which the
@@ -84,7 +83,6 @@ def place_whole_copy(config, dtype: torch.dtype, prefer_gpu: bool, purpose: str,
     GPU, the preferred first, whichever has room. Says where before anything loads; where neither has
     room, refuses in one line with what it needs. A GPU is never chosen just because there is one: a
     merge needs none, and on a 12 GB card the 3B's fp32 copy (11.3 GiB) does not fit."""
-    from paligemma_json.memory import architecture
     needed = WHOLE_COPY_FACTOR * architecture(config).parameters * torch.finfo(dtype).bits / 8
     ram = available_ram_bytes()
     places = [("the CPU", {"": "cpu"}, ram, "RAM: " + ("unknown" if ram is None else f"{ram / GIB:.1f} GiB available"))]
