@@ -393,7 +393,7 @@ from tqdm.auto import tqdm
 
 from paligemma_json.confidence import calibrate_fields
 from paligemma_json.constrained import ChosenTokenProbabilities, build_constraint, field_confidences
-from paligemma_json.decoding import FastDecoding  # a static KV cache and a compiled decoding step, on a GPU
+from paligemma_json.decoding import FastDecoding, stop_on_recompiles  # a static cache, a compiled step: a GPU
 from paligemma_json.distributed import is_sharded, synced_generation
 from paligemma_json.files import append_jsonl, completed_rows
 
@@ -415,9 +415,9 @@ def generate_batch(model, processor, batch, generation: GenerationSettings, cons
     images, eos = len(batch), processor.tokenizer.eos_token_id
     inputs = collate_fn(batch, processor, generation.dtype, with_labels=False).to(model.device)
     prompt_length = inputs["input_ids"].shape[-1]
+    tokens = prompt_length + generation.max_new_tokens
     fast = generation.fast is not None and generation.fast.use_fast(
-        model, generation.num_beams, generation.batch_size, prompt_length + generation.max_new_tokens, model.dtype,
-        sharded=is_sharded(model))
+        model, generation.num_beams, generation.batch_size, tokens, model.dtype, sharded=is_sharded(model))
     if fast and images < generation.batch_size:  # one compiled shape: filled up with its last image, then dropped
         inputs = collate_fn(list(batch) + [batch[-1]] * (generation.batch_size - images), processor,
                             generation.dtype, with_labels=False).to(model.device)
@@ -426,12 +426,12 @@ def generate_batch(model, processor, batch, generation: GenerationSettings, cons
         recorder = ChosenTokenProbabilities(generation.num_beams, eos) if with_confidence else None
         processors = [recorder] if recorder else []  # first: it must see the scores before the schema's mask
         processors += [constraint.logits_processor()] if constraint else []
-        with torch.inference_mode():
+        with torch.inference_mode(), stop_on_recompiles(fast):
             return recorder, model.generate(
                 **inputs, max_new_tokens=generation.max_new_tokens, do_sample=False, num_beams=generation.num_beams,
                 logits_processor=processors, return_dict_in_generate=True,
                 synced_gpus=synced_generation(model),  # FSDP: every process steps together
-                **(generation.fast.generate_kwargs(model) if fast else {}))
+                **(generation.fast.generate_kwargs(model, generation.batch_size, tokens) if fast else {}))
     try:
         recorder, output = decode(fast)
     except Exception as error:  # no compiler, CUDA graphs failing on this card: today's path, said once

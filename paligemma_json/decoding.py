@@ -22,10 +22,28 @@ the step is compiled once: a last, smaller batch is filled up with copies of its
 outputs are dropped.
 """
 
+import contextlib
+
 import torch
 
 from paligemma_json.memory import GIB
 CACHE_ROOM = 1.5  # the static cache, with room for the compiled graphs' own buffers (an assumption)
+# Compilations one batch may add: the decoding step once (a new model, batch size or token budget), and one
+# spare. Past them the step raises instead of running on uncompiled, and the run falls back to today's
+# path, said once: on an H200 a step compiled again at every token was far slower than today's.
+RECOMPILES_PER_BATCH = 2
+
+
+def stop_on_recompiles(fast: bool):
+    """Where `fast`, a step compiled more than RECOMPILES_PER_BATCH more times raises. torch's limit counts
+    a code object's compilations over the process; every graph compiled so far is an upper bound on it."""
+    if not fast:
+        return contextlib.nullcontext()
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    compiled = counters["stats"]["unique_graphs"]
+    return torch._dynamo.config.patch(recompile_limit=compiled + RECOMPILES_PER_BATCH,
+                                      fail_on_recompile_limit_hit=True)
 
 
 def pass_prepared_masks() -> None:
@@ -64,6 +82,7 @@ class FastDecoding:
         self.enabled, self.compiled, self.devices = enabled, compiled, devices
         self.failed = None  # the fast path's error, once it failed: the run stays on today's path
         self.said = set()
+        self.cache = None  # (batch size, tokens, dtype, device), and the static cache kept for them
 
     def say_once(self, line: str) -> None:
         if line not in self.said:
@@ -85,6 +104,10 @@ class FastDecoding:
             return "transformers does not compile a 4-bit (QLoRA) model"
         if sharded:
             return "a sharded (FSDP) model decodes with every process in step, on today's path"
+        window = getattr(model.config.get_text_config(decoder=True), "sliding_window", None)
+        if window and tokens > window:
+            return (f"{tokens} tokens (prompt and answer) outgrow Gemma 2's sliding window of {window}, and such a "
+                    "cache would be compiled again at every step")
         if model.device.type == "cuda":
             needed = CACHE_ROOM * static_cache_bytes(model.config, batch_size, tokens, dtype)
             free, _ = torch.cuda.mem_get_info(model.device)
@@ -99,16 +122,33 @@ class FastDecoding:
             self.say_once(f"decoding: today's dynamic cache, not the compiled step: {reason}")
         return reason is None
 
-    def generate_kwargs(self, model) -> dict:
-        """What `generate` needs for the fast path."""
+    def generate_kwargs(self, model, batch_size: int, tokens: int) -> dict:
+        """What `generate` needs for the fast path: `batch_size` sequences of `tokens` (prompt and answer)."""
         from transformers import CompileConfig
         pass_prepared_masks()
+        settings = {"cache": self.static_cache(model, batch_size, tokens)}
         if not self.compiled:
-            return {"cache_implementation": "static", "disable_compile": True}
+            return {**settings, "disable_compile": True}
         compile_config = CompileConfig(fullgraph=False, dynamic=False,
                                        mode="reduce-overhead" if model.device.type == "cuda" else "default")
         compile_config._compile_all_devices = True  # transformers compiles on CUDA alone unless told
-        return {"cache_implementation": "static", "compile_config": compile_config}
+        return {**settings, "compile_config": compile_config}
+
+    def static_cache(self, model, batch_size: int, tokens: int):
+        """transformers' static cache, with Gemma 2's sliding-window layers made plain static layers when the
+        whole sequence fits in the window (it always has: 4,096 tokens): those keep their length in a Python
+        int, which the compiled step is specialised on, so it was compiled again at every token (on an H200,
+        until torch's limit of 8, then run uncompiled: slower than today's path). Kept from batch to batch,
+        emptied before each, so the compiled step sees the same buffers."""
+        from transformers import StaticCache
+        from transformers.cache_utils import StaticLayer
+        key = (batch_size, tokens, model.dtype, model.device)
+        if self.cache is None or self.cache[0] != key:
+            cache = StaticCache(config=model.config.get_text_config(decoder=True), max_cache_len=tokens)
+            cache.layers = [StaticLayer(max_cache_len=tokens) if layer.is_sliding else layer for layer in cache.layers]
+            self.cache = (key, cache)
+        self.cache[1].reset()
+        return self.cache[1]
 
     def fall_back(self, error: Exception) -> None:
         self.failed = f"{type(error).__name__}: {' '.join(str(error).split())[:160]}"

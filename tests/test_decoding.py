@@ -87,22 +87,53 @@ def test_rows_that_finish_at_different_steps_decode_alike(run, constrained):
 
 def test_the_fast_path_is_really_taken(models, processor, test_images, monkeypatch):
     """The comparison above would pass if the fast path were never used: see that generate gets the
-    static cache, and a full batch when the last one is short."""
+    static cache, with no sliding-window layer left, and a full batch when the last one is short."""
     seen = []
     generate = type(models["plain"]).generate
 
     def spy(self, **kwargs):
-        seen.append((kwargs.get("cache_implementation"), kwargs["input_ids"].shape[0]))
+        cache = kwargs.get("cache")
+        seen.append((type(cache).__name__, cache.is_sliding.count(True), kwargs["input_ids"].shape[0]))
         return generate(self, **kwargs)
     monkeypatch.setattr(type(models["plain"]), "generate", spy)
     decode(models["plain"], processor, test_images, None, fast=static_cache_on_cpu(), max_new_tokens=4)
-    assert seen == [("static", 8), ("static", 8)]
+    assert seen == [("StaticCache", 0, 8), ("StaticCache", 0, 8)]
+
+
+def test_the_compiled_step_is_compiled_once(models, processor, test_images):
+    """What an H200 showed (shared/GPU-RUNS.md): transformers' sliding-window static layers keep their
+    length in a Python int, the compiled step was specialised on it and compiled again at every token,
+    8 times, then ran uncompiled, slower than today's path. The CPU compiles the same way: two batches
+    (the second filled up), one graph."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    fast = FastDecoding(True, compiled=True, devices=("cpu",))
+    rows = decode(models["plain"], processor, test_images, None, fast=fast, max_new_tokens=12)
+    assert fast.failed is None and len(rows) == len(test_images)
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_a_step_compiled_again_and_again_falls_back_to_todays_path(models, processor, test_images, monkeypatch,
+                                                                     capsys):
+    """Should another transformers specialise the step on something that changes every token, the step
+    stops after RECOMPILES_PER_BATCH more compilations rather than run on uncompiled, and today's path decodes."""
+    from transformers.cache_utils import StaticCache
+    today = decode(models["plain"], processor, test_images, None, fast=None, max_new_tokens=12)
+    torch._dynamo.reset()
+    fast = FastDecoding(True, compiled=True, devices=("cpu",))
+    with_sliding_layers = lambda model, batch, tokens: StaticCache(config=model.config.get_text_config(decoder=True),
+                                                                   max_cache_len=tokens)
+    monkeypatch.setattr(fast, "static_cache", with_sliding_layers)  # transformers' own: compiled at every token
+    assert decode(models["plain"], processor, test_images, None, fast=fast, max_new_tokens=12) == today
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("decoding:")]
+    assert len(printed) == 1 and "recompile_limit" in printed[0], printed
 
 
 def test_a_failing_fast_path_falls_back_once_with_the_same_rows(models, processor, test_images, monkeypatch, capsys):
     today = decode(models["plain"], processor, test_images, None, fast=None, max_new_tokens=8)
     fast = static_cache_on_cpu()
-    monkeypatch.setattr(fast, "generate_kwargs", lambda model: {"cache_implementation": "no-such-cache"})
+    monkeypatch.setattr(fast, "generate_kwargs", lambda *args: {"cache_implementation": "no-such-cache"})
     assert decode(models["plain"], processor, test_images, None, fast=fast, max_new_tokens=8) == today  # today's path
     printed = capsys.readouterr().out.splitlines()
     assert len(printed) == 1 and printed[0].startswith("decoding: the static cache and compiled step failed (")
@@ -119,10 +150,12 @@ def stand_in(device="cuda", **attributes):
     (stand_in(), 2, False, 80, "beam search (NUM_BEAMS > 1) keeps today's dynamic cache"),
     (stand_in(is_loaded_in_4bit=True), 1, False, 80, "transformers does not compile a 4-bit (QLoRA) model"),
     (stand_in(), 1, True, 80, "a sharded (FSDP) model decodes with every process in step, on today's path"),
-    (stand_in(), 1, False, 4, "its static cache needs about 4.9 GiB and 4.0 GiB are free")])
+    (stand_in(), 1, False, 4, "its static cache needs about 4.9 GiB and 4.0 GiB are free"),
+    (stand_in(), 1, False, 80, "4100 tokens (prompt and answer) outgrow Gemma 2's sliding window of 4096")])
 def test_when_the_fast_path_is_not_taken(monkeypatch, model, beams, sharded, free_gib, reason):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free_gib * 1024 ** 3, 80 * 1024 ** 3))
-    said = FastDecoding(True).reason_against(model, beams, 8, 1044 + 1024, torch.float32, sharded)
+    tokens = 4100 if "sliding window" in (reason or "") else 1044 + 1024
+    said = FastDecoding(True).reason_against(model, beams, 8, tokens, torch.float32, sharded)
     assert said == reason if reason is None or not reason else said.startswith(reason)
     assert FastDecoding(False).reason_against(model, beams, 8, 2068, torch.float32, sharded) == ""
 
