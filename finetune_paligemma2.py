@@ -425,11 +425,14 @@ def generate_batch(model, processor, batch, generation: GenerationSettings, cons
     def decode(fast: bool):
         recorder = ChosenTokenProbabilities(generation.num_beams, eos) if with_confidence else None
         processors = [recorder] if recorder else []  # first: it must see the scores before the schema's mask
-        processors += [constraint.logits_processor()] if constraint else []
+        schema = constraint.logits_processor() if constraint else None
+        processors += [schema] if schema else []
+        # Greedy: each next mask is filled in a thread while the model computes the step it is for.
+        ahead = schema.masks_ahead() if schema and generation.num_beams == 1 else None
         with torch.inference_mode(), stop_on_recompiles(fast):
             return recorder, model.generate(
                 **inputs, max_new_tokens=generation.max_new_tokens, do_sample=False, num_beams=generation.num_beams,
-                logits_processor=processors, return_dict_in_generate=True,
+                logits_processor=processors, stopping_criteria=ahead, return_dict_in_generate=True,
                 synced_gpus=synced_generation(model),  # FSDP: every process steps together
                 **(generation.fast.generate_kwargs(model, generation.batch_size, tokens) if fast else {}))
     try:

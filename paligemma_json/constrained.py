@@ -15,10 +15,11 @@ so generation need not keep every step's 257,216-wide logits (`output_logits=Tru
 import bisect
 import json
 import re
+from concurrent.futures import ThreadPoolExecutor
 from json.decoder import scanstring
 
 import torch
-from transformers import LogitsProcessor
+from transformers import LogitsProcessor, StoppingCriteria, StoppingCriteriaList
 
 from paligemma_json import FlowError
 from paligemma_json.json_text import child_path, parse_json
@@ -96,6 +97,7 @@ class JsonSchemaConstraint:
         self.grammar = compile_schema(schema, self.ll_tokenizer)
         self.eos_token_id = tokenizer.eos_token_id
         self.executor = self.llguidance.LLExecutor()
+        self.worker = None  # the thread that fills the next step's mask while the model computes this one
 
     def matcher(self):
         return self.llguidance.LLMatcher(self.ll_tokenizer, self.grammar, log_level=0)  # errors end the row
@@ -103,17 +105,30 @@ class JsonSchemaConstraint:
     def logits_processor(self) -> "SchemaLogitsProcessor":
         return SchemaLogitsProcessor(self)
 
+    def next_mask_worker(self) -> ThreadPoolExecutor:
+        if self.worker is None:
+            self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="schema-mask")
+        return self.worker
+
 
 class SchemaLogitsProcessor(LogitsProcessor):
     """Masks every token that would leave the schema. Works for greedy and beam search alike: each
     row's parser state is found by the tokens it generated so far, so beams that are reordered,
     dropped or duplicated between steps each keep the right state. Special tokens (`<locNNNN>`,
-    `<image>`, padding) are never allowed; EOS only where the JSON is complete."""
+    `<image>`, padding) are never allowed; EOS only where the JSON is complete.
+
+    Greedy decoding need not wait for the mask: `masks_ahead()`, a stopping criterion, runs as soon as
+    a token is appended and starts filling the next step's mask in a thread (llguidance releases the
+    GIL), while `generate` runs the model's next forward; this processor then takes that mask if it
+    was made for exactly the tokens it is given, and makes it itself otherwise."""
 
     def __init__(self, constraint: JsonSchemaConstraint):
         self.constraint = constraint
         self.prompt_length = None
         self.states = {}  # generated tokens so far (a tuple) -> that row's matcher
+        self.bitmask = None  # one buffer, pinned once where CUDA is: allocating it each step cost time
+        self.next_mask = None  # ((rows, tokens generated), the mask being filled for them)
+        self.masks_made_ahead = 0  # how many steps took a mask filled in the thread
 
     def _state(self, generated: tuple, previous: dict, children: dict):
         if generated in self.states:
@@ -127,12 +142,8 @@ class SchemaLogitsProcessor(LogitsProcessor):
         matcher.consume_token(generated[-1])
         return matcher
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        llguidance_torch = self.constraint.llguidance.torch
-        if self.prompt_length is None:
-            self.prompt_length = input_ids.shape[1]
-            self.states = {(): self.constraint.matcher()}
-        rows = [tuple(row) for row in input_ids[:, self.prompt_length:].tolist()]
+    def _mask(self, rows: list[tuple]) -> torch.Tensor:
+        """Advances each row's parser by its last token and fills the bitmask of what may follow."""
         previous, self.states = self.states, {}
         children = {}
         for generated in rows:
@@ -141,14 +152,16 @@ class SchemaLogitsProcessor(LogitsProcessor):
         for generated in rows:
             self.states[generated] = self._state(generated, previous, children) if generated else previous[()]
         vocab = self.constraint.ll_tokenizer.vocab_size
-        bitmask = llguidance_torch.allocate_token_bitmask(len(rows), vocab)
+        if self.bitmask is None or self.bitmask.shape[0] != len(rows):
+            self.bitmask = self.constraint.llguidance.torch.allocate_token_bitmask(len(rows), vocab)
+        bitmask = self.bitmask
         stopped = [self.states[generated].is_stopped() for generated in rows]
         first_row = {}  # rows that generated the same tokens share a matcher: one mask each
         for i, generated in enumerate(rows):
             if not stopped[i]:
                 first_row.setdefault(generated, i)
         if first_row:
-            llguidance_torch.fill_next_token_bitmask_par(
+            self.constraint.llguidance.torch.fill_next_token_bitmask_par(
                 self.constraint.executor, [(self.states[generated], i) for generated, i in first_row.items()], bitmask)
         for i, generated in enumerate(rows):
             if generated in first_row:
@@ -158,11 +171,56 @@ class SchemaLogitsProcessor(LogitsProcessor):
         bitmask[torch.tensor(stopped, dtype=torch.bool)] = 0
         dead = ~bitmask.ne(0).any(dim=1)
         bitmask[dead, eos // 32] |= 1 << (eos % 32)
+        return bitmask
+
+    def _rows(self, input_ids: torch.LongTensor) -> list[tuple]:
+        if self.prompt_length is None:
+            self.prompt_length = input_ids.shape[1]
+            self.states = {(): self.constraint.matcher()}
+        return [tuple(row) for row in input_ids[:, self.prompt_length:].tolist()]
+
+    def start_next_mask(self, input_ids: torch.LongTensor) -> None:
+        """A token was just appended: fill the next step's mask in the worker thread."""
+        if self.prompt_length is None:
+            return  # no step was masked yet: the first mask is made where it is needed
+        rows = self._rows(input_ids)
+        self.next_mask = ((len(rows), input_ids.shape[1]), self.constraint.next_mask_worker().submit(self._mask_apart, rows))
+
+    def _mask_apart(self, rows: list[tuple]) -> torch.Tensor:
+        with torch.inference_mode():  # as generate's own thread: the buffer may be an inference tensor
+            return self._mask(rows)
+
+    def masks_ahead(self) -> StoppingCriteriaList:
+        """For `generate(stopping_criteria=...)`, greedy only."""
+        return StoppingCriteriaList([MaskAhead(self)])
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        ahead, self.next_mask = self.next_mask, None
+        if ahead is not None and ahead[0] == (input_ids.shape[0], input_ids.shape[1]):
+            bitmask = ahead[1].result()  # made for these very tokens (a greedy step adds one per row)
+            self.masks_made_ahead += 1
+        else:
+            if ahead is not None:
+                ahead[1].result()  # never two fills at once: they share the parsers
+            bitmask = self._mask(self._rows(input_ids))
+        vocab = self.constraint.ll_tokenizer.vocab_size
         # Unpacked where the logits are: 32 times fewer bytes cross to the GPU than a bool mask.
         bits = torch.arange(32, dtype=torch.int32, device=scores.device)
         allowed = ((bitmask.to(scores.device).unsqueeze(-1) >> bits) & 1).flatten(1)[:, :vocab].bool()
         allowed = torch.nn.functional.pad(allowed, (0, scores.shape[-1] - vocab))  # padded logits: never
         return scores.masked_fill(~allowed, float("-inf"))
+
+
+class MaskAhead(StoppingCriteria):
+    """Stops nothing: it only tells the schema's processor that a token was appended, so that the next
+    mask is filled while the model runs. Greedy only (beam search reorders rows after this point)."""
+
+    def __init__(self, processor: SchemaLogitsProcessor):
+        self.processor = processor
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        self.processor.start_next_mask(input_ids)
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
 # --- Confidence per field ---------------------------------------------------------------------

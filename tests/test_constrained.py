@@ -45,12 +45,42 @@ def untrained(demo_assets):
     return model, flow.load_processor(demo_assets[1])
 
 
-def generate_ids(model, processor, batch, constraint, max_new_tokens, num_beams=1):
+def generate_ids(model, processor, batch, constraint, max_new_tokens, num_beams=1, ahead=False):
     inputs = flow.collate_fn(batch, processor, torch.float32, with_labels=False)
+    mask = constraint.logits_processor() if constraint else None
     with torch.inference_mode():
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=num_beams,
-                                logits_processor=[constraint.logits_processor()] if constraint else None)
+                                logits_processor=[mask] if mask else None,
+                                stopping_criteria=mask.masks_ahead() if ahead else None)
+    if ahead:  # every step but the first took the mask the thread filled
+        assert mask.masks_made_ahead == len(output[0]) - inputs["input_ids"].shape[1] - 1
     return output[:, inputs["input_ids"].shape[1]:].tolist()
+
+
+def assert_every_token_in_the_grammar(constraint, rows: list[list[int]], eos: int) -> None:
+    """Each row replayed, token by token, through a fresh parser: each one allowed where it was written,
+    and EOS only where the JSON is complete."""
+    for row in rows:
+        matcher = constraint.matcher()
+        for step, token in enumerate(row):
+            if token == eos:
+                assert matcher.is_accepting(), f"EOS at step {step} ends an incomplete JSON"
+                break
+            assert matcher.consume_token(token), f"step {step}: token {token} is outside the grammar"
+
+
+@pytest.mark.parametrize("which", ["short", "labels"])
+def test_masks_filled_ahead_in_a_thread_give_the_same_tokens_all_in_the_grammar(untrained, splits, schema, which):
+    """The mask filled while the model computes the step (`masks_ahead`) against the mask made at the
+    step: the same tokens, every one allowed. The short schema ends rows at different steps. Applying
+    the previous step's mask instead (broken on purpose once) let tokens outside the grammar through."""
+    model, processor = untrained
+    constraint = JsonSchemaConstraint(SHORT_SCHEMA if which == "short" else schema, processor.tokenizer)
+    batch = [splits["test"][i] for i in range(4)]
+    at_the_step = generate_ids(model, processor, batch, constraint, 40)
+    ahead = generate_ids(model, processor, batch, constraint, 40, ahead=True)
+    assert ahead == at_the_step
+    assert_every_token_in_the_grammar(constraint, ahead, processor.tokenizer.eos_token_id)
 
 
 def test_layout_follows_the_labels_separators():
