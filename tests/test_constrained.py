@@ -96,9 +96,12 @@ def test_layout_follows_the_labels_separators():
 def test_leaf_spans_find_every_value_with_donut_key_paths():
     text = '{"a": "x y", "n": -2.5, "items": [{"c": 3, "ok": true}, {"c": null}], "tags": ["p", "q"]}'
     leaves = leaf_spans(text)
-    assert [(key, value) for key, value, _, _ in leaves] == [
+    assert [(key, value) for key, value, *_ in leaves] == [
         ("a", "x y"), ("n", -2.5), ("items.c", 3), ("items.ok", True), ("items.c", None), ("tags", "p"), ("tags", "q")]
-    assert [text[start:end] for _, _, start, end in leaves][:3] == ['"x y"', "-2.5", "3"]
+    assert [text[start:end] for _, _, start, end, _ in leaves][:3] == ['"x y"', "-2.5", "3"]
+    # The pointer says which list item: what a reviewer's correction must name
+    assert [leaf[4] for leaf in leaves] == ["/a", "/n", "/items/0/c", "/items/0/ok", "/items/1/c", "/tags/0", "/tags/1"]
+    assert leaf_spans('{"a/b": {"~": 1}}')[0][4] == "/a~1b/~0"
     assert leaf_spans('{"a": "x"') == [] and leaf_spans('{"a": 1} tail') == []
 
 

@@ -1,0 +1,91 @@
+"""CORRECTIONS: a review page's export trained on with the train split; a corrected photo that is also
+held out (valid or test) stops the run in one line, whatever STRICT and DATASET_REPORT say."""
+
+import json
+import os
+import random
+import shutil
+
+import pytest
+
+import finetune_paligemma2 as flow
+from conftest import run_script
+from paligemma_json.corrections import add_corrections
+from paligemma_json.demo import make_manifest, render_manifest
+
+PROMPT = "extract data in JSON format"
+
+
+def new_documents(folder, count=2, seed=7) -> list[dict]:
+    """Photos no split holds, with their corrected labels, exported as a review page writes them."""
+    os.makedirs(folder, exist_ok=True)
+    rng, rows = random.Random(seed), []
+    for index in range(count):
+        record = make_manifest(rng)
+        render_manifest(record, rng).save(os.path.join(folder, f"new-{index}.jpg"), quality=90)
+        rows.append({"image": f"new-{index}.jpg", "prefix": PROMPT, "suffix": json.dumps(record)})
+    return rows
+
+
+def write_export(folder, rows) -> str:
+    path = os.path.join(folder, "corrections.jsonl")
+    with open(path, "w") as out:
+        out.writelines(json.dumps(row) + "\n" for row in rows)
+    return path
+
+
+@pytest.fixture
+def export(demo_assets, tmp_path):
+    dataset_dir = str(tmp_path / "export")
+    shutil.copytree(demo_assets[0], dataset_dir)
+    return dataset_dir
+
+
+def test_the_rows_join_the_train_split_with_their_images(export, tmp_path):
+    folder = str(tmp_path / "reviewed")
+    rows = new_documents(folder)
+    splits = flow.load_splits(export, PROMPT)
+    before = len(splits["train"])
+    assert add_corrections(splits, write_export(folder, rows), PROMPT) == 2
+    assert len(splits["train"]) == before + 2
+    image, entry = splits["train"][before + 1]
+    assert entry["suffix"] == rows[1]["suffix"] and image.size == flow.Image.open(f"{folder}/new-1.jpg").size
+    assert len(splits["valid"]) == 16 and len(splits["test"]) == 24  # held out as they were
+
+
+def test_the_next_run_reads_the_exported_rows(export, tmp_path):
+    """Through the script: the dataset line counts them (the model path does not exist, so it stops
+    right after, in one line)."""
+    folder = str(tmp_path / "reviewed")
+    path = write_export(folder, new_documents(folder))
+    result = run_script("--dataset-dir", export, "--model-id", str(tmp_path / "no-model"), "--corrections", path,
+                        "--output-dir", str(tmp_path / "out"))
+    assert f"dataset: train 152 rows, valid 16 rows, test 24 rows (2 of train from {path})" in result.stdout
+
+
+@pytest.mark.parametrize("split", ["test", "valid"])
+def test_a_corrected_photo_that_is_held_out_stops_the_run_in_one_line(export, tmp_path, split):
+    folder = str(tmp_path / "reviewed")
+    rows = new_documents(folder)
+    held_out = json.loads(open(os.path.join(export, split, "annotations.jsonl")).readline())
+    shutil.copy(os.path.join(export, split, held_out["image"]), os.path.join(folder, "looks-new.jpg"))
+    rows.append({"image": "looks-new.jpg", "prefix": PROMPT, "suffix": held_out["suffix"]})
+    path = write_export(folder, rows)
+    result = run_script("--dataset-dir", export, "--model-id", str(tmp_path / "no-model"), "--corrections", path,
+                        "--output-dir", str(tmp_path / "out"), "--no-dataset-report")  # stops whatever it says
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == (f"error: {path} line 3: this corrected photo is also {split}'s {held_out['image']}"
+                                     ", which would then score the model on what it trained on; remove the line (or "
+                                     f"the photo from {split})")
+    assert "model:" not in result.stdout
+
+
+def test_a_missing_export_or_image_is_named(export, tmp_path):
+    splits = flow.load_splits(export, PROMPT)
+    with pytest.raises(flow.FlowError, match="no such file; CORRECTIONS names the corrections.jsonl"):
+        add_corrections(splits, str(tmp_path / "nowhere.jsonl"), PROMPT)
+    folder = str(tmp_path / "reviewed")
+    rows = new_documents(folder)
+    os.remove(os.path.join(folder, "new-1.jpg"))
+    with pytest.raises(flow.FlowError, match=r"corrections\.jsonl line 2 \(images are looked for beside the file\)"):
+        add_corrections(splits, write_export(folder, rows), PROMPT)
