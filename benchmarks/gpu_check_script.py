@@ -271,6 +271,9 @@ def real_width_lora(context: Context) -> dict:
     context.made["real_width_model"] = model_dir
     run = training_run(context, "real-width-lora", real_width_arguments(context), SMALL_SPLITS["test"])
     context.made["lora_dir"] = run.pop("output_dir")
+    speed = re.search(r"the steps alone: ([\d.]+) samples/s", " ".join(run.get("printed", [])))
+    if speed:  # the decoding part projects a default run's training time from it
+        context.made["train_samples_per_s"] = float(speed.group(1))
     return {**built, **run}
 
 
@@ -364,7 +367,26 @@ def decoding(context: Context) -> dict:
         if fell_back:
             figures[f"{label}_note"] = fell_back.group(0)[:200]
     figures["speedup"] = round(figures["today_s"] / figures["fast_s"], 2)
+    if "train_samples_per_s" in context.made:
+        figures.update(default_run_projection(context.made["train_samples_per_s"], figures))
     return figures
+
+
+DEFAULT_RUN = {"epochs": 20, "train": 150, "valid": 16, "test": 24}  # the demo's split sizes, at the defaults
+
+
+def default_run_projection(train_samples_per_s: float, figures: dict) -> dict:
+    """A default real run (20 epochs of 150 pages, evaluated every epoch) from the measured rates: its
+    training steps, and the pages it decodes (validation at each evaluation, the threshold's pass over
+    validation, the test set constrained and free) at each path's seconds per page, compilation included
+    (paid once a run, so the fast path's figure is an upper bound)."""
+    run = DEFAULT_RUN
+    pages = run["epochs"] * run["valid"] + run["valid"] + 2 * run["test"]
+    projection = {"default_run_training_s": round(run["epochs"] * run["train"] / train_samples_per_s),
+                  "default_run_pages_decoded": pages}
+    for label in ("today", "fast"):
+        projection[f"default_run_decoding_{label}_s"] = round(pages * figures[f"{label}_s"] / figures["images"])
+    return projection
 
 
 def merge(context: Context) -> dict:

@@ -147,7 +147,8 @@ class FastDecoding:
             cache = StaticCache(config=model.config.get_text_config(decoder=True), max_cache_len=tokens)
             cache.layers = [StaticLayer(max_cache_len=tokens) if layer.is_sliding else layer for layer in cache.layers]
             self.cache = (key, cache)
-        self.cache[1].reset()
+        with torch.inference_mode():  # its buffers were made under generate's inference mode
+            self.cache[1].reset()
         return self.cache[1]
 
     def fall_back(self, error: Exception) -> None:
