@@ -1,0 +1,796 @@
+"""`review.html`: the page where a person checks `--predict`'s documents and exports what they fixed
+as `corrections.jsonl`, training rows in the labels' own layout.
+
+One self-contained file that opens from disk: no server, no network, no framework. The rows go in as
+JSON inside `<script type="application/json">` with `<`, `>` and `&` escaped, and the page's script
+renders them with `textContent` and `input.value` only, so a prediction holding `</script>` or
+`<img onerror=...>` is data, shown as text and exported unchanged.
+
+What the page does (its script, PAGE_SCRIPT, below):
+- Fields whose confidence is below the threshold are flagged: listed first in each document,
+  highlighted, editable. "show all fields" opens every other field, and the rows of lists (add a
+  row: the last row's keys, empty; delete a row). "edit as JSON" opens the whole document as text,
+  open from the start for a prediction that is not valid JSON.
+- Values keep their JSON type: a number field takes only a JSON number (anything else is marked and
+  blocks that document's export), a boolean is chosen from true/false, a string stays a string.
+  An emptied field becomes null.
+- Edits and "reviewed" marks are kept in the browser's localStorage under
+  `paligemma-json-review:<run_key>`, one entry per document, dropped when that document's prediction
+  changed (a new --predict run).
+- Export downloads `corrections.jsonl`: one `{"image", "prefix", "suffix"}` line per reviewed
+  document that passes the labels' schema, the suffix written as Python's
+  `json.dumps(value, separators=(item, key))` writes it, byte for byte.
+
+Limits of the page's own JSON reader, writer and schema check (kept small on purpose):
+- NaN and Infinity, which Python's json reads, are refused: such a prediction opens as text to fix.
+- Floats are written as Python's repr writes them (`1.0`, `1e-05`, `1.5e+16`), from JavaScript's
+  shortest round-trip digits, which are the same digits; integers of any size stay exact.
+- The schema check covers what `schema.infer_schema` writes (type, properties, required,
+  additionalProperties, items, enum, const, minimum, maximum, minLength, maxLength, minItems, maxItems,
+  anyOf, allOf); other keywords (`$ref`, `pattern`, `format`, ...) are not checked here.
+"""
+
+import json
+import os
+import shlex
+from html import escape
+
+from paligemma_json.files import replace_atomically
+from paligemma_json.html_report import thumbnail_data_uri
+
+# Small print on a phone photo is readable at 1024 px; a page of 100 documents is then ~15 MB.
+PHOTO_SIZE = 1024
+DEFAULT_LAYOUT = {"item_separator": ", ", "key_separator": ": "}  # json.dumps's own separators
+CORRECTIONS_NAME = "corrections.jsonl"
+
+
+def label_layout(schema: dict | None) -> list[str]:
+    """[item separator, key separator] the labels are written with (`x-guidance`, as
+    `constrained.with_layout` saves it); json.dumps's default where the labels' spacing was free."""
+    guidance = (schema or {}).get("x-guidance", {})
+    if "item_separator" not in guidance or "key_separator" not in guidance:
+        guidance = DEFAULT_LAYOUT
+    return [guidance["item_separator"], guidance["key_separator"]]
+
+
+def flagged_fields(row: dict, threshold: float) -> dict[str, float]:
+    """JSON pointer -> confidence of each predicted field below `threshold` (the lowest, should one
+    pointer come twice)."""
+    flags = {}
+    for field in row.get("confidence") or []:
+        if field.get("pointer") is not None and field["confidence"] < threshold:
+            flags[field["pointer"]] = min(flags.get(field["pointer"], 1.0), field["confidence"])
+    return flags
+
+
+def schema_for_page(schema: dict | None) -> dict | None:
+    """The schema the page checks against, without `$schema`/`$id`: addresses the page never fetches,
+    left out so that nothing on it even looks like one."""
+    if schema is None:
+        return None
+    return {key: value for key, value in schema.items() if key not in ("$schema", "$id")}
+
+
+def review_data(rows: list[dict], threshold: float, schema: dict | None, run_key: str) -> dict:
+    """Everything the page's script reads."""
+    return {
+        "run_key": run_key,
+        "threshold": threshold,
+        "layout": label_layout(schema),
+        "schema": schema_for_page(schema),
+        "documents": [{"image": str(row.get("image", "")), "prefix": row.get("prefix", ""),
+                       "prediction": row.get("prediction", ""), "truncated": bool(row.get("truncated")),
+                       "flags": flagged_fields(row, threshold),
+                       "photo": thumbnail_data_uri(row.get("image_path"), PHOTO_SIZE)} for row in rows],
+    }
+
+
+def embedded_json(data) -> str:
+    """JSON that cannot end its `<script>` block: `</script>` or `<!--` in a prediction is written
+    `\\u003c/script\\u003e`, which JSON.parse reads back as the same text."""
+    return (json.dumps(data, ensure_ascii=True)
+            .replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026"))
+
+
+def write_review_page(rows: list[dict], path: str, *, threshold: float, schema: dict | None, run_key: str,
+                      source_dir: str) -> None:
+    """`review.html` at `path` for the `predict.jsonl` rows of one run (`run_key` keeps its edits
+    apart from other runs' in the browser); the export is to be saved in `source_dir`, the folder
+    of the predicted images, which its rows name."""
+    data = review_data(rows, threshold, schema, run_key)
+    flagged = sum(len(document["flags"]) for document in data["documents"])
+    source_dir = os.path.abspath(source_dir)  # the page is opened from anywhere: a relative path would mislead
+    target = os.path.join(source_dir, CORRECTIONS_NAME)
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>Review predictions</title><style>{PAGE_STYLE}</style></head>
+<body>
+<h1>Review: {len(rows)} documents, {flagged} fields flagged (confidence below {threshold:g})</h1>
+<div class="help">
+<p>Flagged fields come first in each document, highlighted: check each against the photo (click the photo
+to zoom). <b>show all fields</b> opens the others, where list rows can be added and deleted; <b>edit as
+JSON</b> opens the whole document as text, for a prediction that is not valid JSON or was cut off.</p>
+<p>Values keep their type: a number field takes a number only (anything else is marked in red and blocks
+that document's export); <b>an emptied field becomes null</b>. Tick <b>reviewed</b> when a document is
+right: only reviewed documents that pass the labels' schema are exported.</p>
+<p>Edits are kept in this browser: they survive a reload and a restart, not a change of browser or
+clearing its site data, nor a new <code>--predict</code> run that reads a document differently.
+Save the export as <code class="target">{escape(target)}</code> (its rows name the images in
+<code>{escape(source_dir)}</code>), then train with
+<code class="command">--corrections {escape(shlex.quote(target))}</code>.</p>
+</div>
+<div class="controls">
+<span id="status"></span>
+<button type="button" id="export">Export</button>
+<span id="storage-note"></span>
+<ul id="blocked"></ul>
+</div>
+<main id="cards"></main>
+<div id="zoom" hidden><img alt="the photo at full size"></div>
+<script type="application/json" id="review-data">{embedded_json(data)}</script>
+<script>{PAGE_SCRIPT}</script>
+</body></html>
+"""
+
+    def write(temporary):
+        with open(temporary, "w", encoding="utf-8") as out:
+            out.write(page)
+    replace_atomically(write, path)
+
+
+PAGE_STYLE = """
+body { font: 14px/1.4 system-ui, sans-serif; margin: 0 auto; padding: 12px; max-width: 1400px; color: #222; }
+h1 { font-size: 20px; } h2 { font-size: 15px; margin: 0; overflow-wrap: anywhere; }
+code { overflow-wrap: anywhere; background: #f0f0f0; padding: 0 3px; }
+.controls { position: sticky; top: 0; z-index: 1; background: #f4f4f4; padding: 8px; display: flex;
+  flex-wrap: wrap; gap: 12px; align-items: center; }
+#blocked { flex-basis: 100%; margin: 0; color: #c41e1e; } #blocked:empty { display: none; }
+.card { border: 1px solid #ccc; border-radius: 6px; padding: 10px; margin: 12px 0; }
+.card.is-reviewed { border-color: #14822e; box-shadow: 0 0 0 1px #14822e; }
+.card header { display: flex; flex-wrap: wrap; gap: 12px; align-items: baseline; margin-bottom: 8px; }
+.card .note { color: #c96f00; }
+.body { display: flex; flex-wrap: wrap; gap: 16px; align-items: flex-start; }
+.photo { flex: 1 1 420px; max-width: 640px; margin: 0; }
+.photo img { width: 100%; height: auto; cursor: zoom-in; border: 1px solid #ddd; }
+.fields { flex: 1 1 380px; min-width: 0; }
+.fields h3 { font-size: 14px; margin: 4px 0; }
+.field { display: grid; grid-template-columns: minmax(7em, 13em) minmax(0, 1fr) auto; gap: 2px 8px;
+  grid-template-areas: "name value confidence" ". problem problem"; align-items: center; padding: 2px 4px; }
+.field .name { grid-area: name; overflow-wrap: anywhere; } .field .value { grid-area: value; }
+.field .confidence { grid-area: confidence; } .field .problem { grid-area: problem; }
+.field input, .field select { font: inherit; min-width: 0; }
+.field.flagged { background: #fff0b3; border-left: 4px solid #e0a800; }
+.field.flagged.touched { background: #eaf6ea; border-left-color: #14822e; }
+.field .confidence { color: #7a5a00; font-size: 12px; }
+.field .problem { color: #c41e1e; font-size: 12px; } .field .problem:empty { display: none; }
+.field input.bad { border: 2px solid #c41e1e; background: #fdeaea; }
+fieldset { border: 1px solid #ddd; margin: 4px 0; padding: 4px 6px; }
+.item { border-top: 1px dashed #ccc; padding: 2px 0; }
+.item-head { display: flex; gap: 8px; align-items: center; font-size: 12px; color: #555; }
+.toggles { display: flex; flex-wrap: wrap; gap: 12px; margin: 6px 0; }
+.raw textarea { width: 100%; box-sizing: border-box; min-height: 12em; font: 12px/1.3 monospace; }
+.raw .problem { color: #c41e1e; }
+.problems { color: #c41e1e; margin: 4px 0; } .problems:empty { display: none; }
+#zoom { position: fixed; inset: 0; z-index: 2; background: rgba(0, 0, 0, 0.85); overflow: auto; cursor: zoom-out; }
+#zoom img { display: block; margin: 0 auto; max-width: none; }
+[hidden] { display: none !important; }
+@media (max-width: 600px) {  /* a phone: the value under its name, full width */
+  .field { grid-template-columns: minmax(0, 1fr) auto;
+    grid-template-areas: "name confidence" "value value" "problem problem"; }
+}
+@media (min-width: 900px) {  /* beside a long list of fields, the photo stays in view */
+  .photo { position: sticky; top: 56px; }
+}
+"""
+
+# The page's script. It reads the rows from the JSON block and never writes HTML from them: every
+# element is made with createElement and filled through textContent or value.
+PAGE_SCRIPT = r"""
+"use strict";
+const DATA = JSON.parse(document.getElementById("review-data").textContent);
+const [ITEM_SEPARATOR, KEY_SEPARATOR] = DATA.layout;
+const STORE_KEY = "paligemma-json-review:" + DATA.run_key;  // every file:// page shares one store
+
+// --- JSON as Python reads and writes it ---------------------------------------------------------
+// A document is a tree of nodes, so that edits keep what JSON.parse would lose: key order as
+// written, 1.0 apart from 1, integers past 2**53. Nodes: {t: "o", e: [[key, node], ...]},
+// {t: "a", i: [node, ...]}, and leaves {t: "v", kind: "string" | "number" | "boolean", v, flag?,
+// error?, typed?}, where a number's v is its text as Python's json.dumps writes it, and v null is null.
+
+const NUMBER = /^-?(?:0|[1-9]\d*)(?:\.\d+)?(?:[eE][-+]?\d+)?$/;
+const SHORT_ESCAPES = {"\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", "\t": "\\t", '"': '\\"', "\\": "\\\\"};
+
+function pyFloat(x) {
+  // Python's repr: the shortest digits that read back (JavaScript finds the same ones), fixed
+  // notation for exponents -4 to 15, else d.ddde+XX.
+  if (x === 0) return Object.is(x, -0) ? "-0.0" : "0.0";
+  const [mantissa, power] = Math.abs(x).toExponential().split("e");
+  const digits = mantissa.replace(".", ""), exponent = Number(power), sign = x < 0 ? "-" : "";
+  if (exponent >= 16 || exponent < -4) {
+    const fraction = digits.length > 1 ? "." + digits.slice(1) : "";
+    return sign + digits[0] + fraction + "e" + (exponent < 0 ? "-" : "+") + String(Math.abs(exponent)).padStart(2, "0");
+  }
+  if (exponent < 0) return sign + "0." + "0".repeat(-exponent - 1) + digits;
+  const whole = digits.padEnd(exponent + 1, "0");
+  return sign + whole.slice(0, exponent + 1) + "." + (whole.slice(exponent + 1) || "0");
+}
+
+function pyNumber(text) {
+  // A JSON number as Python writes it back after reading it, or null when it is none.
+  if (!NUMBER.test(text)) return null;
+  if (!/[.eE]/.test(text)) return BigInt(text).toString();  // an int: exact at any size, -0 is 0
+  const x = Number(text);
+  return Number.isFinite(x) ? pyFloat(x) : null;
+}
+
+function pyString(text) {
+  // json.dumps with ensure_ascii: printable ASCII as is, the rest as \uXXXX in lowercase hex (a
+  // character past U+FFFF as its two surrogates, which is what JavaScript strings hold).
+  let out = '"';
+  for (const unit of text.split("")) {
+    const code = unit.charCodeAt(0);
+    out += SHORT_ESCAPES[unit] || (code >= 0x20 && code <= 0x7e ? unit : "\\u" + code.toString(16).padStart(4, "0"));
+  }
+  return out + '"';
+}
+
+function dumps(node, layout, depth = 0) {
+  // json.dumps(value, separators=(item, key)); with layout.indent, the raw editor's readable form.
+  if (node.t === "v") {
+    if (node.v === null) return "null";
+    if (node.kind === "number") return node.v;
+    if (node.kind === "boolean") return node.v ? "true" : "false";
+    return pyString(node.v);
+  }
+  const parts = node.t === "o"
+    ? node.e.map(([key, child]) => pyString(key) + layout.key + dumps(child, layout, depth + 1))
+    : node.i.map(child => dumps(child, layout, depth + 1));
+  const [open, close] = node.t === "o" ? ["{", "}"] : ["[", "]"];
+  if (!parts.length) return open + close;
+  if (!layout.indent) return open + parts.join(layout.item) + close;
+  const inner = "\n" + " ".repeat(layout.indent * (depth + 1)), outer = "\n" + " ".repeat(layout.indent * depth);
+  return open + inner + parts.join("," + inner) + outer + close;
+}
+
+const LABEL_LAYOUT = {item: ITEM_SEPARATOR, key: KEY_SEPARATOR};
+const READABLE_LAYOUT = {item: ", ", key: ": ", indent: 2};
+
+function parseDocument(text) {
+  // The tree of a JSON object or array, or an Error saying where the text stops being JSON.
+  let i = 0;
+  const fail = what => {
+    throw new Error(i >= text.length ? "the text ends before the JSON does (cut off?)" : `${what} at character ${i + 1}`);
+  };
+  const space = () => { while (i < text.length && " \t\n\r".includes(text[i])) i++; };
+  function string() {
+    const start = i++;
+    while (i < text.length && text[i] !== '"') i += text[i] === "\\" ? 2 : 1;
+    if (i >= text.length) fail("");
+    i++;
+    try { return JSON.parse(text.slice(start, i)); } catch (error) { i = start; fail("a bad string"); }
+  }
+  function value() {
+    space();
+    if (text[i] === "{" || text[i] === "[") {
+      const isObject = text[i++] === "{", node = isObject ? {t: "o", e: []} : {t: "a", i: []};
+      space();
+      if (text[i] === (isObject ? "}" : "]")) { i++; return node; }
+      for (;;) {
+        if (isObject) {
+          space();
+          if (text[i] !== '"') fail("expected a key in double quotes");
+          const key = string();
+          space();
+          if (text[i++] !== ":") { i--; fail("expected ':'"); }
+          const child = value(), same = node.e.find(([name]) => name === key);
+          // A key written twice: its first place and its last value, as Python's json reads it.
+          if (same) same[1] = child; else node.e.push([key, child]);
+        } else {
+          node.i.push(value());
+        }
+        space();
+        if (text[i] === ",") { i++; continue; }
+        if (text[i] === (isObject ? "}" : "]")) { i++; return node; }
+        fail(isObject ? "expected ',' or '}'" : "expected ',' or ']'");
+      }
+    }
+    if (text[i] === '"') return {t: "v", kind: "string", v: string()};
+    for (const [word, v] of [["true", true], ["false", false], ["null", null]]) {
+      if (text.startsWith(word, i)) { i += word.length; return {t: "v", kind: v === null ? null : "boolean", v}; }
+    }
+    const found = /-?(?:0|[1-9]\d*)(?:\.\d+)?(?:[eE][-+]?\d+)?/y;
+    found.lastIndex = i;
+    const match = found.exec(text);
+    if (!match) fail("expected a value");
+    const number = pyNumber(match[0]);
+    if (number === null) fail("a number too large for a float");
+    i += match[0].length;
+    return {t: "v", kind: "number", v: number};
+  }
+  const tree = value();
+  space();
+  if (i < text.length) fail("extra text after the JSON");
+  if (tree.t === "v") throw new Error("not a JSON object or array");
+  return withKinds(tree);
+}
+
+// --- Walking a tree beside its schema ----------------------------------------------------------
+
+// Own keys only: a field named "constructor" must not find Object.prototype's.
+const own = (object, key) => object !== null && typeof object === "object" &&
+  Object.prototype.hasOwnProperty.call(object, key);
+
+function schemaTypes(schema) {
+  if (!schema || typeof schema !== "object") return [];
+  return [].concat(schema.type || [], ...(schema.anyOf || []).map(schemaTypes));
+}
+
+function branch(schema, type) {
+  // The part of a schema that describes an object or an array (infer_schema's anyOf has one each).
+  if (!schema || typeof schema !== "object") return null;
+  const match = (schema.anyOf || []).find(part => schemaTypes(part).includes(type));
+  return match ? branch(match, type) : schema;
+}
+
+function childSchema(schema, key, isItem) {
+  const part = branch(schema, isItem ? "array" : "object");
+  if (!part) return null;
+  return isItem ? part.items || null : (own(part.properties, key) ? part.properties[key] : null);
+}
+
+function kindFromSchema(schema) {
+  // What a null field holds once typed into: the schema's first type that is not null.
+  for (const type of schemaTypes(schema)) {
+    if (type === "string" || type === "boolean") return type;
+    if (type === "integer" || type === "number") return "number";
+  }
+  return "string";
+}
+
+const escapeStep = key => key.replace(/~/g, "~0").replace(/\//g, "~1");  // RFC 6901, as constrained.json_pointer
+
+function* leaves(node, pointer = "", label = [], schema = DATA.schema) {
+  // [leaf, JSON pointer, readable name, its schema] for every value, in document order.
+  if (node.t === "o") {
+    for (const [key, child] of node.e) {
+      yield* leaves(child, pointer + "/" + escapeStep(key), [...label, key], childSchema(schema, key, false));
+    }
+  } else if (node.t === "a") {
+    for (let k = 0; k < node.i.length; k++) {
+      yield* leaves(node.i[k], pointer + "/" + k, [...label, "#" + (k + 1)], childSchema(schema, k, true));
+    }
+  } else {
+    yield [node, pointer, label.join(" › ") || "(value)", schema];
+  }
+}
+
+function withKinds(tree) {
+  for (const [leaf, , , schema] of leaves(tree)) if (leaf.kind === null) leaf.kind = kindFromSchema(schema);
+  return tree;
+}
+
+function blankLike(node) {
+  // A new list row: the keys of `node`, every value null (of the same kind), nested lists empty.
+  if (node.t === "o") return {t: "o", e: node.e.map(([key, child]) => [key, blankLike(child)])};
+  if (node.t === "a") return {t: "a", i: []};
+  return {t: "v", kind: node.kind, v: null};
+}
+
+function blankFromSchema(schema) {
+  const object = branch(schema, "object");
+  if (schemaTypes(schema).includes("object") && object && object.properties) {
+    return {t: "o", e: Object.keys(object.properties).map(key => [key, blankFromSchema(object.properties[key])])};
+  }
+  if (schemaTypes(schema).includes("array")) return {t: "a", i: []};
+  return {t: "v", kind: kindFromSchema(schema), v: null};
+}
+
+function plain(node) {
+  // The value as JSON.parse would give it, for the schema check.
+  if (node.t === "o") return Object.fromEntries(node.e.map(([key, child]) => [key, plain(child)]));
+  if (node.t === "a") return node.i.map(plain);
+  return node.v !== null && node.kind === "number" ? Number(node.v) : node.v;
+}
+
+// --- The schema check ----------------------------------------------------------------------------
+
+function typeOf(value) {
+  if (value === null) return "null";
+  if (Array.isArray(value)) return "array";
+  if (typeof value === "number") return Number.isInteger(value) ? "integer" : "number";
+  return typeof value;
+}
+
+function hasType(value, type) {
+  const actual = typeOf(value);
+  return actual === type || (type === "number" && actual === "integer");  // 2.0 is an integer, as in jsonschema
+}
+
+function same(a, b) {
+  if (typeOf(a) !== typeOf(b) && !(typeof a === "number" && typeof b === "number")) return false;
+  if (Array.isArray(a)) return a.length === b.length && a.every((item, k) => same(item, b[k]));
+  if (a && typeof a === "object") {
+    const keys = Object.keys(a);
+    return keys.length === Object.keys(b).length && keys.every(key => own(b, key) && same(a[key], b[key]));
+  }
+  return a === b;
+}
+
+function shown(value) {
+  const text = String(JSON.stringify(value));  // "undefined" for a keyword the schema lacks: check() builds messages first
+  return text.length > 60 ? text.slice(0, 57) + "..." : text;
+}
+
+function pointerLabel(pointer) {
+  const steps = pointer.split("/").slice(1).map(step => step.replace(/~1/g, "/").replace(/~0/g, "~"));
+  return steps.map(step => /^\d+$/.test(step) ? "#" + (Number(step) + 1) : step).join(" › ") || "the document";
+}
+
+function validate(value, schema, pointer = "") {
+  // Messages for each way `value` breaks `schema`, [] when it passes.
+  if (schema === true || schema === undefined || schema === null) return [];
+  const where = pointerLabel(pointer);
+  if (schema === false) return [`${where}: not allowed`];
+  if (own(schema, "type")) {
+    const types = [].concat(schema.type);
+    if (!types.some(type => hasType(value, type))) return [`${where}: ${shown(value)} is not ${types.join(" or ")}`];
+  }
+  const errors = [], has = keyword => own(schema, keyword);
+  const check = (broken, message) => { if (broken) errors.push(`${where}: ${message}`); };
+  check(has("enum") && !schema.enum.some(option => same(option, value)), `${shown(value)} is not one of ${shown(schema.enum)}`);
+  check(has("const") && !same(schema.const, value), `${shown(value)} is not ${shown(schema.const)}`);
+  if (typeof value === "number") {
+    check(has("minimum") && value < schema.minimum, `${value} is below the minimum ${schema.minimum}`);
+    check(has("maximum") && value > schema.maximum, `${value} is above the maximum ${schema.maximum}`);
+  }
+  if (typeof value === "string") {
+    const length = Array.from(value).length;  // characters, as Python counts them, not UTF-16 units
+    check(has("maxLength") && length > schema.maxLength, `${length} characters, more than ${schema.maxLength}`);
+    check(has("minLength") && length < schema.minLength, `${length} characters, fewer than ${schema.minLength}`);
+  }
+  if (Array.isArray(value)) {
+    check(has("maxItems") && value.length > schema.maxItems, `${value.length} rows, more than ${schema.maxItems}`);
+    check(has("minItems") && value.length < schema.minItems, `${value.length} rows, fewer than ${schema.minItems}`);
+    if (schema.items) value.forEach((item, k) => errors.push(...validate(item, schema.items, pointer + "/" + k)));
+  } else if (typeOf(value) === "object") {
+    for (const key of schema.required || []) check(!own(value, key), `"${key}" is missing`);
+    for (const [key, child] of Object.entries(value)) {
+      const at = pointer + "/" + escapeStep(key);
+      if (own(schema.properties, key)) errors.push(...validate(child, schema.properties[key], at));
+      else if (schema.additionalProperties === false) check(true, `"${key}" is not one of its fields`);
+      else if (has("additionalProperties")) errors.push(...validate(child, schema.additionalProperties, at));
+    }
+  }
+  for (const part of schema.allOf || []) errors.push(...validate(value, part, pointer));
+  if (schema.anyOf && !schema.anyOf.some(part => validate(value, part, pointer).length === 0)) {
+    // Where one form has the value's type, its own complaint says more than "fits none".
+    const typed = schema.anyOf.filter(part => !own(part, "type") || [].concat(part.type).some(type => hasType(value, type)));
+    if (typed.length === 1) errors.push(...validate(value, typed[0], pointer));
+    else check(true, `${shown(value)} fits none of its allowed forms`);
+  }
+  return errors;
+}
+
+// --- Each document's state, kept in localStorage -------------------------------------------------
+
+function fingerprint(text) {  // FNV-1a: a saved edit applies only to the prediction it was made on
+  let hash = 0x811c9dc5;
+  for (let k = 0; k < text.length; k++) hash = Math.imul(hash ^ text.charCodeAt(k), 0x01000193) >>> 0;
+  return hash.toString(16) + ":" + text.length;
+}
+
+function initialState(source) {
+  let tree = null, rawError = null;
+  try { tree = parseDocument(source.prediction); } catch (error) { rawError = error.message; }
+  if (tree) {
+    for (const [leaf, pointer] of leaves(tree)) {
+      if (own(source.flags, pointer)) leaf.flag = {confidence: source.flags[pointer], touched: false};
+    }
+  }
+  // A prediction that is not JSON opens as text; `raw` is the editor's text while it is the source.
+  return {tree, raw: tree ? null : source.prediction, rawError, reviewed: false, showAll: false, showRaw: !tree};
+}
+
+const SAVED_KEYS = ["tree", "raw", "rawError", "reviewed", "showAll", "showRaw"];
+const documents = DATA.documents.map((source, index) => {
+  const first = initialState(source);
+  const key = index + ":" + fingerprint(source.image + "\n" + source.prediction);
+  return {...source, index, key, generatedJson: first.tree !== null, ...first};
+});
+const THRESHOLD = String(Number(DATA.threshold.toPrecision(6)));  // 0.41, not a picked 0.41000000000000003
+
+function restore() {
+  let saved = {};
+  try { saved = JSON.parse(localStorage.getItem(STORE_KEY) || "{}"); } catch (error) { storageTrouble(); }
+  for (const doc of documents) {
+    const mine = own(saved, doc.key) ? saved[doc.key] : null;
+    if (mine && typeof mine === "object") for (const key of SAVED_KEYS) if (own(mine, key)) doc[key] = mine[key];
+  }
+}
+
+function save() {
+  try {
+    localStorage.setItem(STORE_KEY, JSON.stringify(Object.fromEntries(documents.map(doc =>
+      [doc.key, Object.fromEntries(SAVED_KEYS.map(key => [key, doc[key]]))]))));
+  } catch (error) { storageTrouble(); }
+}
+
+function storageTrouble() {
+  document.getElementById("storage-note").textContent =
+    "This browser does not keep this page's edits (no localStorage for files): export before closing it.";
+}
+
+// --- Edits ---------------------------------------------------------------------------------------
+
+function setLeaf(leaf, typed) {
+  leaf.error = null;
+  leaf.typed = null;
+  if (leaf.kind === "boolean") leaf.v = typed === "" ? null : typed === "true";
+  else if (typed === "" || (leaf.kind === "number" && typed.trim() === "")) leaf.v = null;  // emptied: null
+  else if (leaf.kind === "number") {
+    const number = pyNumber(typed.trim());
+    if (number === null) { leaf.error = `${JSON.stringify(typed)} is not a number`; leaf.typed = typed; }
+    else leaf.v = number;
+  } else leaf.v = typed;
+  if (leaf.flag) leaf.flag.touched = true;
+}
+
+function carryFlags(before, after) {
+  // A flag stays on the field at its place in the edited text, touched if its value changed.
+  if (!before) return;
+  const old = new Map(Array.from(leaves(before), ([leaf, pointer]) => [pointer, leaf]));
+  for (const [leaf, pointer] of leaves(after)) {
+    const was = old.get(pointer);
+    if (was && was.flag) {
+      leaf.flag = {...was.flag, touched: was.flag.touched || was.v !== leaf.v || was.kind !== leaf.kind};
+    }
+  }
+}
+
+function problems(doc) {
+  // Why this document cannot be exported as it is: [] when it can.
+  if (doc.rawError) return [`its JSON text does not parse: ${doc.rawError}`];
+  const found = Array.from(leaves(doc.tree)).filter(([leaf]) => leaf.error)
+    .map(([leaf, , label]) => `${label}: ${leaf.error}`);
+  return DATA.schema ? found.concat(validate(plain(doc.tree), DATA.schema)) : found;
+}
+
+// --- Drawing ------------------------------------------------------------------------------------
+
+function el(tag, properties = {}, ...children) {
+  const element = Object.assign(document.createElement(tag), properties);
+  element.append(...children);  // strings become text nodes, never markup
+  return element;
+}
+
+function leafInput(doc, leaf) {
+  let input;
+  if (leaf.kind === "boolean") {
+    input = el("select", {}, ...[["true", "true"], ["false", "false"], ["", "(empty: null)"]]
+      .map(([value, textContent]) => el("option", {value, textContent})));
+  } else {
+    input = el("input", {type: "text", placeholder: "null"});
+    if (leaf.kind === "number") input.inputMode = "decimal";
+  }
+  input.className = "value";
+  input.leaf = leaf;
+  input.addEventListener(leaf.kind === "boolean" ? "change" : "input", () => {
+    setLeaf(leaf, input.value);
+    doc.raw = null;
+    doc.rawError = null;
+    showLeaf(doc, leaf);
+    refresh(doc);
+  });
+  return input;
+}
+
+function fieldRow(doc, leaf, pointer, name) {
+  const row = el("label", {className: "field" + (leaf.flag ? " flagged" : "")},
+                 el("span", {className: "name", textContent: name, title: pointer}), leafInput(doc, leaf));
+  row.dataset.pointer = pointer;
+  row.append(el("span", {className: "confidence", textContent: leaf.flag ? `confidence ${leaf.flag.confidence}` : ""}),
+             el("span", {className: "problem"}));
+  return row;
+}
+
+function showLeaf(doc, leaf) {
+  // Every input of this value in the card (flagged list and all fields) shows it as it is now.
+  for (const input of doc.view.card.querySelectorAll(".value")) {
+    if (input.leaf !== leaf) continue;
+    const row = input.closest(".field");
+    if (input !== document.activeElement) {
+      input.value = leaf.error ? leaf.typed : leaf.v === null ? "" : String(leaf.v);
+    }
+    input.classList.toggle("bad", Boolean(leaf.error));
+    // Green once it holds a value of its type.
+    row.classList.toggle("touched", Boolean(leaf.flag && leaf.flag.touched && !leaf.error));
+    row.querySelector(".problem").textContent = leaf.error || "";
+  }
+}
+
+function renderObject(doc, node, pointer, schema) {
+  const box = el("div", {className: "object"});
+  for (const [key, child] of node.e) {
+    box.append(renderChild(doc, child, pointer + "/" + escapeStep(key), key, childSchema(schema, key, false)));
+  }
+  return box;
+}
+
+function renderChild(doc, node, pointer, name, schema) {
+  if (node.t === "v") return fieldRow(doc, node, pointer, name);
+  const legend = node.t === "a" ? `${name} (${node.i.length} rows)` : name;
+  const group = el("fieldset", {className: "group"}, el("legend", {textContent: legend}));
+  group.append(node.t === "o" ? renderObject(doc, node, pointer, schema) : renderList(doc, node, pointer, schema));
+  return group;
+}
+
+function renderList(doc, node, pointer, schema) {
+  const box = el("div", {className: "list"});
+  node.i.forEach((item, k) => {
+    const at = pointer + "/" + k, itemSchema = childSchema(schema, k, true);
+    const remove = el("button", {type: "button", className: "delete-row", textContent: `delete row #${k + 1}`});
+    remove.addEventListener("click", () => { node.i.splice(k, 1); structureChanged(doc); });
+    const head = el("div", {className: "item-head"}, el("b", {textContent: "#" + (k + 1)}), remove);
+    const row = el("div", {className: "item"}, head);
+    row.dataset.pointer = at;
+    row.append(item.t === "v" ? fieldRow(doc, item, at, "value")
+               : item.t === "o" ? renderObject(doc, item, at, itemSchema) : renderList(doc, item, at, itemSchema));
+    box.append(row);
+  });
+  const itemSchema = branch(schema, "array") && branch(schema, "array").items;
+  if (node.i.length || itemSchema) {
+    const add = el("button", {type: "button", className: "add-row", textContent: "add a row"});
+    add.addEventListener("click", () => {
+      node.i.push(node.i.length ? blankLike(node.i[node.i.length - 1]) : blankFromSchema(itemSchema));
+      structureChanged(doc);
+    });
+    box.append(add);
+  }
+  return box;
+}
+
+function renderFields(doc) {
+  const {flagged, all} = doc.view;
+  if (!doc.tree) {
+    flagged.replaceChildren(el("p", {textContent: "No fields to show: the prediction is not valid JSON. Fix it as text."}));
+    all.replaceChildren();
+    return;
+  }
+  const rows = Array.from(leaves(doc.tree)).filter(([leaf]) => leaf.flag)
+    .map(([leaf, pointer, label]) => fieldRow(doc, leaf, pointer, label));
+  const title = rows.length ? `To check: confidence below ${THRESHOLD}` : "No field below the confidence threshold";
+  flagged.replaceChildren(el("h3", {textContent: title}), ...rows);
+  const tree = doc.tree.t === "o" ? renderObject(doc, doc.tree, "", DATA.schema) : renderList(doc, doc.tree, "", DATA.schema);
+  all.replaceChildren(el("h3", {textContent: "All fields"}), tree);
+  for (const [leaf] of leaves(doc.tree)) showLeaf(doc, leaf);
+}
+
+function structureChanged(doc) {
+  doc.raw = null;
+  doc.rawError = null;
+  renderFields(doc);
+  refresh(doc);
+}
+
+function buildCard(doc) {
+  const reviewed = el("input", {type: "checkbox", className: "reviewed"});
+  reviewed.addEventListener("change", () => { doc.reviewed = reviewed.checked; refresh(doc); });
+  const notes = [doc.generatedJson ? "" : "not valid JSON as generated",
+                 doc.truncated ? "cut off at MAX_NEW_TOKENS" : ""].filter(Boolean);
+  const photo = doc.photo ? el("img", {src: doc.photo, alt: "the photo of " + doc.image, title: "click to zoom"})
+                          : el("p", {className: "no-photo", textContent: "(image not found: moved or deleted since)"});
+  if (doc.photo) photo.addEventListener("click", () => zoom(doc.photo));
+  const showAll = el("input", {type: "checkbox", className: "show-all"});
+  const showRaw = el("input", {type: "checkbox", className: "show-raw"});
+  const textarea = el("textarea", {spellcheck: false});
+  const reset = el("button", {type: "button", className: "reset", textContent: "undo all edits of this document"});
+  const view = {
+    card: el("section", {className: "card"}), reviewed, showAll, showRaw, textarea,
+    flagged: el("div", {className: "flagged-list"}), all: el("div", {className: "all-fields"}),
+    raw: el("div", {className: "raw"}), rawProblem: el("p", {className: "problem"}),
+    problems: el("ul", {className: "problems"})};
+  view.card.dataset.index = doc.index;
+  view.raw.append(textarea, view.rawProblem);
+  view.card.append(
+    el("header", {}, el("h2", {textContent: doc.image}), el("span", {className: "note", textContent: notes.join(" · ")}),
+       el("label", {}, reviewed, " reviewed")),
+    el("div", {className: "body"}, el("figure", {className: "photo"}, photo),
+       el("div", {className: "fields"}, view.flagged, view.problems,
+          el("div", {className: "toggles"}, el("label", {}, showAll, " show all fields"),
+             el("label", {}, showRaw, " edit as JSON"), reset),
+          view.all, view.raw)));
+  showAll.addEventListener("change", () => { doc.showAll = showAll.checked; refresh(doc); });
+  showRaw.addEventListener("change", () => { doc.showRaw = showRaw.checked; refresh(doc); });
+  textarea.addEventListener("input", () => {
+    doc.raw = textarea.value;
+    try {
+      const tree = parseDocument(doc.raw);
+      carryFlags(doc.tree, tree);
+      doc.tree = tree;
+      doc.rawError = null;
+      renderFields(doc);
+    } catch (error) { doc.rawError = error.message; }
+    refresh(doc);
+  });
+  reset.addEventListener("click", () => {
+    Object.assign(doc, initialState(DATA.documents[doc.index]));
+    renderFields(doc);
+    refresh(doc);
+  });
+  doc.view = view;
+  return view.card;
+}
+
+function refresh(doc) {
+  refreshCard(doc);
+  save();
+  refreshStatus();
+}
+
+function refreshCard(doc) {
+  // What follows from the document's state: its toggles, its text in the raw editor, its problems.
+  const view = doc.view;
+  view.reviewed.checked = doc.reviewed;
+  view.showAll.checked = doc.showAll;
+  view.showRaw.checked = doc.showRaw;
+  view.card.classList.toggle("is-reviewed", doc.reviewed);
+  view.all.hidden = !doc.showAll || !doc.tree;
+  view.raw.hidden = !doc.showRaw;
+  if (view.textarea !== document.activeElement) {
+    view.textarea.value = doc.raw !== null ? doc.raw : doc.tree ? dumps(doc.tree, READABLE_LAYOUT) : "";
+  }
+  view.rawProblem.textContent = doc.rawError ? "Not valid JSON: " + doc.rawError : "";
+  const found = doc.rawError ? [] : problems(doc);  // a text that does not parse is said under the text
+  view.problems.replaceChildren(...found.map(problem => el("li", {textContent: problem})));
+}
+
+function refreshStatus() {
+  let flagged = 0, untouched = 0;
+  for (const doc of documents) {
+    if (!doc.tree) continue;
+    for (const [leaf] of leaves(doc.tree)) if (leaf.flag) { flagged++; if (!leaf.flag.touched) untouched++; }
+  }
+  const reviewed = documents.filter(doc => doc.reviewed);
+  const blocked = reviewed.map(doc => [doc, problems(doc)]).filter(([, found]) => found.length);
+  document.getElementById("status").textContent =
+    `${reviewed.length} of ${documents.length} documents reviewed · ${untouched} of ${flagged} flagged fields untouched`;
+  const button = document.getElementById("export");
+  button.textContent = `Export ${reviewed.length - blocked.length} reviewed documents (corrections.jsonl)`;
+  button.disabled = reviewed.length === blocked.length;
+  document.getElementById("blocked").replaceChildren(...blocked.map(([doc, found]) =>
+    el("li", {textContent: `not exported: ${doc.image}: ${found.join("; ")}`})));
+}
+
+function exportLines() {
+  // One JSON line per reviewed document that passes, as Python's json.dumps(row) writes it.
+  return documents.filter(doc => doc.reviewed && !problems(doc).length).map(doc =>
+    "{" + [["image", doc.image], ["prefix", doc.prefix], ["suffix", dumps(doc.tree, LABEL_LAYOUT)]]
+      .map(([key, value]) => pyString(key) + ": " + pyString(String(value))).join(", ") + "}\n");
+}
+
+function download() {
+  const file = new Blob(exportLines(), {type: "application/jsonl"});
+  const link = el("a", {href: URL.createObjectURL(file), download: "corrections.jsonl"});
+  document.body.append(link);
+  link.click();
+  link.remove();
+  setTimeout(() => URL.revokeObjectURL(link.href), 60000);
+}
+
+function zoom(source) {
+  const box = document.getElementById("zoom");
+  box.querySelector("img").src = source;
+  box.hidden = false;
+}
+
+document.getElementById("zoom").addEventListener("click", event => { event.currentTarget.hidden = true; });
+document.addEventListener("keydown", event => {
+  if (event.key === "Escape") document.getElementById("zoom").hidden = true;
+});
+document.getElementById("export").addEventListener("click", download);
+restore();
+document.getElementById("cards").append(...documents.map(buildCard));
+for (const doc of documents) { renderFields(doc); refreshCard(doc); }
+refreshStatus();
+"""
