@@ -38,7 +38,7 @@ if __name__ == "__main__" and "google.colab" in sys.modules and not os.path.exis
 # %%
 from paligemma_json import FlowError  # a problem the user can fix: one line, never a traceback
 from paligemma_json.plan import plan_run  # which mode, which process writes, what is resumed or replaced
-from paligemma_json.settings import report_flow_errors, resolve_settings
+from paligemma_json.settings import report_flow_errors, resolve_settings, settings_line
 from paligemma_json.tracking import mask_secrets  # trackers' keys are never printed
 
 # Data
@@ -57,7 +57,7 @@ MODEL_ID = "google/paligemma2-3b-pt-224"  # the tutorial's; for documents 448 px
 USE_LORA = True  # train small adapters, not the 3B weights
 USE_QLORA = False  # LoRA on a 4-bit (nf4) base: least memory, needs bitsandbytes
 FREEZE_VISION = False  # keep SigLIP and the projector as they are, in every mode
-LORA_RANK = 8  # the tutorial's
+LORA_RANK = 8  # the tutorial's: small adapters on a frozen 3B base (the run prints how many weights they train)
 LORA_TARGET_MODULES = ["q_proj", "o_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]  # the tutorial's
 
 # Training: the measured pallet-manifest run (effective batch 8, 20 epochs ≈ 360 steps on 150
@@ -69,8 +69,8 @@ GRAD_ACCUM = 4  # batches per optimizer step: BATCH_SIZE × GRAD_ACCUM = effecti
 GRADIENT_CHECKPOINTING = False  # recompute activations in the backward: less memory, ~30% slower steps (BENCHMARKS.md)
 LEARNING_RATE = 2e-5  # the measured run's; the tutorial's 5e-5 saw ~9 steps
 LR_SCHEDULER = "linear"  # any transformers scheduler name
-WARMUP_STEPS = 2  # the tutorial's
-WEIGHT_DECAY = 1e-6  # the tutorial's
+WARMUP_STEPS = 2  # the tutorial's: a short ramp is enough while LoRA's adapters start at zero
+WEIGHT_DECAY = 1e-6  # the tutorial's: next to none (the Trainer's default is 0), so runs compare with it
 SAVE_STEPS = 0  # 0: evaluate and checkpoint every epoch; N: every N steps
 EARLY_STOPPING_PATIENCE = 0  # > 0: stop after this many evaluations without a better validation field F1
 LOGGING_STEPS = 5  # frequent enough to see a loss curve on a 150-image run
@@ -108,7 +108,7 @@ if __name__ == "__main__":
     settings = resolve_settings(sys.argv[1:], DEFAULTS, sys.argv[0])
     globals().update(settings)
     run = plan_run(settings)  # which mode, which process writes, what is resumed; clashing flags stop it here
-    print(mask_secrets("settings: " + ", ".join(f"{name}={value}" for name, value in settings.items())))
+    print(mask_secrets(settings_line(settings, DEFAULTS)))  # what this run changes; --help lists the defaults
     if run.mode == "train":
         print(f"effective batch: {run.effective_batch} (BATCH_SIZE {BATCH_SIZE} x GRAD_ACCUM {GRAD_ACCUM} x "
               f"{run.processes} process{'es' if run.processes > 1 else ''}); LEARNING_RATE goes with it")
@@ -676,6 +676,9 @@ from paligemma_json.model_card import write_model_card
 
 if __name__ == "__main__" and run.mode == "train":
     metrics = evaluate_predictions(predictions, OUTPUT_DIR, LABEL_SCHEMA, THRESHOLD["threshold"], THRESHOLD["source"])
+    if DEMO:  # its figures are low by design: said beside them, before they are read as a failure
+        from paligemma_json.demo import demo_figures_meaning
+        print(demo_figures_meaning(metrics))
     end_distributed()
     # The card holds the test figures, so it is written now, and pushed with the weights.
     print("model card: " + write_model_card(final_dir, metrics, LABEL_SCHEMA, predictions[0]["prefix"],

@@ -58,23 +58,34 @@ def json_type(value) -> str:
 
 # --- JSON Lines ---------------------------------------------------------------------------------
 
+def json_error_reason(error: json.JSONDecodeError) -> str:
+    """What is wrong in a one-line JSON text, and at which column (from 1): the decoder's message ends
+    in "at" when it means its position ("Unterminated string starting at"), which alone reads cut off."""
+    reason = error.msg.removesuffix(" at")
+    if reason == "Invalid control character" and error.pos < len(error.doc):
+        reason += f" {ascii(error.doc[error.pos])}"  # a raw tab or line break inside a string: say which
+    return f"{reason[:1].lower()}{reason[1:]} at column {error.colno}"
+
+
 def jsonl_rows(path: str, advice: str | None) -> Iterator[tuple[str, object]]:
     """(where, row) for each non-blank line of a JSON Lines file; `where` ("PATH line N") is for the
     caller's own messages about a row. Lines are decoded one by one, so a line that is not UTF-8 is
-    named, not the whole file. A line that is not UTF-8 JSON is a FlowError naming it and what to do:
-    save as UTF-8, or `advice` for bad JSON. With `advice` None the file is one a crash may have cut
-    off while rows were appended: a bad line, or a last line without its newline, quietly ends the rows."""
+    named, not the whole file. A line that is not UTF-8 JSON is a FlowError naming it, what is wrong
+    and at which column, and what to do: save as UTF-8, or `advice` for bad JSON. With `advice` None
+    the file is one a crash may have cut off while rows were appended: a bad line, or a last line
+    without its newline, quietly ends the rows."""
     with open(path, "rb") as file:
         for number, raw in enumerate(file, start=1):
             if not raw.strip():
                 continue
             where = f"{path} line {number}"
             try:
-                row = json.loads(raw.decode("utf-8"))
+                # Without its line ending, a string left open reads as unterminated, not as a raw line break.
+                row = json.loads(raw.decode("utf-8").rstrip("\r\n"))
             except UnicodeDecodeError:
                 reason, remedy = "not UTF-8 text", "save the file as UTF-8"
             except json.JSONDecodeError as error:
-                reason, remedy = f"not valid JSON ({error.msg})", advice
+                reason, remedy = f"not valid JSON ({json_error_reason(error)})", advice
             else:
                 if advice is None and not raw.endswith(b"\n"):
                     return  # a row is written with its newline: without it, the write did not finish

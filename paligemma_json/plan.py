@@ -3,6 +3,7 @@
 `RUN_OUTPUTS`, the one list of what a run writes there, drives all three: what counts as an earlier
 run, what `--overwrite` removes, and what a resume with other decoding settings predicts again."""
 
+import atexit
 import os
 import re
 import shutil
@@ -38,6 +39,7 @@ RUN_OUTPUTS = {
     "predictions.png": "derived",
     "report.html": "derived",
     "predict.jsonl": "derived",  # --predict
+    "review.html": "derived",  # --predict's page for checking and correcting it
     "merged": "derived",  # --merge
 }
 
@@ -94,6 +96,28 @@ def prepare_output_dir(output_dir: str, overwrite: bool, resume: bool, demo: boo
             os.remove(path)
 
 
+def make_output_dir(output_dir: str) -> list[str]:
+    """Creates `output_dir` and any folder above it that is missing; returns those it created,
+    the deepest first, so that only they are ever removed again."""
+    created, path = [], os.path.abspath(output_dir)
+    while not os.path.isdir(path):
+        created.append(path)
+        path = os.path.dirname(path)
+    os.makedirs(output_dir, exist_ok=True)
+    return created
+
+
+def remove_if_left_empty(created: list[str]) -> None:
+    """At exit: the folders this run created and wrote nothing into, so a run that stopped before
+    it started leaves no empty OUTPUT_DIR behind. A folder that holds anything stays, and so does
+    every folder above it."""
+    for path in created:
+        try:
+            os.rmdir(path)  # only ever succeeds on an empty folder
+        except OSError:
+            return
+
+
 def newest_checkpoint(output_dir: str) -> str | None:
     """The newest complete checkpoint: the Trainer writes `trainer_state.json` last."""
     steps = [int(name.split("-")[1]) for name in present(output_dir, [CHECKPOINT])
@@ -124,10 +148,11 @@ class RunPlan:
     reads: tuple  # the user's inputs (dataset, model, schema), which replacing an earlier run must not remove
 
     def prepare_output_dir(self) -> None:
-        """A training run's folder, by the rules above; the modes that use a finished run write beside it."""
+        """A training run's folder, by the rules above; the modes that use a finished run write beside it.
+        A folder it creates is removed at exit if the run wrote nothing into it (a broken dataset, say)."""
         if self.mode == "train" and self.writes:
             prepare_output_dir(self.output_dir, self.overwrite, self.resume, self.demo, self.reads)
-            os.makedirs(self.output_dir, exist_ok=True)
+            atexit.register(remove_if_left_empty, make_output_dir(self.output_dir))
 
 
 def process_count() -> int:
@@ -162,8 +187,7 @@ def plan_run(settings: dict) -> RunPlan:
         print("resume: " + ("training finished; predicting what is missing" if training_done
                             else f"training from {checkpoint}" if checkpoint
                             else "no checkpoint yet; training from the start"))
-    inputs = [settings["SCHEMA"], settings["CORRECTIONS"]]
-    inputs += [] if demo else [settings["DATASET_DIR"], settings["MODEL_ID"]]
+    inputs = ([] if demo else [settings["DATASET_DIR"], settings["MODEL_ID"]]) + [settings["SCHEMA"], settings["CORRECTIONS"]]
     return RunPlan(mode, output_dir, processes, int(os.environ.get("RANK", "0")) == 0, resume, settings["OVERWRITE"],
                    demo, training_done, checkpoint, settings["BATCH_SIZE"] * settings["GRAD_ACCUM"] * processes,
                    reads=tuple(path for path in inputs if path))

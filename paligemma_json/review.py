@@ -589,7 +589,7 @@ function fieldRow(doc, leaf, pointer, name) {
   const row = el("label", {className: "field" + (leaf.flag ? " flagged" : "")},
                  el("span", {className: "name", textContent: name, title: pointer}), leafInput(doc, leaf));
   row.dataset.pointer = pointer;
-  row.append(el("span", {className: "confidence", textContent: leaf.flag ? `confidence ${leaf.flag.confidence}` : ""}),
+  row.append(el("span", {className: "confidence", textContent: leaf.flag ? `confidence ${Number(leaf.flag.confidence).toFixed(2)}` : ""}),
              el("span", {className: "problem"}));
   return row;
 }

@@ -115,16 +115,29 @@ def test_non_json_labels_are_counted_not_refused(export):
 
 
 def test_broken_dataset_stops_the_script_in_one_line(export, tmp_path):
-    """Exit code, one line, no traceback, and no model loaded (the model path does not exist)."""
+    """Exit code, one line, no traceback, no model loaded (the model path does not exist), and no
+    empty OUTPUT_DIR left behind: step 1 created it and the folder above it, and nothing was written."""
     annotations = os.path.join(export, "train", "annotations.jsonl")
     rewrite_line(annotations, 3, "{broken")
     result = run_script("--dataset-dir", export, "--model-id", str(tmp_path / "no-model"),
-                        "--output-dir", str(tmp_path / "out"))
+                        "--output-dir", str(tmp_path / "runs" / "out"))
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
-    assert result.stderr.strip() == f"error: {annotations} line 3: not valid JSON (Expecting property name " \
-                                    "enclosed in double quotes); fix or remove the line"
+    assert result.stderr.strip() == f"error: {annotations} line 3: not valid JSON (expecting property name " \
+                                    "enclosed in double quotes at column 2); fix or remove the line"
     assert "model:" not in result.stdout
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_stopped_run_keeps_an_output_dir_that_was_there(export, tmp_path):
+    """Only a folder the run itself created is removed: the user's own, even empty, stays."""
+    output_dir = tmp_path / "mine"
+    output_dir.mkdir()
+    rewrite_line(os.path.join(export, "train", "annotations.jsonl"), 3, "{broken")
+    result = run_script("--dataset-dir", export, "--model-id", str(tmp_path / "no-model"),
+                        "--output-dir", str(output_dir))
+    assert result.returncode == 2 and result.stderr.startswith("error: ")
+    assert output_dir.is_dir()
 
 
 def test_a_file_that_is_not_utf8_is_named(export):

@@ -2,13 +2,14 @@
 
 import glob
 import json
+import math
 import os
 import re
 import shutil
 
 import pytest
 
-from paligemma_json.demo import DEMO_OVERRIDES
+from paligemma_json.demo import DEMO_OVERRIDES, TINY_MODEL_SIZE, demo_figures_meaning
 from paligemma_json.json_text import parse_json
 from paligemma_json.metrics import compute_metrics
 from conftest import read_jsonl
@@ -130,6 +131,33 @@ def test_the_run_says_what_it_did(run):
     assert samples_per_second == pytest.approx(DEMO_STEPS * 8 / (runtime - validation), rel=0.15)
     assert re.search(r"^json_valid_rate +[01]\.\d{3}$", result.stdout, re.M)
     assert "Traceback" not in result.stderr
+
+
+def test_the_run_says_what_its_figures_mean(run):
+    """Right after the metrics table, one line: low figures are what a tiny model at 64 px gives."""
+    output_dir, result = run
+    line = demo_figures_meaning(json.load(open(os.path.join(output_dir, "metrics.json"))))
+    printed = result.stdout.splitlines()
+    table_written = next(number for number, text in enumerate(printed) if text.startswith("written: "))
+    assert line in printed[table_written + 1:]
+
+
+def test_what_the_figures_mean_is_one_line_from_the_metrics():
+    fields = {"copy": {"correct": 23, "support": 24}, "route": {"correct": 0, "support": 24},
+              "products.cases": {"correct": 2, "support": 72}}
+    line = demo_figures_meaning({"field_f1": 0.1512, "per_field": fields})
+    assert line.startswith(f"demo: a field F1 of 0.151, with 1 of 3 fields never right, is what a {TINY_MODEL_SIZE}-"
+                           "parameter model trained from random weights gives on 64 px pages")
+    assert "(`copy`, right on 23 of 24 pages)" in line and "\n" not in line
+    assert line.endswith("(docs/demo.md)")
+    assert os.path.isfile(os.path.join(os.path.dirname(__file__), "..", "docs", "demo.md"))
+
+
+def test_the_tiny_models_size_is_the_one_the_line_quotes(demo_assets):
+    from safetensors import safe_open
+    with safe_open(os.path.join(demo_assets[1], "model.safetensors"), "pt") as weights:
+        parameters = sum(math.prod(weights.get_slice(name).get_shape()) for name in weights.keys())
+    assert f"{parameters / 1e6:.2f}M" == TINY_MODEL_SIZE
 
 
 def test_the_pictures_are_drawn(run):

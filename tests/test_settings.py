@@ -8,9 +8,9 @@ import pytest
 
 import finetune_paligemma2 as flow
 from paligemma_json.demo import demo_paths
-from paligemma_json.plan import newest_checkpoint, plan_run, prepare_output_dir
-from paligemma_json.settings import parse_overrides, resolve_settings
-from conftest import run_script
+from paligemma_json.plan import make_output_dir, newest_checkpoint, plan_run, prepare_output_dir, remove_if_left_empty
+from paligemma_json.settings import parse_overrides, resolve_settings, settings_line
+from conftest import run_flow, run_script
 
 
 def resolve(argv):
@@ -28,12 +28,32 @@ def test_flags_override_constants_with_their_types():
                      "LORA_TARGET_MODULES": ["q_proj", "v_proj"], "MODEL_ID": "x/y"}
 
 
-@pytest.mark.parametrize("argv", [["--epoch", "3"], ["--epochs", "three"], ["--unknown"]])
-def test_unknown_flags_and_wrong_types_are_refused(argv, capsys):
+HELP_HINT = " (python finetune_paligemma2.py --help lists every flag)"
+
+
+@pytest.mark.parametrize("argv, reason", [
+    (["--epoch", "3"], "unknown flag --epoch; did you mean --epochs?"),
+    (["--lora_rank", "4"], "unknown flag --lora_rank; did you mean --lora-rank?"),
+    (["--no-use-lor"], "unknown flag --no-use-lor; did you mean --no-use-lora?"),
+    (["--learning-rat=1e-4"], "unknown flag --learning-rat; did you mean --learning-rate?"),
+    (["--unknown"], "unknown flag --unknown"),
+    (["--epochs", "three"], "argument --epochs: invalid float value: 'three'"),
+    (["--use-lora", "False"], "unexpected value 'False': a flag is --name value, and a yes/no one takes none: "
+                              "--use-lora or --no-use-lora"),
+])
+def test_unknown_flags_and_wrong_types_are_refused_in_one_line(argv, reason, capsys):
+    """The error alone, first and in one line, with the closest flag: argparse's own way put the whole
+    usage (dozens of lines) above it."""
     with pytest.raises(SystemExit) as exit_info:
         parse(argv)
     assert exit_info.value.code == 2
-    assert "error:" in capsys.readouterr().err
+    assert capsys.readouterr().err == f"error: {reason}{HELP_HINT}\n"
+
+
+def test_a_misspelt_flag_stops_the_script_in_one_line():
+    result = run_script("--learning-rat", "1e-4")
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == f"error: unknown flag --learning-rat; did you mean --learning-rate?{HELP_HINT}\n"
 
 
 def test_help_lists_every_constant_and_the_fixed_flag_names():
@@ -43,6 +63,13 @@ def test_help_lists_every_constant_and_the_fixed_flag_names():
                  "--demo", "--use-lora", "--use-qlora", "--freeze-vision", "--max-new-tokens", "--num-beams"]:
         assert flag in result.stdout
     assert "the tutorial's 256 cut manifests off" in " ".join(result.stdout.split())  # the why, from the constant's comment
+    # The README's commands close it, each on its own line as written, not run together by the wrapping.
+    lines = result.stdout.splitlines()
+    examples = lines[lines.index("examples:") + 1:]
+    for command in ["--demo", "--model-id google/paligemma2-3b-pt-448 --output-dir runs/pallet-448",
+                    "--output-dir runs/pallet-448 --predict path/to/photos/", "--output-dir runs/pallet-448 --merge",
+                    "--evaluate runs/pallet-448/predictions.jsonl"]:
+        assert f"  python finetune_paligemma2.py {command}" in examples
 
 
 def test_demo_overrides_apply_and_explicit_flags_win():
@@ -51,6 +78,29 @@ def test_demo_overrides_apply_and_explicit_flags_win():
     assert settings["MAX_STEPS"] == 7
     assert settings["USE_LORA"] is False and settings["LEARNING_RATE"] == DEMO_OVERRIDES["LEARNING_RATE"]
     assert resolve([]) == flow.DEFAULTS
+
+
+def test_the_settings_line_shows_only_what_differs_from_the_defaults():
+    assert settings_line(flow.DEFAULTS, flow.DEFAULTS) == "settings: the defaults (--help lists them)"
+    changed = {**flow.DEFAULTS, "LEARNING_RATE": 1e-4, "REPORT_TO": ["wandb"], "EPOCHS": 20}  # 20 is the default's 20.0
+    assert settings_line(changed, flow.DEFAULTS) == ("settings: LEARNING_RATE=0.0001, REPORT_TO=['wandb'], "
+                                                     "and the defaults for the rest (--help lists them)")
+    demo = settings_line(resolve(["--demo", "--max-steps", "7", "--output-dir", "demo-out"]), flow.DEFAULTS)
+    parts = demo.removeprefix("settings: ").split(", ")
+    assert {"DEMO=True", "MAX_STEPS=7", "USE_LORA=False", "LEARNING_RATE=0.002", "OUTPUT_DIR=demo-out",
+            f"MODEL_ID={demo_paths('demo-out')[1]}"} <= set(parts)
+    assert "PROMPT=" not in demo and "ROBOFLOW" not in demo  # the demo's prompt is the default one
+    assert len(demo) < 400  # the whole set was ~960 characters
+
+
+def test_step_1_prints_the_settings_line(monkeypatch, tmp_path, capsys):
+    """The script's own line, printed before a refused OUTPUT_DIR stops it."""
+    output_dir = finished_run(tmp_path)
+    with pytest.raises(flow.FlowError):
+        run_flow(monkeypatch, "--output-dir", output_dir, "--learning-rate", "1e-4")
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("settings: ")]
+    assert printed == [f"settings: LEARNING_RATE=0.0001, OUTPUT_DIR={output_dir}, and the defaults for the rest "
+                       "(--help lists them)"]
 
 
 def test_qlora_implies_lora():
@@ -131,6 +181,20 @@ def test_demo_replaces_an_earlier_demo_but_not_a_real_run(tmp_path):
     assert sorted(os.listdir(tmp_path / "a" / "run")) == ["notes.txt"]  # the demo rebuilds its assets
     with pytest.raises(flow.FlowError):
         prepare_output_dir(finished_run(tmp_path / "b"), overwrite=False, resume=False, demo=True)
+
+
+def test_only_the_folders_a_run_created_and_left_empty_are_removed(tmp_path):
+    (tmp_path / "mine").mkdir()
+    runs, output_dir = tmp_path / "mine" / "runs", tmp_path / "mine" / "runs" / "out"
+    created = make_output_dir(str(output_dir))
+    assert created == [str(output_dir), str(runs)] and output_dir.is_dir()
+    (runs / "notes.txt").write_text("written beside the run")
+    remove_if_left_empty(created)
+    assert not output_dir.exists() and runs.is_dir()  # a folder that holds anything stays, and those above it
+    created = make_output_dir(str(output_dir))
+    (output_dir / "schema.json").write_text("{}")  # the run wrote something: it is kept whole
+    remove_if_left_empty(created)
+    assert (output_dir / "schema.json").is_file()
 
 
 def test_a_refused_output_dir_stops_the_script_in_one_line(tmp_path):

@@ -78,7 +78,7 @@ def test_the_settings_line_never_shows_a_secret(monkeypatch, tmp_path, capsys):
         run_flow(monkeypatch, "--evaluate", str(tmp_path / "missing.jsonl"), "--push-to-hub", FAKE_KEY)
     printed = capsys.readouterr().out
     assert "PUSH_TO_HUB=***" in [part for line in printed.splitlines() if line.startswith("settings: ")
-                                 for part in line.split(", ")]
+                                 for part in line.removeprefix("settings: ").split(", ")]
     assert FAKE_KEY not in printed
 
 
