@@ -300,6 +300,9 @@ def test_the_loop_on_the_demo_predict_review_export_and_train_on_it(chromium, de
         card(page, first).locator(".reviewed").check()
         card(page, second).locator(".reviewed").check()
         export = exported(page)
+        page.reload()  # the edits and marks are still there, and export the same bytes
+        assert field(page, first, "/salesman").input_value() == "Ana Müller"
+        assert exported(page) == export
     assert problems == []
     value.update(salesman="Ana Müller", pallet_number=7)
     value["products"] = value["products"][1:]
