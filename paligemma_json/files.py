@@ -21,6 +21,13 @@ def replace_atomically(write, final_path: str) -> str:
     return "replaced" if replaced else "wrote"
 
 
+def write_text_atomically(text: str, path: str) -> str:
+    def write(temporary):
+        with open(temporary, "w", encoding="utf-8") as out:
+            out.write(text)
+    return replace_atomically(write, path)
+
+
 def write_json_atomically(data, path: str) -> str:
     def write(temporary):
         with open(temporary, "w", encoding="utf-8") as out:

@@ -6,7 +6,7 @@ import base64
 import io
 from html import escape
 
-from paligemma_json.files import replace_atomically
+from paligemma_json.files import write_text_atomically
 from paligemma_json.json_text import parse_json
 from paligemma_json.metrics import confidence_lookup, field_statuses
 from paligemma_json.pictures import load_thumbnail
@@ -134,7 +134,4 @@ def write_html_report(rows: list[dict], metrics: dict, path: str) -> None:
 <script>{SCRIPT}</script>
 </body></html>
 """
-    def write(temporary):
-        with open(temporary, "w", encoding="utf-8") as out:
-            out.write(page)
-    replace_atomically(write, path)
+    write_text_atomically(page, path)

@@ -35,7 +35,7 @@ import os
 import shlex
 from html import escape
 
-from paligemma_json.files import replace_atomically
+from paligemma_json.files import write_text_atomically
 from paligemma_json.html_report import thumbnail_data_uri
 
 # Small print on a phone photo is readable at 1024 px; a page of 100 documents is then ~15 MB.
@@ -132,11 +132,7 @@ Save the export as <code class="target">{escape(target)}</code> (its rows name t
 <script>{PAGE_SCRIPT}</script>
 </body></html>
 """
-
-    def write(temporary):
-        with open(temporary, "w", encoding="utf-8") as out:
-            out.write(page)
-    replace_atomically(write, path)
+    write_text_atomically(page, path)
 
 
 PAGE_STYLE = """
