@@ -8,7 +8,11 @@ one graph replay per token instead of hundreds of kernel launches. The prefill (
 prompt) stays eager, and so do the logits processors, so the schema's mask and the confidence
 recorder see the same scores.
 
-Two things stand in the way on PaliGemma 2 (transformers 5.24), both handled here:
+Three things stand in the way on PaliGemma 2 (transformers 5.24), all handled here:
+- Gemma 2's sliding-window layers keep their length in a Python int, so the compiled step was compiled
+  again at every token (an H200 showed it; the CPU does the same): within the window they are made
+  plain static layers (`FastDecoding.static_cache`), and a step that recompiles anyway raises
+  (`stop_on_recompiles`), which falls back to today's path.
 - With a static cache, `generate` prepares the attention masks itself (a dict: full and sliding
   window) and `PaliGemmaModel.forward` hands that dict back to `create_causal_mask`, which fails:
   "'dict' object has no attribute 'ndim'". `pass_prepared_masks` lets a prepared mask through as it is.
