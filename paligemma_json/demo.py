@@ -193,7 +193,7 @@ def train_demo_tokenizer(texts: list[str], vocab_size: int = TOKENIZER_VOCAB_SIZ
 
 
 def build_tiny_model(tokenizer, save_dir: str, seed: int = 0):
-    """A ~0.65M-parameter PaliGemma 2 (Gemma 2 text, SigLIP vision) saved like a Hub checkpoint."""
+    """A 0.63M-parameter (634,624) PaliGemma 2 (Gemma 2 text, SigLIP vision) saved like a Hub checkpoint."""
     import torch
     from transformers import (Gemma2Config, PaliGemmaConfig, PaliGemmaForConditionalGeneration,
                               PaliGemmaProcessor, SiglipImageProcessorPil, SiglipVisionConfig)
