@@ -27,7 +27,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from runner import ROOT, run_child  # noqa: E402
+from runner import ROOT, answer_if_child, run_child  # noqa: E402
 
 sys.path.insert(0, ROOT)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -163,8 +163,7 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default="", help="a JSON file for every row")
     parser.add_argument("--child", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.child:
-        print(json.dumps(measure(json.loads(args.child))))
+    if answer_if_child(args, measure):
         return
     work = prepare(args.work_dir or tempfile.mkdtemp(prefix="decode_"), args.device)
     print(f"decoding {IMAGES} images in batches of {BATCH}, up to {work['max_new_tokens']} new tokens "

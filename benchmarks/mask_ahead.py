@@ -17,7 +17,6 @@ real widths. The rest of the processor (the bits unpacked and the scores masked)
 are: here on the CPU, in a real run on the GPU.
 """
 
-import argparse
 import json
 import os
 import statistics
@@ -26,7 +25,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from runner import ROOT, run_child  # noqa: E402
+from runner import ROOT, answer_if_child, benchmark_parser, run_child  # noqa: E402
 
 sys.path.insert(0, ROOT)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -101,12 +100,8 @@ def measure(request: dict) -> dict:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--work-dir", default="")
-    parser.add_argument("--child", default="", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.child:
-        print(json.dumps(measure(json.loads(args.child))))
+    args = benchmark_parser(__doc__).parse_args(argv)
+    if answer_if_child(args, measure):
         return
     from decode import prepare
     work = prepare(args.work_dir or tempfile.mkdtemp(prefix="mask_ahead_"), "cpu")

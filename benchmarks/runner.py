@@ -5,6 +5,7 @@ A benchmark runs itself as `script --child ...`; the child prints its result as 
 of stdout (JSON), and anything else it prints goes before that line or to stderr.
 """
 
+import argparse
 import json
 import os
 import subprocess
@@ -31,3 +32,21 @@ def run_child(script: str, arguments: list[str], what: str, env: dict | None = N
     if process.returncode != 0:
         raise ChildFailed(what, process.stderr)
     return json.loads(process.stdout.strip().splitlines()[-1])
+
+
+def answer_if_child(args, measure) -> bool:
+    """In a child (`--child REQUEST`): print `measure(request)` as the last stdout line, for
+    `run_child` to read, and say so; in the parent, False."""
+    if not args.child:
+        return False
+    print(json.dumps(measure(json.loads(args.child))))
+    return True
+
+
+def benchmark_parser(doc: str) -> argparse.ArgumentParser:
+    """A benchmark's flags: its docstring's first paragraph as the description, `--work-dir`, and the
+    hidden `--child` that `run_child` passes."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--work-dir", default="")
+    parser.add_argument("--child", default="", help=argparse.SUPPRESS)
+    return parser

@@ -10,7 +10,6 @@ the step time. The decoding issue (23) asks for equal loss on a CPU and the spee
 the first, and the lever is not a setting until a GPU has measured the second.
 """
 
-import argparse
 import json
 import os
 import sys
@@ -18,7 +17,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from runner import ROOT, run_child  # noqa: E402
+from runner import ROOT, answer_if_child, benchmark_parser, run_child  # noqa: E402
 
 sys.path.insert(0, ROOT)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -61,12 +60,8 @@ def measure(request: dict) -> dict:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--work-dir", default="")
-    parser.add_argument("--child", default="", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.child:
-        print(json.dumps(measure(json.loads(args.child))))
+    args = benchmark_parser(__doc__).parse_args(argv)
+    if answer_if_child(args, measure):
         return
     work_dir = args.work_dir or tempfile.mkdtemp(prefix="trainer_compile_")
     rows = {compiled: run_child(__file__, [json.dumps({"compiled": compiled, "work_dir": work_dir})],
