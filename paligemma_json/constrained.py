@@ -184,7 +184,8 @@ class SchemaLogitsProcessor(LogitsProcessor):
         if self.prompt_length is None:
             return  # no step was masked yet: the first mask is made where it is needed
         rows = self._rows(input_ids)
-        self.next_mask = ((len(rows), input_ids.shape[1]), self.constraint.next_mask_worker().submit(self._mask_apart, rows))
+        filling = self.constraint.next_mask_worker().submit(self._mask_apart, rows)
+        self.next_mask = ((len(rows), input_ids.shape[1]), filling)
 
     def _mask_apart(self, rows: list[tuple]) -> torch.Tensor:
         with torch.inference_mode():  # as generate's own thread: the buffer may be an inference tensor

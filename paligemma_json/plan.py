@@ -187,7 +187,8 @@ def plan_run(settings: dict) -> RunPlan:
         print("resume: " + ("training finished; predicting what is missing" if training_done
                             else f"training from {checkpoint}" if checkpoint
                             else "no checkpoint yet; training from the start"))
-    inputs = ([] if demo else [settings["DATASET_DIR"], settings["MODEL_ID"]]) + [settings["SCHEMA"], settings["CORRECTIONS"]]
+    inputs = [] if demo else [settings["DATASET_DIR"], settings["MODEL_ID"]]
+    inputs += [settings["SCHEMA"], settings["CORRECTIONS"]]
     return RunPlan(mode, output_dir, processes, int(os.environ.get("RANK", "0")) == 0, resume, settings["OVERWRITE"],
                    demo, training_done, checkpoint, settings["BATCH_SIZE"] * settings["GRAD_ACCUM"] * processes,
                    reads=tuple(path for path in inputs if path))
