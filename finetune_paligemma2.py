@@ -166,8 +166,7 @@ from torch.utils.data import Dataset
 from paligemma_json.constrained import compile_schema, label_schema
 from paligemma_json.corrections import add_corrections  # a review page's export, trained on with train
 from paligemma_json.documents import read_annotations
-from paligemma_json.run_record import check_run_settings  # a --resume never mixes two runs' settings
-from paligemma_json.schema import save_label_schema, warn_non_json_labels
+from paligemma_json.schema import warn_non_json_labels
 
 SPLITS = ("train", "valid", "test")
 
@@ -210,20 +209,18 @@ if __name__ == "__main__" and run.mode == "train":
           + (f" ({corrected} of train from {CORRECTIONS})" if corrected else ""))
     warn_non_json_labels(splits)  # captions train too, but have no fields to score
     # What constrained decoding holds generation to and schema_valid_rate checks; saved beside the model.
-    LABEL_SCHEMA = label_schema(splits, SCHEMA)
-    check_run_settings(settings, run, LABEL_SCHEMA, splits)  # all but a MAX_NEW_TOKENS of 0, resolved in step 4
-    if LABEL_SCHEMA is not None and CONSTRAINED:
-        compile_schema(LABEL_SCHEMA)  # a schema the grammar library cannot use stops the run now
-    if run.writes:
-        save_label_schema(LABEL_SCHEMA, OUTPUT_DIR)
+    schema = label_schema(splits, SCHEMA)
+    if schema is not None and CONSTRAINED:
+        compile_schema(schema)  # a schema the grammar library cannot use stops the run now
 
 # %% [markdown]
 # ## 4. Load PaliGemma 2 with LoRA, QLoRA or a frozen vision tower
 # bf16 where the GPU has it natively, else fp32 (Gemma 2 overflows in fp16). A 4-bit model is placed by
 # loading, never moved with `.to()`. No attention argument: Gemma 2 gets `eager` (its soft-capping has no
-# SDPA path), SigLIP `sdpa`. Before the model loads, the dataset report (`OUTPUT_DIR/dataset_report.json`)
-# checks image sizes, label lengths in tokens, field fill rates and leaks between splits, and on a GPU
-# the estimated peak memory is printed against the card's (docs/gpu-memory.md, "Will it fit on my GPU?").
+# SDPA path), SigLIP `sdpa`. Before the model loads: the data checked with its tokenizer (label lengths,
+# the generation budget, a `--resume` against the run it continues, and the dataset report in
+# `OUTPUT_DIR/dataset_report.json`: image sizes, field fill rates, leaks between splits), then on a GPU
+# the estimated peak memory against the card's (docs/gpu-memory.md, "Will it fit on my GPU?").
 
 # %%
 import logging
@@ -238,8 +235,9 @@ from peft import LoraConfig, get_peft_model  # noqa: E402
 from transformers import (BitsAndBytesConfig, PaliGemmaConfig, PaliGemmaForConditionalGeneration, PaliGemmaProcessor,
                           set_seed)
 
-from paligemma_json.dataset_report import label_tokens, report_dataset, token_budget
+from paligemma_json.dataset_report import check_data  # the data's checks that need the tokenizer
 from paligemma_json.devices import model_device_map, place_whole_copy, training_dtype  # bf16 from 8.0, else fp32
+from paligemma_json.devices import use_own_gpu
 from paligemma_json.distributed import loading_device_map, prepare_fsdp_loading
 from paligemma_json.files import adapter_base
 from paligemma_json.hub import cache_only_for, hub_load
@@ -283,7 +281,8 @@ def keep_4bit_layers_unpacked(model) -> None:
 
 def load_processor(model_id: str, cache_only: bool = False) -> PaliGemmaProcessor:
     processor = hub_load(PaliGemmaProcessor.from_pretrained, model_id, local_files_only=cache_only)
-    processor.tokenizer.padding_side = "left"  # generation appends on the right
+    processor.tokenizer.padding_side = "left"  # generation appends on the right: right padding would put pads
+    # between prompt and answer (training takes the same side: a padded position is masked either way)
     return processor
 
 
@@ -327,32 +326,25 @@ def load_trained_model(final_dir: str, dtype: torch.dtype, use_qlora: bool = Fal
 
 if __name__ == "__main__" and run.mode == "train":
     set_seed(SEED)  # before the adapters exist: their A matrices are random
-    TORCH_DTYPE = training_dtype()
+    use_own_gpu(run.launch.local_rank)  # under a launcher, each process its own GPU
+    torch_dtype = training_dtype()
     cache_only = cache_only_for(MODEL_ID)
     processor = load_processor(MODEL_ID, cache_only)
-    label_token_counts = label_tokens(splits, processor.tokenizer)  # per split: each label's tokens, with EOS
-    max_new_tokens = MAX_NEW_TOKENS
-    if max_new_tokens <= 0:
-        max_new_tokens = token_budget(label_token_counts["train"] + label_token_counts["valid"])
-        print(f"MAX_NEW_TOKENS={max_new_tokens}: the longest train/valid label in tokens, + 25%")
-    settings_as_run = {**settings, "MAX_NEW_TOKENS": max_new_tokens}  # what run_settings.json and the card record
-    check_run_settings(settings_as_run, run, LABEL_SCHEMA, splits, resolved=True)  # then OUTPUT_DIR/run_settings.json
-    if DATASET_REPORT and run.writes:  # it needs the tokenizer, so it runs here, before the model loads
-        report_dataset(splits, label_token_counts, max_new_tokens, OUTPUT_DIR, STRICT)
+    data = check_data(splits, processor.tokenizer, settings, run, schema)  # MAX_NEW_TOKENS 0 resolved here
     if run.training_done:
-        model = load_trained_model(os.path.join(OUTPUT_DIR, "final"), TORCH_DTYPE, USE_QLORA)
+        model = load_trained_model(os.path.join(OUTPUT_DIR, "final"), torch_dtype, USE_QLORA)
     else:
         if run.writes:  # before anything big loads; it warns and goes on
             check_fit(MODEL_ID, training_setting(
                 use_lora=USE_LORA, use_qlora=USE_QLORA, freeze_vision=FREEZE_VISION, lora_rank=LORA_RANK,
-                lora_targets=LORA_TARGET_MODULES, batch_size=BATCH_SIZE, grad_accum=GRAD_ACCUM, dtype=TORCH_DTYPE,
-                gradient_checkpointing=GRADIENT_CHECKPOINTING, label_tokens=max_new_tokens), cache_only=cache_only)
+                lora_targets=LORA_TARGET_MODULES, batch_size=BATCH_SIZE, grad_accum=GRAD_ACCUM, dtype=torch_dtype,
+                gradient_checkpointing=GRADIENT_CHECKPOINTING, label_tokens=data.max_new_tokens), cache_only=cache_only)
         model = load_model(MODEL_ID, USE_LORA, USE_QLORA, FREEZE_VISION, LORA_RANK, LORA_TARGET_MODULES,
-                           TORCH_DTYPE, cache_only, checkpoint=run.resume_checkpoint)
+                           torch_dtype, cache_only, checkpoint=run.resume_checkpoint)
         if GRADIENT_CHECKPOINTING:  # here, not in TrainingArguments: see enable_gradient_checkpointing
             enable_gradient_checkpointing(model)
     trainable, total = count_parameters(model)
-    print(f"model: {MODEL_ID}, {TORCH_DTYPE}, trainable {trainable:,} of {total:,} parameters "
+    print(f"model: {MODEL_ID}, {torch_dtype}, trainable {trainable:,} of {total:,} parameters "
           f"({100 * trainable / total:.2f}%)")
 
 # %% [markdown]
@@ -416,7 +408,6 @@ def generate_batch(model, processor, batch, generation: GenerationSettings, cons
                    with_confidence: bool = True) -> list[dict]:
     """`prediction` per image; `truncated`: the budget ran out before EOS, so the text is cut off;
     `confidence`: per field of the prediction, from the raw logits."""
-    processor.tokenizer.padding_side = "left"  # right padding would put pads between prompt and answer
     images, eos = len(batch), processor.tokenizer.eos_token_id
     inputs = collate_fn(batch, processor, generation.dtype, with_labels=False).to(model.device)
     prompt_length = inputs["input_ids"].shape[-1]
@@ -513,30 +504,27 @@ from paligemma_json.devices import OneGPUPerProcessArguments
 from paligemma_json.distributed import end_distributed, release_training_memory, save_whole_weights
 from paligemma_json.files import replace_atomically, write_json_atomically
 from paligemma_json.pictures import draw_training_curves
+from paligemma_json.plan import RunPlan
 from paligemma_json.speed import mfu_report
 from paligemma_json.tracking import trackers
 from paligemma_json.training import ExtractionTrainer, early_stopping  # validation scored by what it extracts
 
 
-def training_arguments(output_dir: str, generation: GenerationSettings, *, epochs=EPOCHS, max_steps=MAX_STEPS,
-                       batch_size=BATCH_SIZE, grad_accum=GRAD_ACCUM, learning_rate=LEARNING_RATE,
-                       lr_scheduler=LR_SCHEDULER, warmup_steps=WARMUP_STEPS, weight_decay=WEIGHT_DECAY,
-                       save_steps=SAVE_STEPS, logging_steps=LOGGING_STEPS, report_to=REPORT_TO,
-                       seed=SEED) -> TrainingArguments:
-    """The tutorial's arguments, fixed where they misled. Each setting defaults to step 1's constant of that
-    name as it stands when this cell runs (after the flags, or your edits in Colab)."""
+def training_arguments(output_dir: str, generation: GenerationSettings, settings: dict) -> TrainingArguments:
+    """The tutorial's arguments, fixed where they misled; `settings`: step 1's, by their UPPER_CASE names."""
+    save_steps = settings["SAVE_STEPS"]
     every = "steps" if save_steps > 0 else "epoch"
     return OneGPUPerProcessArguments(  # plain `python` on several GPUs: one GPU, never DataParallel
         output_dir=output_dir,
-        num_train_epochs=epochs,
-        max_steps=max_steps,
-        per_device_train_batch_size=batch_size,
+        num_train_epochs=settings["EPOCHS"],
+        max_steps=settings["MAX_STEPS"],
+        per_device_train_batch_size=settings["BATCH_SIZE"],
         per_device_eval_batch_size=generation.batch_size,
-        gradient_accumulation_steps=grad_accum,
-        learning_rate=learning_rate,
-        lr_scheduler_type=lr_scheduler,
-        warmup_steps=warmup_steps,
-        weight_decay=weight_decay,
+        gradient_accumulation_steps=settings["GRAD_ACCUM"],
+        learning_rate=settings["LEARNING_RATE"],
+        lr_scheduler_type=settings["LR_SCHEDULER"],
+        warmup_steps=settings["WARMUP_STEPS"],
+        weight_decay=settings["WEIGHT_DECAY"],
         # The paged 8-bit optimizers are CUDA-only and have failed on resume: not a default.
         optim="adamw_torch_fused" if torch.cuda.is_available() else "adamw_torch",
         eval_strategy=every,
@@ -546,15 +534,15 @@ def training_arguments(output_dir: str, generation: GenerationSettings, *, epoch
         save_total_limit=2,  # the best and the latest; the Trainer never deletes the best
         metric_for_best_model="eval_field_f1",  # reloaded by load_best_checkpoint, not load_best_model_at_end
         greater_is_better=True,
-        logging_steps=logging_steps,
+        logging_steps=settings["LOGGING_STEPS"],
         include_num_input_tokens_seen="non_padding",  # for the tokens/s the run reports
-        report_to=trackers(report_to),
+        report_to=trackers(settings["REPORT_TO"]),
         bf16=generation.dtype == torch.bfloat16,
         remove_unused_columns=False,  # the collate needs the image, which is not a model input
         ddp_find_unused_parameters=False,  # every trained weight gets a gradient: skip DDP's search
         use_cpu=not torch.cuda.is_available(),  # else torchrun on CPUs runs N separate, unsynced trainings
         dataloader_pin_memory=torch.cuda.is_available(),
-        seed=seed,
+        seed=settings["SEED"],
     )
 
 
@@ -606,36 +594,45 @@ def save_final_model(model, processor, final_dir: str, schema: dict | None = Non
     replace_atomically(write, final_dir)
 
 
+def finish_training(trainer: Trainer, run: RunPlan, processor, final_dir: str, schema: dict | None,
+                    dtype: torch.dtype, use_qlora: bool):
+    """After `trainer.train()`, in every process: the model to predict with, the best checkpoint's, saved
+    whole in `final_dir`. Under a launcher the processes first put an FSDP run's whole weights on disk
+    together; then all but the first, which alone saves, predicts and scores, end here."""
+    save = functools.partial(save_final_model, processor=processor, final_dir=final_dir, schema=schema)
+    sharded = is_sharded(trainer.model)
+    if sharded:
+        whole_weights = save_whole_weights(trainer.model, trainer.state.best_model_checkpoint, final_dir, save,
+                                           run.writes)
+    end_distributed()  # what follows needs no other process
+    if not run.writes:
+        sys.exit(0)
+    if sharded:  # on with a whole copy of what was saved, as a finished run reloads final/
+        release_training_memory(trainer)
+        model = load_trained_model(whole_weights, dtype, use_qlora, device_map=place_whole_copy(
+            trainer.model.config, dtype, prefer_gpu=True, purpose="test predictions", remedy=f"{final_dir} is "
+            "saved: run the same command again with --resume, without the launcher, to predict on one GPU"))
+    else:
+        model = load_best_checkpoint(trainer, dtype)
+    save(model)
+    return model
+
+
 if __name__ == "__main__" and run.mode == "train":
-    generation = GenerationSettings(TORCH_DTYPE, max_new_tokens, NUM_BEAMS, EVAL_BATCH_SIZE,
+    generation = GenerationSettings(torch_dtype, data.max_new_tokens, NUM_BEAMS, EVAL_BATCH_SIZE,
                                     FastDecoding(FAST_DECODING))
     final_dir = os.path.join(OUTPUT_DIR, "final")
     if not run.training_done:
-        arguments = training_arguments(OUTPUT_DIR, generation)  # the rest: step 1's settings, as resolved
-        trainer = build_trainer(model, processor, train_dataset, valid_dataset, generation, arguments,
-                                EARLY_STOPPING_PATIENCE)
+        trainer = build_trainer(model, processor, train_dataset, valid_dataset, generation,
+                                training_arguments(OUTPUT_DIR, generation, settings), EARLY_STOPPING_PATIENCE)
         train_result = trainer.train(resume_from_checkpoint=run.resume_checkpoint)
-        if is_sharded(trainer.model):  # FSDP: every process helps put the whole weights on disk first
-            whole_weights = save_whole_weights(trainer.model, trainer.state.best_model_checkpoint, final_dir,
-                                               functools.partial(save_final_model, processor=processor,
-                                                                 final_dir=final_dir, schema=LABEL_SCHEMA))
-        if not trainer.is_world_process_zero():  # the first process alone saves, predicts and scores
-            end_distributed()
-            sys.exit(0)
+        model = finish_training(trainer, run, processor, final_dir, schema, torch_dtype, USE_QLORA)
         report, samples_per_second, tokens_per_second = trainer.speed(train_result, resumed=bool(run.resume_checkpoint))
         print(report)
         if torch.cuda.is_available():  # model FLOPs per second over this card's peak: paligemma_json/speed.py
             print(mfu_report(model.config, tokens_per_second, samples_per_second, USE_LORA, FREEZE_VISION,
-                             trainer.args.world_size, torch.cuda.get_device_name(), TORCH_DTYPE,
-                             sum(label_token_counts["train"]) / len(train_dataset)))  # where the LM head runs
-        if is_sharded(trainer.model):  # on with a whole copy of what was saved, as a finished run reloads final/
-            release_training_memory(trainer)
-            model = load_trained_model(whole_weights, TORCH_DTYPE, USE_QLORA, device_map=place_whole_copy(
-                model.config, TORCH_DTYPE, prefer_gpu=True, purpose="test predictions", remedy=f"{final_dir} is "
-                "saved: run the same command again with --resume, without the launcher, to predict on one GPU"))
-        else:
-            model = load_best_checkpoint(trainer, TORCH_DTYPE)
-        save_final_model(model, processor, final_dir, LABEL_SCHEMA)
+                             run.processes, torch.cuda.get_device_name(), torch_dtype,
+                             sum(data.label_tokens["train"]) / len(train_dataset)))  # where the LM head runs
         draw_training_curves(trainer.state.log_history, os.path.join(OUTPUT_DIR, "training_curves.png"),
                              trainer.state.best_global_step)
         print(f"saved: {final_dir}, {os.path.join(OUTPUT_DIR, 'training_curves.png')}")
@@ -652,13 +649,13 @@ if __name__ == "__main__" and run.mode == "train":
 from paligemma_json.confidence import training_threshold
 
 if __name__ == "__main__" and run.mode == "train":
-    constraint = build_constraint(LABEL_SCHEMA, processor, CONSTRAINED)
-    THRESHOLD = training_threshold(CONFIDENCE_THRESHOLD, FLAG_WRONG_SHARE, final_dir,
+    constraint = build_constraint(schema, processor, CONSTRAINED)
+    flagging = training_threshold(CONFIDENCE_THRESHOLD, FLAG_WRONG_SHARE, final_dir,
                                    lambda path: predict_to_file(model, processor, valid_dataset, path, generation,
                                                                 RESUME, constraint=constraint))
     predictions = predict_to_file(model, processor, test_dataset, os.path.join(OUTPUT_DIR, "predictions.jsonl"),
                                   generation, RESUME, constraint=constraint, also_free=constraint is not None,
-                                  temperature=THRESHOLD["temperature"])
+                                  temperature=flagging["temperature"])
     print(f"example prediction for {predictions[0]['image']}:\n{predictions[0]['prediction'][:400]}")
 
 # %% [markdown]
@@ -675,14 +672,13 @@ from paligemma_json.hub import push_to_hub
 from paligemma_json.model_card import write_model_card
 
 if __name__ == "__main__" and run.mode == "train":
-    metrics = evaluate_predictions(predictions, OUTPUT_DIR, LABEL_SCHEMA, THRESHOLD["threshold"], THRESHOLD["source"])
+    metrics = evaluate_predictions(predictions, OUTPUT_DIR, schema, flagging["threshold"], flagging["source"])
     if DEMO:  # its figures are low by design: said beside them, before they are read as a failure
         from paligemma_json.demo import demo_figures_meaning
         print(demo_figures_meaning(metrics))
-    end_distributed()
     # The card holds the test figures, so it is written now, and pushed with the weights.
-    print("model card: " + write_model_card(final_dir, metrics, LABEL_SCHEMA, predictions[0]["prefix"],
-                                            settings_as_run, PUSH_TO_HUB))
+    print("model card: " + write_model_card(final_dir, metrics, schema, predictions[0]["prefix"], data.settings,
+                                            PUSH_TO_HUB, run.processes))
     if PUSH_TO_HUB:  # last: a failed upload loses nothing else (one line, exit code 2)
         push_to_hub(final_dir, PUSH_TO_HUB)
 

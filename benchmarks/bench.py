@@ -46,7 +46,6 @@ happens before it on both sides.
 import argparse
 import ctypes
 import functools
-import inspect
 import json
 import os
 import shutil
@@ -191,9 +190,7 @@ def our_trainer(model, processor, train_dataset, valid_dataset, settings: dict):
     from transformers.trainer_utils import IntervalStrategy
     dtype = flow.training_dtype()
     generation = flow.GenerationSettings(dtype, max_new_tokens=64, batch_size=settings["EVAL_BATCH_SIZE"])
-    named = inspect.signature(flow.training_arguments).parameters  # the settings, as its keyword arguments
-    arguments = flow.training_arguments(settings["OUTPUT_DIR"], generation, **{
-        name.lower(): value for name, value in settings.items() if name.lower() in named and name != "OUTPUT_DIR"})
+    arguments = flow.training_arguments(settings["OUTPUT_DIR"], generation, settings)
     trainer = flow.build_trainer(model, processor, train_dataset, valid_dataset, generation, arguments)
     trainer.args.eval_strategy = IntervalStrategy.NO  # set in place: dataclasses.replace resets accelerate's state
     return trainer

@@ -187,7 +187,7 @@ def load(shape: dict):
                             lora_targets=flow.LORA_TARGET_MODULES, dtype=dtype)
     generation = flow.GenerationSettings(dtype, max_new_tokens=8)
     with tempfile.TemporaryDirectory() as output_dir:
-        arguments = flow.training_arguments(output_dir, generation, grad_accum=2, max_steps=1)
+        arguments = flow.training_arguments(output_dir, generation, {**flow.DEFAULTS, "GRAD_ACCUM": 2, "MAX_STEPS": 1})
         trainer = flow.ExtractionTrainer(model=model, args=arguments, eval_dataset=[{}], predict_rows=None)  # never evaluates
     trainer.current_gradient_accumulation_steps = 2
     return model, trainer, trainer.accelerator.prepare_model(model), dtype

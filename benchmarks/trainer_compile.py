@@ -39,10 +39,9 @@ def measure(request: dict) -> dict:
     model = flow.PaliGemmaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32)
     processor = flow.load_processor(model_dir)
     generation = flow.GenerationSettings(torch.float32, 16, 1, 8)
-    arguments = flow.training_arguments(os.path.join(request["work_dir"], f"run-{request['compiled']}"), generation,
-                                        max_steps=STEPS, batch_size=8, grad_accum=1, learning_rate=2e-3,
-                                        warmup_steps=0, save_steps=10 * STEPS, logging_steps=1, report_to=["none"],
-                                        seed=3)
+    arguments = flow.training_arguments(os.path.join(request["work_dir"], f"run-{request['compiled']}"), generation, {
+        **flow.DEFAULTS, "MAX_STEPS": STEPS, "BATCH_SIZE": 8, "GRAD_ACCUM": 1, "LEARNING_RATE": 2e-3,
+        "WARMUP_STEPS": 0, "SAVE_STEPS": 10 * STEPS, "LOGGING_STEPS": 1, "REPORT_TO": ["none"], "SEED": 3})
     arguments = dataclasses.replace(arguments, torch_compile=request["compiled"], save_strategy="no",
                                     eval_strategy="no")
     stamps = []

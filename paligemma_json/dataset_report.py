@@ -4,10 +4,14 @@ each field is filled, and leaks between splits (the same photo, or the same labe
 import itertools
 import os
 import statistics
+from dataclasses import dataclass
 
 from paligemma_json import FlowError
 from paligemma_json.files import write_json_atomically
 from paligemma_json.json_text import json_type, key_paths, parse_json
+from paligemma_json.plan import RunPlan
+from paligemma_json.run_record import check_run_settings
+from paligemma_json.schema import save_label_schema
 
 HASH_SIZE = 16  # a 256-bit perceptual hash: 8×8 (64 bits) saw distinct demo manifests as equal
 # Measured by benchmarks/leak_thresholds.py on the demo's near-identical manifests: re-encoded or
@@ -176,3 +180,29 @@ def report_dataset(splits: dict, lengths: dict[str, list[int]], max_new_tokens: 
         raise FlowError(f"{leaks} leaks between splits (listed above and in "
                         f"{os.path.join(output_dir, 'dataset_report.json')}); remove them, or drop --strict")
     return report
+
+
+@dataclass(frozen=True)
+class CheckedData:
+    label_tokens: dict[str, list[int]]  # per split: each label's length in tokens, with EOS
+    max_new_tokens: int  # MAX_NEW_TOKENS, or when it is 0 the budget sized from the labels
+    settings: dict  # the run's settings with that budget in: what run_settings.json and the model card record
+
+
+def check_data(splits: dict, tokenizer, settings: dict, run: RunPlan, schema: dict | None) -> CheckedData:
+    """Step 4's checks of the data, which need the tokenizer and come before the model loads: the labels
+    in tokens and the generation budget sized from them; a --resume that would mix two runs' settings
+    refused; then, by the writing process, the labels' schema and the run's settings saved and the dataset
+    report printed and saved (with STRICT, a leak stops the run)."""
+    lengths = label_tokens(splits, tokenizer)
+    max_new_tokens = settings["MAX_NEW_TOKENS"]
+    if max_new_tokens <= 0:
+        max_new_tokens = token_budget(lengths["train"] + lengths["valid"])
+        print(f"MAX_NEW_TOKENS={max_new_tokens}: the longest train/valid label in tokens, + 25%")
+    as_run = {**settings, "MAX_NEW_TOKENS": max_new_tokens}
+    check_run_settings(as_run, run, schema, splits)  # then OUTPUT_DIR/run_settings.json
+    if run.writes:
+        save_label_schema(schema, run.output_dir)
+        if settings["DATASET_REPORT"]:
+            report_dataset(splits, lengths, max_new_tokens, run.output_dir, settings["STRICT"])
+    return CheckedData(lengths, max_new_tokens, as_run)

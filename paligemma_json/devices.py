@@ -7,7 +7,6 @@ overflows there.
 """
 
 import functools
-import os
 
 import torch
 from transformers import TrainingArguments
@@ -58,10 +57,17 @@ class OneGPUPerProcessArguments(TrainingArguments):
         return device
 
 
+def use_own_gpu(local_rank: int) -> None:
+    """Under a launcher, each process of a machine takes the GPU of its local rank (plain `python`: GPU 0),
+    before anything is placed: `model_device_map` and the memory check then read it."""
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+
+
 def model_device_map() -> dict:
     """One whole copy on this process's device: never split a model across GPUs behind DDP's back."""
     if torch.cuda.is_available():
-        return {"": int(os.environ.get("LOCAL_RANK", 0))}
+        return {"": torch.cuda.current_device()}
     return {"": "cpu"}
 
 

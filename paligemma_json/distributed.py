@@ -77,12 +77,6 @@ def is_sharded(model) -> bool:
     return any(isinstance(module, (FSDPModule, FullyShardedDataParallel)) for module in model.modules())
 
 
-def process_rank_and_count() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 def gather_whole_weights(model, adapters_only: bool) -> dict:
     """Every process must call this. The first gets the whole weights on the CPU; the others {}.
     `adapters_only`: the trained weights alone (a LoRA adapter), not the frozen base."""
@@ -91,18 +85,17 @@ def gather_whole_weights(model, adapters_only: bool) -> dict:
     return get_model_state_dict(model, options=options)
 
 
-def save_whole_weights(model, best_checkpoint: str | None, final_dir: str, save_final) -> str:
+def save_whole_weights(model, best_checkpoint: str | None, final_dir: str, save_final, writes: bool) -> str:
     """The end of an FSDP run, called by every process: returns where the whole weights to use are.
-    `save_final(model, state_dict=...)` writes `final_dir` from gathered weights (the first process)."""
-    rank, _ = process_rank_and_count()
+    `save_final(model, state_dict=...)` writes `final_dir` from gathered weights (the process that `writes`)."""
     if best_checkpoint is not None:
-        if rank == 0:
+        if writes:
             print(f"fsdp: the best checkpoint, {best_checkpoint}, holds the whole weights; reloading it whole")
         return best_checkpoint
     from torch.distributed.fsdp import FullyShardedDataParallel
     unwrapped = model.module if isinstance(model, FullyShardedDataParallel) else model  # fully_shard wraps nothing
     weights = gather_whole_weights(model, adapters_only=hasattr(unwrapped, "peft_config"))
-    if rank == 0:
+    if writes:
         save_final(unwrapped, state_dict=weights)
         print(f"fsdp: no evaluation chose a checkpoint; the last weights, gathered from every process, "
               f"are in {final_dir}")
@@ -122,7 +115,7 @@ def release_training_memory(trainer) -> None:
 def synced_generation(model) -> bool:
     """Sharded generation must step on until every process has finished: each step needs them all.
     transformers sees this by itself only for models it sharded on loading."""
-    return is_sharded(model) and process_rank_and_count()[1] > 1
+    return is_sharded(model) and torch.distributed.get_world_size() > 1
 
 
 class DatasetShare:
@@ -140,10 +133,9 @@ class DatasetShare:
         return self.dataset[self.indices[index]]
 
 
-def predict_across_processes(predict, dataset) -> list[dict]:
-    """`predict(rows)` (an iterable of prediction rows for a dataset) run by every process on its
-    share of `dataset`; every process gets all the rows, in the dataset's order."""
-    rank, count = process_rank_and_count()
+def predict_across_processes(predict, dataset, rank: int, count: int) -> list[dict]:
+    """`predict(rows)` (an iterable of prediction rows for a dataset) run by each of `count` processes on
+    its share of `dataset`; every process gets all the rows, in the dataset's order."""
     if count == 1:
         return list(predict(dataset))
     share = list(range(rank, len(dataset), count))

@@ -34,7 +34,6 @@ cannot show, added here as stated constants: the CUDA context (outside torch's c
 taken when `torch.cuda.mem_get_info` reports free memory) and the caching allocator's slack.
 """
 
-import os
 import re
 from dataclasses import dataclass, field, replace
 
@@ -319,7 +318,7 @@ def check_fit(model_id: str, setting: TrainingSetting, cache_only: bool = False)
     except Exception as error:  # the model's own loading reports a missing model properly
         print(f"memory: check skipped, no config for {model_id} ({type(error).__name__})")
         return
-    device = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.cuda.current_device()  # this process's: devices.use_own_gpu
     free_bytes, _ = torch.cuda.mem_get_info(device)
     for line in fit_report(architecture(config), setting, free_bytes, torch.cuda.get_device_name(device)):
         print(line)

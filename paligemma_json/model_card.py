@@ -15,7 +15,7 @@ import shlex
 import shutil
 
 from paligemma_json.files import adapter_base, read_saved_json, replace_atomically, write_json_atomically
-from paligemma_json.plan import newest_checkpoint, process_count
+from paligemma_json.plan import newest_checkpoint
 
 CARD_NAME = "README.md"
 ROBOFLOW_SOURCE = "roboflow-source.json"  # written beside a downloaded export: where it came from
@@ -157,8 +157,7 @@ def _trainer_state(output_dir: str) -> dict:
     return {} if checkpoint is None else read_saved_json(os.path.join(checkpoint, "trainer_state.json"))
 
 
-def training_lines(settings: dict, base_model: str) -> list[str]:
-    processes = process_count()
+def training_lines(settings: dict, base_model: str, processes: int = 1) -> list[str]:
     method = training_method(settings)
     if method == "full-fine-tune":
         how = "full fine-tune: every weight trained"
@@ -261,8 +260,9 @@ def _intro(kind: str, base_model: str, dataset: str | None) -> str:
 
 
 def write_model_card(final_dir: str, metrics: dict, schema: dict | None, prompt: str, settings: dict,
-                     repo_id: str = "") -> str:
-    """`final_dir/README.md`, replacing peft's generic card; written after scoring, whole or not at all."""
+                     repo_id: str = "", processes: int = 1) -> str:
+    """`final_dir/README.md`, replacing peft's generic card; written after scoring, whole or not at all.
+    `processes`: how many trained together (the effective batch)."""
     base_model = adapter_base(final_dir)
     kind = "adapter" if base_model else "full"
     base_model = base_model or settings["MODEL_ID"]
@@ -277,7 +277,7 @@ def write_model_card(final_dir: str, metrics: dict, schema: dict | None, prompt:
         f"`<image>` then `{prompt}`: the processor puts the image tokens where `<image>` is. The model was trained "
         "on this exact prompt.", "",
         "## Test figures", "", *figures_table(metrics), "",
-        "## Training", "", *training_lines(settings, base_model), "",
+        "## Training", "", *training_lines(settings, base_model, processes), "",
         usage_section(model, base_model if kind == "adapter" else None, prompt, settings["MAX_NEW_TOKENS"],
                       settings["USE_QLORA"], predict_lines(os.path.dirname(os.path.abspath(final_dir)), settings,
                                                            repo_id)),

@@ -134,11 +134,28 @@ def trained_run(output_dir: str) -> str:
 
 
 @dataclass(frozen=True)
+class Launch:
+    """This process among those a launcher started: read once, from the variables torchrun and
+    `accelerate launch` set (plain `python` is process 0 of 1)."""
+    rank: int = 0  # among every process; the first alone writes the run's files
+    local_rank: int = 0  # among this machine's processes: the GPU it uses
+    processes: int = 1
+
+    @property
+    def writes(self) -> bool:
+        return self.rank == 0
+
+
+def read_launch() -> Launch:
+    return Launch(int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")),
+                  int(os.environ.get("WORLD_SIZE", "1")))
+
+
+@dataclass(frozen=True)
 class RunPlan:
     mode: str  # "train" (and test), or one that uses a finished run: "evaluate", "predict", "merge"
     output_dir: str
-    processes: int  # under torchrun or `accelerate launch` every process runs the script
-    writes: bool  # the first process alone writes the run's files
+    launch: Launch  # under torchrun or `accelerate launch` every process runs the script
     resume: bool
     overwrite: bool
     demo: bool
@@ -147,17 +164,21 @@ class RunPlan:
     effective_batch: int  # images per optimizer step, over every process: what the learning rate is tuned to
     reads: tuple  # the user's inputs (dataset, model, schema), which replacing an earlier run must not remove
 
+    @property
+    def processes(self) -> int:
+        return self.launch.processes
+
+    @property
+    def writes(self) -> bool:
+        """The first process alone writes the run's files."""
+        return self.launch.writes
+
     def prepare_output_dir(self) -> None:
         """A training run's folder, by the rules above; the modes that use a finished run write beside it.
         A folder it creates is removed at exit if the run wrote nothing into it (a broken dataset, say)."""
         if self.mode == "train" and self.writes:
             prepare_output_dir(self.output_dir, self.overwrite, self.resume, self.demo, self.reads)
             atexit.register(remove_if_left_empty, make_output_dir(self.output_dir))
-
-
-def process_count() -> int:
-    """Under torchrun or `accelerate launch` every process runs the script; plain `python` is one."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def run_mode(evaluate: str, predict: str, merge: bool) -> str:
@@ -177,8 +198,8 @@ def plan_run(settings: dict) -> RunPlan:
     check_confidence_settings(settings["CONFIDENCE_THRESHOLD"], settings["FLAG_WRONG_SHARE"])
     if mode == "train":  # a tracker that is not installed stops the run now, not after the model has loaded
         check_tracking_settings(settings["REPORT_TO"], settings["EARLY_STOPPING_PATIENCE"])
-    processes = process_count()
-    if demo and processes > 1:
+    launch = read_launch()
+    if demo and launch.processes > 1:
         raise FlowError("--demo builds its data in one process: run it once without a launcher, then launch "
                         "with --dataset-dir OUTPUT_DIR/demo-dataset --model-id OUTPUT_DIR/demo-model")
     training_done = resume and os.path.isdir(os.path.join(output_dir, "final"))
@@ -189,6 +210,6 @@ def plan_run(settings: dict) -> RunPlan:
                             else "no checkpoint yet; training from the start"))
     inputs = [] if demo else [settings["DATASET_DIR"], settings["MODEL_ID"]]
     inputs += [settings["SCHEMA"], settings["CORRECTIONS"]]
-    return RunPlan(mode, output_dir, processes, int(os.environ.get("RANK", "0")) == 0, resume, settings["OVERWRITE"],
-                   demo, training_done, checkpoint, settings["BATCH_SIZE"] * settings["GRAD_ACCUM"] * processes,
+    return RunPlan(mode, output_dir, launch, resume, settings["OVERWRITE"], demo, training_done, checkpoint,
+                   settings["BATCH_SIZE"] * settings["GRAD_ACCUM"] * launch.processes,
                    reads=tuple(path for path in inputs if path))

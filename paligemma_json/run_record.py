@@ -74,18 +74,15 @@ def read_record(output_dir: str) -> dict | None:
         raise FlowError(f"{path} cannot be read: restore it, or delete it to resume without the check") from None
 
 
-def check_run_settings(settings: dict, run: RunPlan, schema: dict | None, splits: dict, resolved: bool = False) -> None:
-    """Called with the script's settings as soon as the schema is known (step 3), and again once
-    MAX_NEW_TOKENS is resolved (`resolved`, step 4), both before the model loads. Refuses a resume
-    that would mix two trainings; once resolved, re-predicts when the predictions would be mixed
-    and writes the record (the first process alone)."""
+def check_run_settings(settings: dict, run: RunPlan, schema: dict | None, splits: dict) -> None:
+    """Called with the script's settings once MAX_NEW_TOKENS is resolved (step 4), before the model
+    loads. Refuses a resume that would mix two trainings, re-predicts when the predictions would be
+    mixed, and writes the record (the first process alone)."""
     output_dir, now = run.output_dir, run_settings(settings, schema, splits, run.effective_batch)
     resumes_results = run.resume and holds_results(output_dir)
     earlier = read_record(output_dir) if resumes_results else None
     if earlier is not None:
         refuse_mixed_training(output_dir, earlier, now, run.training_done)
-    if not resolved:
-        return
     writes = run.writes
     if resumes_results and earlier is None and writes:
         print(f"note: {output_dir} has no {RECORD_NAME} (an older version made it): its settings cannot be "

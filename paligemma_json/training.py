@@ -145,7 +145,8 @@ class ExtractionTrainer(Trainer):
         started = time.perf_counter()
         metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
-        rows = predict_across_processes(functools.partial(self.predict_rows, self.model, self.processing_class), dataset)
+        rows = predict_across_processes(functools.partial(self.predict_rows, self.model, self.processing_class), dataset,
+                                        self.args.process_index, self.args.world_size)
         scores = compute_metrics(rows)
         extraction = {f"{metric_key_prefix}_{name}": scores[name] for name in ("field_f1", "json_valid_rate")}
         self.log(extraction)

@@ -29,8 +29,9 @@ def run_script(*args, env=None, cwd=None, timeout=600):
 
 def build_trainer(flow, model, processor, splits, generation, output_dir, **settings):
     """The script's trainer on the splits, with step 1's settings but those given (lower case)."""
+    given = {name.upper(): value for name, value in settings.items()}
     return flow.build_trainer(model, processor, splits["train"], splits["valid"], generation,
-                              flow.training_arguments(output_dir, generation, **settings))
+                              flow.training_arguments(output_dir, generation, {**flow.DEFAULTS, **given}))
 
 
 def run_flow(monkeypatch, *args) -> dict:

@@ -74,7 +74,7 @@ def predict(dataset):
     return flow.predict_rows(model, processor, dataset, generation, with_confidence=False)
 
 
-record["rows"] = distributed.predict_across_processes(predict, valid)
+record["rows"] = distributed.predict_across_processes(predict, valid, rank, dist.get_world_size())
 record["predicted_here"] = predicted_here
 
 # The whole trained weights, gathered as a reference: every process takes part in each full_tensor().
@@ -82,7 +82,7 @@ trained = {name: parameter.full_tensor().detach().clone() for name, parameter in
            if parameter.requires_grad}
 final_dir = os.path.join(out_dir, "final")
 weights_dir = distributed.save_whole_weights(model, None, final_dir, functools.partial(
-    flow.save_final_model, processor=processor, final_dir=final_dir, schema=None))
+    flow.save_final_model, processor=processor, final_dir=final_dir, schema=None), writes=rank == 0)
 record["weights_dir"] = weights_dir
 
 if rank == 0:  # the others stop here, as the script's do; this one goes on with a whole copy

@@ -30,8 +30,6 @@ def test_each_process_predicts_its_share_and_every_process_gets_all_rows_in_orde
     dataset, predicted, own_rows = Rows(rows), {}, {}
 
     def play(rank):
-        monkeypatch.setattr(distributed, "process_rank_and_count", lambda: (rank, processes))
-
         def predict(share):
             predicted[rank] = [entry["image"] for entry in share.entries]
             return ({"image": entry["image"], "by": rank} for entry in share.entries)
@@ -40,7 +38,7 @@ def test_each_process_predicts_its_share_and_every_process_gets_all_rows_in_orde
             own_rows[rank] = rows_here
             shares[:] = [own_rows.get(other, [None] * rows) for other in range(processes)]  # not played yet
         monkeypatch.setattr(torch.distributed, "all_gather_object", all_gather_object)
-        return distributed.predict_across_processes(predict, dataset)
+        return distributed.predict_across_processes(predict, dataset, rank, processes)
 
     for rank in range(processes):
         play(rank)
@@ -56,7 +54,7 @@ def test_each_process_predicts_its_share_and_every_process_gets_all_rows_in_orde
 
 def test_one_process_predicts_everything_itself():
     dataset = Rows(5)
-    rows = distributed.predict_across_processes(lambda share: iter(share.entries), dataset)
+    rows = distributed.predict_across_processes(lambda share: iter(share.entries), dataset, 0, 1)
     assert rows == dataset.entries
 
 

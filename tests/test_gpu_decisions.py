@@ -55,7 +55,7 @@ def test_trainer_flag_lora_base_and_qlora_compute_follow_the_decision(monkeypatc
     assert loads[0]["dtype"] == loads[1]["dtype"] == dtype
     assert loads[1]["quantization_config"].bnb_4bit_compute_dtype == dtype
     monkeypatch.setattr(flow, "OneGPUPerProcessArguments", lambda **kwargs: kwargs)  # no CUDA to set up here
-    arguments = flow.training_arguments(str(tmp_path), flow.GenerationSettings(dtype, 8))
+    arguments = flow.training_arguments(str(tmp_path), flow.GenerationSettings(dtype, 8), flow.DEFAULTS)
     assert arguments["bf16"] == (capability == A100)
     assert not arguments.get("fp16")  # Gemma 2 overflows in fp16
 

@@ -51,7 +51,8 @@ def test_training_pins_its_batches_on_a_gpu(monkeypatch, tmp_path):
     """What makes the imitation below matter: on a GPU the script's arguments ask for pinning."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(flow, "OneGPUPerProcessArguments", lambda **kwargs: kwargs)  # no CUDA to set up here
-    assert flow.training_arguments(str(tmp_path), flow.GenerationSettings(torch.float32, 8))["dataloader_pin_memory"]
+    assert flow.training_arguments(str(tmp_path), flow.GenerationSettings(torch.float32, 8),
+                                   flow.DEFAULTS)["dataloader_pin_memory"]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -91,7 +92,7 @@ def test_generation_batches_survive_pinning(splits, processor, gpu_pinning, dtyp
 def test_a_gpu_gets_bf16_autocast_and_the_fused_optimizer(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(flow, "OneGPUPerProcessArguments", lambda **kwargs: kwargs)
-    arguments = flow.training_arguments(str(tmp_path), flow.GenerationSettings(torch.bfloat16, 8))
+    arguments = flow.training_arguments(str(tmp_path), flow.GenerationSettings(torch.bfloat16, 8), flow.DEFAULTS)
     assert arguments["optim"] == "adamw_torch_fused" and arguments["bf16"]
 
 
@@ -106,9 +107,9 @@ def test_resume_with_the_gpus_optimizer_and_autocast_repeats_the_losses(demo_ass
         flow.set_seed(0)  # before the adapters are made, as the script does
         model = flow.load_model(demo_assets[1], use_lora, False, False, 8, flow.LORA_TARGET_MODULES, torch.bfloat16,
                                 checkpoint=checkpoint)
-        arguments = flow.training_arguments(str(tmp_path), generation, max_steps=steps, save_steps=2, batch_size=4,
-                                            grad_accum=1, learning_rate=1e-3, warmup_steps=0, logging_steps=1,
-                                            report_to=["none"], seed=0)
+        arguments = flow.training_arguments(str(tmp_path), generation, {
+            **flow.DEFAULTS, "MAX_STEPS": steps, "SAVE_STEPS": 2, "BATCH_SIZE": 4, "GRAD_ACCUM": 1,
+            "LEARNING_RATE": 1e-3, "WARMUP_STEPS": 0, "LOGGING_STEPS": 1, "REPORT_TO": ["none"], "SEED": 0})
         arguments.optim = "adamw_torch_fused"  # as on a GPU (the test above)
         trainer = flow.build_trainer(model, processor, splits["train"], splits["valid"], generation, arguments)
         result = trainer.train(resume_from_checkpoint=checkpoint)
