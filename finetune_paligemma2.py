@@ -237,7 +237,6 @@ from transformers import (BitsAndBytesConfig, PaliGemmaConfig, PaliGemmaForCondi
 
 from paligemma_json.dataset_report import check_data  # the data's checks that need the tokenizer
 from paligemma_json.devices import model_device_map, place_whole_copy, training_dtype  # bf16 from 8.0, else fp32
-from paligemma_json.devices import use_own_gpu
 from paligemma_json.distributed import loading_device_map, prepare_fsdp_loading
 from paligemma_json.files import adapter_base
 from paligemma_json.hub import cache_only_for, hub_load
@@ -326,7 +325,6 @@ def load_trained_model(final_dir: str, dtype: torch.dtype, use_qlora: bool = Fal
 
 if __name__ == "__main__" and run.mode == "train":
     set_seed(SEED)  # before the adapters exist: their A matrices are random
-    use_own_gpu(run.launch.local_rank)  # under a launcher, each process its own GPU
     torch_dtype = training_dtype()
     cache_only = cache_only_for(MODEL_ID)
     processor = load_processor(MODEL_ID, cache_only)

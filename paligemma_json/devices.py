@@ -13,6 +13,7 @@ from transformers import TrainingArguments
 
 from paligemma_json import FlowError
 from paligemma_json.memory import GIB, architecture
+from paligemma_json.plan import read_launch
 # A whole copy's peak over its weights. Measured for a CPU merge (`merge_adapter`, real 3B widths with 4 text
 # and 4 vision layers, torch 2.13 CPU; `python benchmarks/merge_memory.py`): anonymous memory peaked at
 # 1.05-1.07x the fp32 weights; the bf16 checkpoint mapped from disk came on top as page cache, which the
@@ -57,17 +58,11 @@ class OneGPUPerProcessArguments(TrainingArguments):
         return device
 
 
-def use_own_gpu(local_rank: int) -> None:
-    """Under a launcher, each process of a machine takes the GPU of its local rank (plain `python`: GPU 0),
-    before anything is placed: `model_device_map` and the memory check then read it."""
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-
-
 def model_device_map() -> dict:
-    """One whole copy on this process's device: never split a model across GPUs behind DDP's back."""
+    """One whole copy on this process's device (under a launcher, its local rank's GPU): never split a model
+    across GPUs behind DDP's back."""
     if torch.cuda.is_available():
-        return {"": torch.cuda.current_device()}
+        return {"": read_launch().local_rank}
     return {"": "cpu"}
 
 

@@ -39,6 +39,8 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from paligemma_json.plan import read_launch
+
 GIB = 1024 ** 3
 # The CUDA context lives outside torch's allocator: "around 400MB if CUDA >= 11.7 is used and lazy module
 # loading enabled" (pytorch/pytorch#109888), ~300 MB in #107667. Counted against a card's total only: by the
@@ -318,7 +320,7 @@ def check_fit(model_id: str, setting: TrainingSetting, cache_only: bool = False)
     except Exception as error:  # the model's own loading reports a missing model properly
         print(f"memory: check skipped, no config for {model_id} ({type(error).__name__})")
         return
-    device = torch.cuda.current_device()  # this process's: devices.use_own_gpu
+    device = read_launch().local_rank  # this process's GPU
     free_bytes, _ = torch.cuda.mem_get_info(device)
     for line in fit_report(architecture(config), setting, free_bytes, torch.cuda.get_device_name(device)):
         print(line)
