@@ -170,6 +170,25 @@ def test_the_effective_batch_counts_every_process(monkeypatch, tmp_path):
     assert plan_run({**flow.DEFAULTS, "OUTPUT_DIR": str(tmp_path), "BATCH_SIZE": 3, "GRAD_ACCUM": 5}).effective_batch == 30
 
 
+def test_the_launch_is_read_once_onto_the_plan(monkeypatch, tmp_path):
+    """Rank, local rank and process count come from the launcher's variables, and only the first process writes."""
+    for name, value in (("RANK", "3"), ("LOCAL_RANK", "1"), ("WORLD_SIZE", "4")):
+        monkeypatch.setenv(name, value)
+    run = plan_run({**flow.DEFAULTS, "OUTPUT_DIR": str(tmp_path)})
+    assert (run.launch.rank, run.launch.local_rank, run.processes, run.writes) == (3, 1, 4, False)
+    monkeypatch.setenv("RANK", "0")
+    assert plan_run({**flow.DEFAULTS, "OUTPUT_DIR": str(tmp_path)}).writes
+
+
+def test_training_arguments_follow_the_settings_given_not_the_constants_at_import(tmp_path):
+    generation = flow.GenerationSettings(flow.torch.float32, 8)
+    changed = {**flow.DEFAULTS, "LEARNING_RATE": 0.125, "SAVE_STEPS": 7, "SEED": 11, "REPORT_TO": ["none"]}
+    arguments = flow.training_arguments(str(tmp_path), generation, changed)
+    assert (arguments.learning_rate, arguments.save_steps, arguments.eval_steps, arguments.seed) == (0.125, 7, 7, 11)
+    assert arguments.save_strategy == arguments.eval_strategy == "steps" and arguments.report_to == []
+    assert flow.training_arguments(str(tmp_path), generation, flow.DEFAULTS).save_strategy == "epoch"
+
+
 def test_one_mode_at_a_time():
     assert plan_run(flow.DEFAULTS).mode == "train" and plan_run({**flow.DEFAULTS, "MERGE": True}).mode == "merge"
     with pytest.raises(flow.FlowError, match="--evaluate and --predict are separate runs: pass one"):
