@@ -24,7 +24,7 @@ from json.decoder import scanstring
 from paligemma_json import FlowError
 from paligemma_json.files import read_saved_json, write_json_atomically
 from paligemma_json.json_text import child_path, parse_json
-from paligemma_json.metrics import FALLBACK_THRESHOLD, marked_fields
+from paligemma_json.metrics import FALLBACK_THRESHOLD, marked_fields, score_rows
 
 MINIMUM_WRONG_FIELDS = 5  # fewer wrong validation fields than this say nothing about a share of them
 RECORD_NAME = "confidence.json"
@@ -254,7 +254,8 @@ def training_threshold(setting: float, flag_wrong_share: float, final_dir: str, 
     if setting:  # the temperature a resumed run's rows were calibrated with, so its new rows match
         record = {"threshold": setting, "source": "given", "temperature": (saved or {}).get("temperature")}
     else:
-        marked = marked_fields(decode_validation(os.path.join(os.path.dirname(final_dir), VALIDATION_PREDICTIONS)))
+        rows = decode_validation(os.path.join(os.path.dirname(final_dir), VALIDATION_PREDICTIONS))
+        marked = marked_fields(score_rows(rows))
         temperature = fit_temperature(marked)
         record = {**pick_threshold([(calibrate(c, temperature), right) for c, right in marked], flag_wrong_share),
                   "temperature": temperature}

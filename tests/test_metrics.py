@@ -11,8 +11,8 @@ import zipfile
 import pytest
 
 from conftest import missing_check
-from paligemma_json.metrics import (char_similarity, compute_metrics, field_statuses, flatten, format_metrics_table,
-                                    normalize, parse_json, ted_accuracy)
+from paligemma_json.metrics import (char_similarity, compute_metrics, flatten, format_metrics_table, normalize,
+                                    parse_json, parse_prediction, score_row, ted_accuracy)
 
 
 @pytest.fixture(scope="session")
@@ -187,6 +187,9 @@ def test_the_table_lists_overall_figures_then_worst_fields():
 
 
 def test_field_statuses_mark_right_wrong_missing_and_extra():
+    def field_statuses(prediction, truth):
+        return score_row({"prediction": prediction, "suffix": truth}).statuses
+
     truth = json.dumps({"a": "1", "b": "2", "c": "3"})
     statuses = field_statuses(json.dumps({"a": "1", "b": "9", "d": "4"}), truth)
     assert sorted(statuses) == sorted([("right", "a", "1", "1"), ("wrong", "b", "2", "9"), ("missing", "c", "3", ""),
@@ -195,7 +198,9 @@ def test_field_statuses_mark_right_wrong_missing_and_extra():
 
 
 def test_duplicate_keys_and_truncation_are_counted():
-    from paligemma_json.metrics import has_duplicate_keys
+    def has_duplicate_keys(text):
+        return parse_prediction(text)[1]
+
     assert has_duplicate_keys('{"a": 1, "b": {"c": 1, "c": 2}}') and not has_duplicate_keys('{"a": {"a": 1}}')
     assert not has_duplicate_keys('[{"a": 1}, {"a": 2}]') and not has_duplicate_keys('{"a": ')
     rows = [{"prediction": '{"a": "1", "a": "2"}', "suffix": '{"a": "2"}', "truncated": False},
