@@ -76,7 +76,7 @@ def shade(confidence) -> str:
 
 def card_html(index: int, scored: ScoredRow) -> tuple[str, int]:
     """One test row: its image, then each field with the true and predicted value."""
-    row = scored.row
+    row = scored.raw
     uri = thumbnail_data_uri(row.get("image_path"))
     image = f'<img src="{uri}" alt="{escape(str(row.get("image", "")))}">' if uri else "<p>(image not found)</p>"
     if scored.prediction is None:

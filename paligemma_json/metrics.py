@@ -5,11 +5,14 @@ reimplemented so they run without torch or Donut's dependencies, and tested agai
 Both follow Donut's normalization: keys sorted, scalars compared as stripped strings (so `3` and
 `"3"` are equal), and every falsy value (`""`, `0`, `false`, `null`, `[]`, `{}`) dropped, which leaves
 it unscored on both sides. A prediction that is not valid JSON counts as `{}`.
+
+Each row is parsed and matched once (`score_row`, a `ScoredRow`): the figures here, the pictures,
+`report.html`, the confidence threshold and the review page all read that.
 """
 
 import json
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 from rapidfuzz.distance import Levenshtein
@@ -165,7 +168,7 @@ class ScoredRow:
     confidence threshold and the review page all read it. `statuses` and `confident` see the row as
     Donut does (values as stripped strings, falsy ones dropped); `fields` keeps what that drops: each
     predicted leaf's JSON value, its pointer (which list item) and empty values."""
-    row: dict  # as read: image, texts, truncated, confidences
+    raw: dict  # the row as read: image, texts, truncated, confidences
     prediction: object  # parsed: an object or array, None when the text is not JSON
     truth: object  # the parsed `suffix`; None when it is not JSON (a caption) or absent (--predict)
     repeated_keys: bool  # a key written twice at one level of the prediction
@@ -178,7 +181,7 @@ class ScoredRow:
     @property
     def fields(self) -> list[dict]:
         """`{"field", "value", "confidence", "pointer"}` per predicted leaf, as decoding wrote them."""
-        return self.row.get("confidence") or []
+        return self.raw.get("confidence") or []
 
     @property
     def judged_prediction(self):
@@ -221,11 +224,13 @@ def _scored(row: dict, truth) -> ScoredRow:
 
 def _decoded_free(scored: ScoredRow) -> ScoredRow:
     """The row as decoded without the constraint, against the same parsed truth. A row without
-    `free_prediction` (an older or --no-constrained run, resumed) was decoded free. The confidences
-    are the constrained prediction's: it has none."""
-    row = scored.row
-    return _scored({**row, "prediction": row.get("free_prediction", row["prediction"]),
-                    "truncated": row.get("free_truncated", row.get("truncated")), "confidence": None}, scored.truth)
+    `free_prediction` (an older or --no-constrained run, resumed) was decoded free: it is its own."""
+    row = scored.raw
+    free = {**row, "truncated": row.get("free_truncated", row.get("truncated"))}
+    if "free_prediction" not in row:
+        return replace(scored, raw=free)
+    # The confidences are the constrained prediction's: the free one has none.
+    return _scored({**free, "prediction": row["free_prediction"], "confidence": None}, scored.truth)
 
 
 def _statuses(predicted: list[tuple[str, str]], true: list[tuple[str, str]]) -> list[tuple[str, str, str, str]]:
@@ -283,13 +288,13 @@ def compute_metrics(rows: list[dict], schema: dict | None = None, threshold: flo
 def metrics_of(scored: list[ScoredRow], schema: dict | None = None, threshold: float = FALLBACK_THRESHOLD,
                threshold_source: str = "given") -> dict:
     """`compute_metrics` of rows already scored."""
-    metrics = {"decoding": "constrained" if any("free_prediction" in row.row for row in scored) else "free",
+    metrics = {"decoding": "constrained" if any("free_prediction" in row.raw for row in scored) else "free",
                **_figures(scored, schema)}
     if metrics["decoding"] == "constrained":
         free = _figures([_decoded_free(row) for row in scored], schema)
         metrics.update({f"free_{name}": value for name, value in free.items()
                         if name not in ("rows", "rows_without_json_target", "per_field")})
-    if any("confidence" in row.row for row in scored):
+    if any("confidence" in row.raw for row in scored):
         metrics.update(confidence_figures(scored, threshold, threshold_source))
     metrics["per_field"] = metrics.pop("per_field")  # the one nested object, last
     return metrics
@@ -374,13 +379,13 @@ def _figures(rows: list[ScoredRow], schema: dict | None) -> dict:
         "rows_without_json_target": len(rows) - count,
         "json_valid_rate": _ratio(sum(row.prediction is not None for row in scored), count, 0.0),
         "duplicate_key_rate": _ratio(sum(row.repeated_keys for row in scored), count, 0.0),
-        "truncated_rate": _ratio(sum(bool(row.row.get("truncated")) for row in rows), len(rows), 0.0),
+        "truncated_rate": _ratio(sum(bool(row.raw.get("truncated")) for row in rows), len(rows), 0.0),
         "exact_match": _ratio(sum(row.judged_prediction == row.truth for row in scored), count, 0.0),
         "field_precision": _ratio(true_positives, predicted, float(expected == 0)),
         "field_recall": _ratio(true_positives, expected, float(predicted == 0)),
         "field_f1": _ratio(true_positives, true_positives + errors / 2, 1.0),
         "ted_accuracy": _ratio(sum(ted_accuracy(row.judged_prediction, row.truth) for row in scored), count, 0.0),
-        "char_similarity": _ratio(sum(char_similarity(row.row["prediction"], row.row["suffix"]) for row in rows),
+        "char_similarity": _ratio(sum(char_similarity(row.raw["prediction"], row.raw["suffix"]) for row in rows),
                                   len(rows), 0.0),
     }
     if schema is not None:

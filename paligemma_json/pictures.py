@@ -42,7 +42,7 @@ def _thumbnail_or_placeholder(path: str | None) -> Image.Image:
 
 
 def _draw_card(scored: ScoredRow, font, bold, threshold: float) -> Image.Image:
-    row = scored.row
+    row = scored.raw
     card = Image.new("RGB", (CARD_WIDTH, CARD_HEIGHT), "white")
     draw = ImageDraw.Draw(card)
     card.paste(_thumbnail_or_placeholder(row.get("image_path")), (8, 30))
