@@ -386,8 +386,8 @@ from dataclasses import dataclass
 
 from tqdm.auto import tqdm
 
-from paligemma_json.confidence import calibrate_fields
-from paligemma_json.constrained import ChosenTokenProbabilities, build_constraint, field_confidences
+from paligemma_json.confidence import calibrate_fields, field_confidences
+from paligemma_json.constrained import ChosenTokenProbabilities, build_constraint
 from paligemma_json.decoding import FastDecoding, stop_on_recompiles  # a static cache, a compiled step: a GPU
 from paligemma_json.distributed import is_sharded, synced_generation
 from paligemma_json.files import append_jsonl, completed_rows

@@ -25,7 +25,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from paligemma_json.confidence import CLIP, VALIDATION_PREDICTIONS, calibrate, fit_temperature  # noqa: E402
 from paligemma_json.json_text import jsonl_rows  # noqa: E402
-from paligemma_json.metrics import confidence_auroc, confidence_ece, marked_fields  # noqa: E402
+from paligemma_json.metrics import confidence_auroc, confidence_ece, marked_fields, score_rows  # noqa: E402
 
 
 def read_raw_rows(path: str) -> list[dict]:
@@ -65,8 +65,8 @@ def apply(weights: np.ndarray, z: np.ndarray) -> np.ndarray:
 
 
 def measure(run_dir: str) -> dict:
-    valid = marked_fields(read_raw_rows(os.path.join(run_dir, VALIDATION_PREDICTIONS)))
-    test = marked_fields(read_raw_rows(os.path.join(run_dir, "predictions.jsonl")))
+    valid = marked_fields(score_rows(read_raw_rows(os.path.join(run_dir, VALIDATION_PREDICTIONS))))
+    test = marked_fields(score_rows(read_raw_rows(os.path.join(run_dir, "predictions.jsonl"))))
     valid_z, valid_right = scores(valid)
     test_z, _ = scores(test)
     temperature = fit_temperature(valid)  # the flow's own fit and map (paligemma_json/confidence.py)

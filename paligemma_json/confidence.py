@@ -1,4 +1,7 @@
-"""The confidence threshold: a field whose confidence is below it is sent for a check by hand.
+"""Confidence per field, and the threshold below which a field is sent for a check by hand.
+
+A field's confidence is the lowest probability among the tokens that wrote its value
+(`field_confidences`, from the probabilities `constrained.ChosenTokenProbabilities` records).
 
 `CONFIDENCE_THRESHOLD = 0` asks for it to be picked on the validation split, decoded once after
 training exactly as the test set is. There a temperature is fitted first (temperature scaling of
@@ -11,18 +14,114 @@ the model; the test set and `--predict` calibrate with that temperature. `--eval
 setting is used as given, on the confidences as the run wrote them.
 """
 
+import bisect
+import json
 import math
 import os
+import re
+from json.decoder import scanstring
 
 from paligemma_json import FlowError
 from paligemma_json.files import read_saved_json, write_json_atomically
-from paligemma_json.metrics import FALLBACK_THRESHOLD, marked_fields
+from paligemma_json.json_text import child_path, parse_json
+from paligemma_json.metrics import FALLBACK_THRESHOLD, marked_fields, score_rows
 
 MINIMUM_WRONG_FIELDS = 5  # fewer wrong validation fields than this say nothing about a share of them
 RECORD_NAME = "confidence.json"
 VALIDATION_PREDICTIONS = "validation_predictions.jsonl"  # in OUTPUT_DIR, beside predictions.jsonl
 CLIP = 1e-5  # confidences are clipped to [CLIP, 1 - CLIP] before their logit is taken
 
+
+# --- Each field's confidence, from the tokens that wrote it --------------------------------------
+
+_NUMBER = re.compile(r"-?(?:0|[1-9]\d*)(?:\.\d+)?(?:[eE][-+]?\d+)?")
+_LITERALS = {"true": True, "false": False, "null": None}
+
+
+def json_pointer(parent: str, step) -> str:
+    """RFC 6901: `/products/2/cases` is the third line item's cases, where the key path says `products.cases`."""
+    return f"{parent}/{str(step).replace('~', '~0').replace('/', '~1')}"
+
+
+def leaf_spans(text: str) -> list[tuple[str, object, int, int, str]]:
+    """(key path, value, start, end, JSON pointer) for every scalar in a JSON text, in order, with the
+    key paths of `json_text.key_paths` (list items share their list's; the pointer says which item).
+    [] when the text is not JSON."""
+    leaves = []
+
+    def skip(i):
+        while i < len(text) and text[i] in " \t\n\r":
+            i += 1
+        return i
+
+    def value(i, key, pointer):
+        i = skip(i)
+        if text[i] in "{[":
+            closing, i = "}" if text[i] == "{" else "]", skip(i + 1)
+            if text[i] == closing:
+                return i + 1
+            item = 0
+            while True:
+                child, at = key, json_pointer(pointer, item)  # a list item: its list's path, its own pointer
+                if closing == "}":
+                    name, i = scanstring(text, skip(i) + 1)
+                    i = skip(i)
+                    if text[i] != ":":
+                        raise ValueError("expected ':'")
+                    child, at, i = child_path(key, name), json_pointer(pointer, name), i + 1
+                item += 1
+                i = skip(value(i, child, at))
+                if text[i] == closing:
+                    return i + 1
+                if text[i] != ",":
+                    raise ValueError("expected ','")
+                i += 1
+        if text[i] == '"':
+            content, end = scanstring(text, i + 1)
+            leaves.append((key, content, i, end, pointer))
+            return end
+        literal = next((word for word in _LITERALS if text.startswith(word, i)), None)
+        if literal:
+            leaves.append((key, _LITERALS[literal], i, i + len(literal), pointer))
+            return i + len(literal)
+        number = _NUMBER.match(text, i)
+        if not number:
+            raise ValueError("expected a value")
+        leaves.append((key, json.loads(number.group()), i, number.end(), pointer))
+        return number.end()
+
+    try:
+        if skip(value(0, "", "")) != len(text):
+            return []
+    except (ValueError, IndexError):
+        return []
+    return leaves
+
+
+def field_confidences(token_ids: list[int], probabilities: list[float], tokenizer, text: str) -> list[dict]:
+    """`{"field", "value", "confidence", "pointer"}` per leaf value of `text` (the decoded `token_ids`; none
+    when it is not JSON): the lowest probability among the tokens that overlap the value, with its
+    closing quote, or for a number or literal the character after it, since that is where the model
+    decided the value was complete."""
+    leaves = leaf_spans(text) if parse_json(text) is not None else []
+    if not leaves:
+        return []
+    ends = [len(prefix) for prefix in tokenizer.batch_decode([token_ids[:k + 1] for k in range(len(token_ids))],
+                                                               skip_special_tokens=True)]
+    for k in range(1, len(ends)):  # a prefix ending inside a UTF-8 character may decode longer
+        ends[k] = max(ends[k], ends[k - 1])
+    fields = []
+    for key, value, start, end, pointer in leaves:
+        if not isinstance(value, str):  # the token after a number is where it stopped: 29, not 290
+            end = min(end + 1, len(text))
+        first, last = bisect.bisect_right(ends, start), bisect.bisect_left(ends, end)
+        covering = probabilities[first:last + 1]
+        fields.append({"field": key, "value": value, "confidence": round(min(covering), 4) if covering else 1.0,
+                       "pointer": pointer})
+    return fields
+
+
+# --- Calibration and the threshold -------------------------------------------------------------
 
 def check_confidence_settings(threshold: float, flag_wrong_share: float) -> None:
     """Refused before training, not after it."""
@@ -155,7 +254,8 @@ def training_threshold(setting: float, flag_wrong_share: float, final_dir: str, 
     if setting:  # the temperature a resumed run's rows were calibrated with, so its new rows match
         record = {"threshold": setting, "source": "given", "temperature": (saved or {}).get("temperature")}
     else:
-        marked = marked_fields(decode_validation(os.path.join(os.path.dirname(final_dir), VALIDATION_PREDICTIONS)))
+        rows = decode_validation(os.path.join(os.path.dirname(final_dir), VALIDATION_PREDICTIONS))
+        marked = marked_fields(score_rows(rows))
         temperature = fit_temperature(marked)
         record = {**pick_threshold([(calibrate(c, temperature), right) for c, right in marked], flag_wrong_share),
                   "temperature": temperature}

@@ -12,17 +12,13 @@ tokens and would look surer than the model is. `ChosenTokenProbabilities` record
 so generation need not keep every step's 257,216-wide logits (`output_logits=True`).
 """
 
-import bisect
 import json
-import re
 from concurrent.futures import ThreadPoolExecutor
-from json.decoder import scanstring
 
 import torch
 from transformers import LogitsProcessor, StoppingCriteria, StoppingCriteriaList
 
 from paligemma_json import FlowError
-from paligemma_json.json_text import child_path, parse_json
 from paligemma_json.schema import load_schema, schema_from_labels
 
 
@@ -297,93 +293,6 @@ class ChosenTokenProbabilities(LogitsProcessor):
                     break
                 node = child
         return probabilities
-
-
-_NUMBER = re.compile(r"-?(?:0|[1-9]\d*)(?:\.\d+)?(?:[eE][-+]?\d+)?")
-_LITERALS = {"true": True, "false": False, "null": None}
-
-
-def json_pointer(parent: str, step) -> str:
-    """RFC 6901: `/products/2/cases` is the third line item's cases, where the key path says `products.cases`."""
-    return f"{parent}/{str(step).replace('~', '~0').replace('/', '~1')}"
-
-
-def leaf_spans(text: str) -> list[tuple[str, object, int, int, str]]:
-    """(key path, value, start, end, JSON pointer) for every scalar in a JSON text, in order, with the
-    key paths of `json_text.key_paths` (list items share their list's; the pointer says which item).
-    [] when the text is not JSON."""
-    leaves = []
-
-    def skip(i):
-        while i < len(text) and text[i] in " \t\n\r":
-            i += 1
-        return i
-
-    def value(i, key, pointer):
-        i = skip(i)
-        if text[i] in "{[":
-            closing, i = "}" if text[i] == "{" else "]", skip(i + 1)
-            if text[i] == closing:
-                return i + 1
-            item = 0
-            while True:
-                child, at = key, json_pointer(pointer, item)  # a list item: its list's path, its own pointer
-                if closing == "}":
-                    name, i = scanstring(text, skip(i) + 1)
-                    i = skip(i)
-                    if text[i] != ":":
-                        raise ValueError("expected ':'")
-                    child, at, i = child_path(key, name), json_pointer(pointer, name), i + 1
-                item += 1
-                i = skip(value(i, child, at))
-                if text[i] == closing:
-                    return i + 1
-                if text[i] != ",":
-                    raise ValueError("expected ','")
-                i += 1
-        if text[i] == '"':
-            content, end = scanstring(text, i + 1)
-            leaves.append((key, content, i, end, pointer))
-            return end
-        literal = next((word for word in _LITERALS if text.startswith(word, i)), None)
-        if literal:
-            leaves.append((key, _LITERALS[literal], i, i + len(literal), pointer))
-            return i + len(literal)
-        number = _NUMBER.match(text, i)
-        if not number:
-            raise ValueError("expected a value")
-        leaves.append((key, json.loads(number.group()), i, number.end(), pointer))
-        return number.end()
-
-    try:
-        if skip(value(0, "", "")) != len(text):
-            return []
-    except (ValueError, IndexError):
-        return []
-    return leaves
-
-
-def field_confidences(token_ids: list[int], probabilities: list[float], tokenizer, text: str) -> list[dict]:
-    """`{"field", "value", "confidence", "pointer"}` per leaf value of `text` (the decoded `token_ids`; none
-    when it is not JSON): the lowest probability among the tokens that overlap the value, with its
-    closing quote, or for a number or literal the character after it, since that is where the model
-    decided the value was complete."""
-    leaves = leaf_spans(text) if parse_json(text) is not None else []
-    if not leaves:
-        return []
-    ends = [len(prefix) for prefix in tokenizer.batch_decode([token_ids[:k + 1] for k in range(len(token_ids))],
-                                                               skip_special_tokens=True)]
-    for k in range(1, len(ends)):  # a prefix ending inside a UTF-8 character may decode longer
-        ends[k] = max(ends[k], ends[k - 1])
-    fields = []
-    for key, value, start, end, pointer in leaves:
-        if not isinstance(value, str):  # the token after a number is where it stopped: 29, not 290
-            end = min(end + 1, len(text))
-        first, last = bisect.bisect_right(ends, start), bisect.bisect_left(ends, end)
-        covering = probabilities[first:last + 1]
-        fields.append({"field": key, "value": value, "confidence": round(min(covering), 4) if covering else 1.0,
-                       "pointer": pointer})
-    return fields
 
 
 def build_constraint(schema: dict | None, processor, constrained: bool) -> JsonSchemaConstraint | None:

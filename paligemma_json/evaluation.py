@@ -7,7 +7,7 @@ from paligemma_json import FlowError
 from paligemma_json.confidence import threshold_for
 from paligemma_json.files import write_json_atomically
 from paligemma_json.json_text import jsonl_rows
-from paligemma_json.metrics import FALLBACK_THRESHOLD, compute_metrics, format_metrics_table
+from paligemma_json.metrics import FALLBACK_THRESHOLD, format_metrics_table, metrics_of, score_rows
 from paligemma_json.html_report import write_html_report
 from paligemma_json.pictures import draw_predictions
 from paligemma_json.schema import read_saved_schema
@@ -30,12 +30,13 @@ def read_predictions(path: str) -> list[dict]:
 def evaluate_predictions(rows: list[dict], output_dir: str, schema: dict | None = None,
                          threshold: float = FALLBACK_THRESHOLD, threshold_source: str = "given") -> dict:
     """`metrics.json`, `predictions.png` and `report.html` in `output_dir`, each written whole or
-    not at all. Fields below the confidence `threshold` are flagged."""
-    metrics = compute_metrics(rows, schema, threshold, threshold_source)
+    not at all. Fields below the confidence `threshold` are flagged. Each row is scored once, for all three."""
+    scored = score_rows(rows)
+    metrics = metrics_of(scored, schema, threshold, threshold_source)
     written = [os.path.join(output_dir, name) for name in ("metrics.json", "predictions.png", "report.html")]
     write_json_atomically(metrics, written[0])
-    draw_predictions(rows, written[1], threshold=threshold)
-    write_html_report(rows, metrics, written[2])
+    draw_predictions(scored, written[1], threshold=threshold)
+    write_html_report(scored, metrics, written[2])
     print(format_metrics_table(metrics))
     print("written: " + ", ".join(written))
     return metrics

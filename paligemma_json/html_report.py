@@ -7,8 +7,7 @@ import io
 from html import escape
 
 from paligemma_json.files import write_text_atomically
-from paligemma_json.json_text import parse_json
-from paligemma_json.metrics import confidence_lookup, field_statuses
+from paligemma_json.metrics import ScoredRow
 from paligemma_json.pictures import load_thumbnail
 
 STYLE = """
@@ -75,23 +74,23 @@ def shade(confidence) -> str:
             f' title="confidence {float(confidence):.2f}" data-confidence="{float(confidence):.4f}"')
 
 
-def card_html(index: int, row: dict) -> tuple[str, int]:
+def card_html(index: int, scored: ScoredRow) -> tuple[str, int]:
     """One test row: its image, then each field with the true and predicted value."""
+    row = scored.raw
     uri = thumbnail_data_uri(row.get("image_path"))
     image = f'<img src="{uri}" alt="{escape(str(row.get("image", "")))}">' if uri else "<p>(image not found)</p>"
-    confidence = confidence_lookup(row)
-    if parse_json(row["prediction"]) is None:
+    if scored.prediction is None:
         body, wrong = (f'<p class="wrong">invalid JSON, as generated:</p>'
                        f'<div class="raw">{escape(row["prediction"]) or "(empty)"}</div>'), 1
-        if parse_json(row["suffix"]) is not None:
+        if scored.truth is not None:
             body += f'<p>true:</p><div class="raw">{escape(row["suffix"])}</div>'
     else:
-        statuses = field_statuses(row["prediction"], row["suffix"])
+        statuses = scored.statuses
         wrong = sum(status != "right" for status, _, _, _ in statuses)
         lines = []
         for status, key, true, predicted in statuses:
             lines.append(f'<tr data-field="{escape(key)}" data-status="{status}" class="{status}"'
-                         f'{shade(confidence.get((key, predicted)))}><td>{escape(key)}</td><td>{escape(true)}</td>'
+                         f'{shade(scored.confidence_of(key, predicted))}><td>{escape(key)}</td><td>{escape(true)}</td>'
                          f'<td>{escape(predicted)}</td><td>{status}</td></tr>')
         body = ("<table><tr><th>field</th><th>true</th><th>predicted</th><th></th></tr>"
                 + "".join(lines) + "</table>")
@@ -113,7 +112,7 @@ def metrics_tables(metrics: dict) -> str:
             f"<th>predicted</th></tr>{fields}</table></div>")
 
 
-def write_html_report(rows: list[dict], metrics: dict, path: str) -> None:
+def write_html_report(rows: list[ScoredRow], metrics: dict, path: str) -> None:
     cards = [card_html(index, row) for index, row in enumerate(rows)]
     options = "".join(f'<option value="{escape(name)}">{escape(name)}</option>' for name in metrics.get("per_field", {}))
     page = f"""<!DOCTYPE html>

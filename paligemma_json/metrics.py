@@ -5,10 +5,14 @@ reimplemented so they run without torch or Donut's dependencies, and tested agai
 Both follow Donut's normalization: keys sorted, scalars compared as stripped strings (so `3` and
 `"3"` are equal), and every falsy value (`""`, `0`, `false`, `null`, `[]`, `{}`) dropped, which leaves
 it unscored on both sides. A prediction that is not valid JSON counts as `{}`.
+
+Each row is parsed and matched once (`score_row`, a `ScoredRow`): the figures here, the pictures,
+`report.html`, the confidence threshold and the review page all read that.
 """
 
 import json
 from collections import Counter
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 from rapidfuzz.distance import Levenshtein
@@ -16,21 +20,6 @@ from rapidfuzz.distance import Levenshtein
 from paligemma_json.json_text import key_paths, parse_json
 
 FALLBACK_THRESHOLD = 0.8  # the confidence threshold when none is given, picked or saved (confidence.py)
-
-
-def has_duplicate_keys(text: str) -> bool:
-    """A key written twice at one level: `json.loads` silently keeps the last, so it parses."""
-    repeated = False
-
-    def check(pairs):
-        nonlocal repeated
-        repeated = repeated or len({key for key, _ in pairs}) < len(pairs)
-        return dict(pairs)
-    try:
-        json.loads(text, object_pairs_hook=check)
-    except (json.JSONDecodeError, TypeError):
-        return False
-    return repeated
 
 
 # --- Donut's normalization and flattening -----------------------------------------------------
@@ -144,6 +133,128 @@ def ted_accuracy(prediction, truth) -> float:
     return max(0.0, 1 - tree_edit_distance(build_tree(prediction), truth_tree) / scale)
 
 
+# --- One row, scored once ---------------------------------------------------------------------
+
+def parse_prediction(text: str) -> tuple[object, bool]:
+    """`json_text.parse_json`'s value, and whether a key is written twice at one level (`json.loads`
+    silently keeps the last, so such a text parses), from one parse."""
+    repeated = False
+
+    def check(pairs):
+        nonlocal repeated
+        repeated = repeated or len({key for key, _ in pairs}) < len(pairs)
+        return dict(pairs)
+    try:
+        value = json.loads(text, object_pairs_hook=check)
+    except (json.JSONDecodeError, TypeError):
+        return None, False
+    return (value if isinstance(value, (dict, list)) else None), repeated
+
+
+def match(pairs: list[tuple[str, str]], pool: Counter) -> list[bool]:
+    """Donut's matching, written once: whether each of `pairs`, in order, is still in `pool`; each
+    one found is taken out of it, so a value is counted once however often it is asked for."""
+    found = []
+    for pair in pairs:
+        found.append(pool[pair] > 0)
+        if found[-1]:
+            pool[pair] -= 1
+    return found
+
+
+@dataclass(frozen=True)
+class ScoredRow:
+    """One prediction row, parsed and matched once: the metrics, the pictures, the HTML report, the
+    confidence threshold and the review page all read it. `statuses` and `confident` see the row as
+    Donut does (values as stripped strings, falsy ones dropped); `fields` keeps what that drops: each
+    predicted leaf's JSON value, its pointer (which list item) and empty values."""
+    raw: dict  # the row as read: image, texts, truncated, confidences
+    prediction: object  # parsed: an object or array, None when the text is not JSON
+    truth: object  # the parsed `suffix`; None when it is not JSON (a caption) or absent (--predict)
+    repeated_keys: bool  # a key written twice at one level of the prediction
+    # (status, key path, true value, predicted value) per field, in the truth's order: `right`, `wrong`,
+    # `missing` (predicted ""), then the prediction's `extra` fields (true "")
+    statuses: list[tuple[str, str, str, str]]
+    confident: list[tuple[str, str, float]]  # (key path, value, confidence) per predicted leaf Donut scores
+    marks: list[tuple[float, bool]]  # (confidence, right) for those; none where the truth is not JSON
+
+    @property
+    def fields(self) -> list[dict]:
+        """`{"field", "value", "confidence", "pointer"}` per predicted leaf, as decoding wrote them."""
+        return self.raw.get("confidence") or []
+
+    @property
+    def judged_prediction(self):
+        """The prediction as scored: `{}` when it is not JSON."""
+        return self.prediction if self.prediction is not None else {}
+
+    def confidence_of(self, key: str, value: str, default: float | None = None) -> float | None:
+        """The lowest confidence of a scored predicted leaf with this key path and value, to show
+        beside its status."""
+        found = [confidence for k, v, confidence in self.confident if (k, v) == (key, value)]
+        return min(1.0, *found) if found else default
+
+    def flags(self, threshold: float) -> dict[str, float]:
+        """JSON pointer -> confidence of each predicted field below `threshold` (the lowest, should one
+        pointer come twice): every leaf, those Donut drops too."""
+        flags = {}
+        for field in self.fields:
+            if field.get("pointer") is not None and field["confidence"] < threshold:
+                flags[field["pointer"]] = min(flags.get(field["pointer"], 1.0), field["confidence"])
+        return flags
+
+
+def score_row(row: dict) -> ScoredRow:
+    """`row`'s `prediction` and `suffix` (none for --predict) parsed, and their fields matched."""
+    return _scored(row, parse_json(row["suffix"]) if "suffix" in row else None)
+
+
+def score_rows(rows: list[dict]) -> list[ScoredRow]:
+    return [score_row(row) for row in rows]
+
+
+def _scored(row: dict, truth) -> ScoredRow:
+    prediction, repeated = parse_prediction(row["prediction"])
+    predicted, true = flatten(normalize(prediction)), flatten(normalize(truth))
+    confident = _confident(row.get("confidence") or [], predicted) if prediction is not None else []
+    right = match([(key, value) for key, value, _ in confident], Counter(true))
+    marks = [] if truth is None else [(confidence, found) for (_, _, confidence), found in zip(confident, right)]
+    return ScoredRow(row, prediction, truth, repeated, _statuses(predicted, true), confident, marks)
+
+
+def _decoded_free(scored: ScoredRow) -> ScoredRow:
+    """The row as decoded without the constraint, against the same parsed truth. A row without
+    `free_prediction` (an older or --no-constrained run, resumed) was decoded free: it is its own."""
+    row = scored.raw
+    free = {**row, "truncated": row.get("free_truncated", row.get("truncated"))}
+    if "free_prediction" not in row:
+        return replace(scored, raw=free)
+    # The confidences are the constrained prediction's: the free one has none.
+    return _scored({**free, "prediction": row["free_prediction"], "confidence": None}, scored.truth)
+
+
+def _statuses(predicted: list[tuple[str, str]], true: list[tuple[str, str]]) -> list[tuple[str, str, str, str]]:
+    unmatched = Counter(predicted)
+    statuses = [["right", key, value, value] if found else ["missing", key, value, ""]
+                for (key, value), found in zip(true, match(true, unmatched))]
+    leftovers = list(unmatched.elements())
+    for status in statuses:  # a missing field whose key the prediction has, with another value, is wrong
+        for pair in leftovers if status[0] == "missing" else []:
+            if pair[0] == status[1]:
+                leftovers.remove(pair)
+                status[0], status[3] = "wrong", pair[1]
+                break
+    return [tuple(status) for status in statuses] + [("extra", key, "", value) for key, value in leftovers]
+
+
+def _confident(fields: list[dict], predicted: list[tuple[str, str]]) -> list[tuple[str, str, float]]:
+    """The fields whose value Donut scores: the prediction's own normalized pairs, each used once, so
+    a value Donut drops (a falsy one, a boolean in a list) gets no mark."""
+    pairs = [(field["field"], str(field["value"]).strip()) for field in fields]
+    found = match(pairs, Counter(predicted))
+    return [(*pair, field["confidence"]) for pair, field, is_scored in zip(pairs, fields, found) if is_scored]
+
+
 # --- The report ---------------------------------------------------------------------------------
 
 def char_similarity(prediction: str, truth: str) -> float:
@@ -171,86 +282,27 @@ def compute_metrics(rows: list[dict], schema: dict | None = None, threshold: flo
     constraint carry `free_prediction` too: its figures are added as `free_...`. Rows with
     `confidence` add how well confidence ranks and calibrates the fields, and what a confidence below
     `threshold` (chosen as `threshold_source` says: paligemma_json/confidence.py) flags."""
-    metrics = {"decoding": "constrained" if any("free_prediction" in row for row in rows) else "free",
-               **_figures(rows, schema)}
+    return metrics_of(score_rows(rows), schema, threshold, threshold_source)
+
+
+def metrics_of(scored: list[ScoredRow], schema: dict | None = None, threshold: float = FALLBACK_THRESHOLD,
+               threshold_source: str = "given") -> dict:
+    """`compute_metrics` of rows already scored."""
+    metrics = {"decoding": "constrained" if any("free_prediction" in row.raw for row in scored) else "free",
+               **_figures(scored, schema)}
     if metrics["decoding"] == "constrained":
-        # A row without `free_prediction` (an older or --no-constrained run, resumed) was decoded free.
-        free_rows = [{**row, "prediction": row.get("free_prediction", row["prediction"]),
-                      "truncated": row.get("free_truncated", row.get("truncated"))} for row in rows]
-        metrics.update({f"free_{name}": value for name, value in _figures(free_rows, schema).items()
+        free = _figures([_decoded_free(row) for row in scored], schema)
+        metrics.update({f"free_{name}": value for name, value in free.items()
                         if name not in ("rows", "rows_without_json_target", "per_field")})
-    if any("confidence" in row for row in rows):
-        metrics.update(confidence_figures(rows, threshold, threshold_source))
+    if any("confidence" in row.raw for row in scored):
+        metrics.update(confidence_figures(scored, threshold, threshold_source))
     metrics["per_field"] = metrics.pop("per_field")  # the one nested object, last
     return metrics
 
 
-def scored_confidences(row: dict) -> list[tuple[str, str, float]]:
-    """(key path, normalized value, confidence) for the predicted leaves Donut scores: the
-    prediction's own normalized pairs, each used once, so a value Donut drops (a falsy one, a
-    boolean in a list) gets no mark."""
-    prediction = parse_json(row["prediction"])
-    if prediction is None:
-        return []
-    scored, marked = Counter(flatten(normalize(prediction))), []
-    for field in row.get("confidence") or []:
-        pair = (field["field"], str(field["value"]).strip())
-        if scored[pair] > 0:
-            scored[pair] -= 1
-            marked.append((*pair, field["confidence"]))
-    return marked
-
-
-def field_statuses(prediction_text: str, truth_text: str) -> list[tuple[str, str, str, str]]:
-    """(status, key path, true value, predicted value) per field, in the truth's order: `right`,
-    `wrong`, `missing` (predicted ""), then the prediction's `extra` fields (true ""). Matching is
-    Donut's: normalized values, each predicted value used once."""
-    prediction, truth = parse_json(prediction_text), parse_json(truth_text)
-    unmatched = Counter(flatten(normalize(prediction or {})))
-    statuses = []
-    for key, value in flatten(normalize(truth or {})):
-        if unmatched[(key, value)] > 0:
-            unmatched[(key, value)] -= 1
-            statuses.append(["right", key, value, value])
-        else:
-            statuses.append(["missing", key, value, ""])
-    leftovers = [pair for pair, count in unmatched.items() for _ in range(count)]
-    for status in statuses:  # a missing field whose key the prediction has, with another value, is wrong
-        for pair in leftovers if status[0] == "missing" else []:
-            if pair[0] == status[1]:
-                leftovers.remove(pair)
-                status[0], status[3] = "wrong", pair[1]
-                break
-    return [tuple(status) for status in statuses] + [("extra", key, "", value) for key, value in leftovers]
-
-
-def field_correctness(row: dict) -> list[tuple[float, bool]]:
-    """(confidence, right) per predicted leaf Donut scores: right when the truth has that value at
-    that key path, each true value used once."""
-    truth = parse_json(row["suffix"])
-    if truth is None:
-        return []
-    unmatched = Counter(flatten(normalize(truth)))
-    marked = []
-    for key, value, confidence in scored_confidences(row):
-        right = unmatched[(key, value)] > 0
-        unmatched[(key, value)] -= right
-        marked.append((confidence, right))
-    return marked
-
-
-def confidence_lookup(row: dict) -> dict[tuple[str, str], float]:
-    """(key path, normalized value) -> the lowest confidence of such a predicted leaf, to put beside
-    `field_statuses`' rows."""
-    lookup = {}
-    for key, value, confidence in scored_confidences(row):
-        lookup[(key, value)] = min(lookup.get((key, value), 1.0), confidence)
-    return lookup
-
-
-def marked_fields(rows: list[dict]) -> list[tuple[float, bool]]:
-    """(confidence, right) for every scored predicted field of `rows`."""
-    return [pair for row in rows for pair in field_correctness(row)]
+def marked_fields(scored: list[ScoredRow]) -> list[tuple[float, bool]]:
+    """(confidence, right) for every scored predicted field of the rows."""
+    return [mark for row in scored for mark in row.marks]
 
 
 def confidence_auroc(marked: list[tuple[float, bool]]) -> float | None:
@@ -282,12 +334,12 @@ def confidence_ece(marked: list[tuple[float, bool]], bins: int = 10) -> float | 
                for members in binned.values()) / len(marked)
 
 
-def confidence_figures(rows: list[dict], threshold: float, threshold_source: str = "given") -> dict:
+def confidence_figures(scored: list[ScoredRow], threshold: float, threshold_source: str = "given") -> dict:
     """Whether confidence means something: how well it ranks right fields above wrong ones
     (`confidence_auroc`) and matches their accuracy (`confidence_ece`); field accuracy at or above
     `threshold` against below it, the share of all fields a confidence below it sends for a check
     and the share of wrong fields it flags. None where nothing falls there."""
-    marked = marked_fields(rows)
+    marked = marked_fields(scored)
     sure = [right for confidence, right in marked if confidence >= threshold]
     unsure = [right for confidence, right in marked if confidence < threshold]
     wrong = [confidence < threshold for confidence, right in marked if not right]
@@ -301,53 +353,47 @@ def confidence_figures(rows: list[dict], threshold: float, threshold_source: str
             "wrong_fields_flagged": sum(wrong) / len(wrong) if wrong else None}
 
 
-def _figures(rows: list[dict], schema: dict | None) -> dict:
-    scored, duplicates = [], 0  # (parsed prediction or {} when invalid, whether it parsed, parsed truth)
-    for row in rows:
-        truth, prediction = parse_json(row["suffix"]), parse_json(row["prediction"])
-        if truth is not None:
-            scored.append((prediction if prediction is not None else {}, prediction is not None, truth))
-            duplicates += has_duplicate_keys(row["prediction"])
-    true_positives, predicted_per_field, per_field = 0, Counter(), {}
-    predicted = expected = 0
-    for prediction, _, truth in scored:
-        predicted_pairs, true_pairs = Counter(flatten(normalize(prediction))), Counter(flatten(normalize(truth)))
-        matched = predicted_pairs & true_pairs
-        true_positives += sum(matched.values())
-        predicted += sum(predicted_pairs.values())
-        expected += sum(true_pairs.values())
-        for (key, value), count in true_pairs.items():
-            field = per_field.setdefault(key, {"correct": 0, "support": 0})
-            field["support"] += count
-            field["correct"] += matched[(key, value)]
-        for (key, _), count in predicted_pairs.items():
-            predicted_per_field[key] += count
+def _figures(rows: list[ScoredRow], schema: dict | None) -> dict:
+    scored = [row for row in rows if row.truth is not None]  # the rows whose target is JSON
+    per_field, predicted_per_field, counts = {}, Counter(), Counter()
+    for row in scored:
+        for status, key, _, _ in row.statuses:
+            counts[status] += 1
+            if status != "extra":  # each true value is right, wrong or missing
+                field = per_field.setdefault(key, {"correct": 0, "support": 0})
+                field["support"] += 1
+                field["correct"] += status == "right"
+            if status != "missing":  # each predicted value is right, wrong (in a true one's place) or extra
+                predicted_per_field[key] += 1
     for key, field in per_field.items():
         field["predicted"] = predicted_per_field[key]
         field["accuracy"] = field["correct"] / field["support"]
 
+    true_positives = counts["right"]
+    predicted = true_positives + counts["wrong"] + counts["extra"]
+    expected = true_positives + counts["wrong"] + counts["missing"]
     errors = predicted + expected - 2 * true_positives  # false positives + false negatives
     count = len(scored)
     metrics = {
         "rows": len(rows),
         "rows_without_json_target": len(rows) - count,
-        "json_valid_rate": _ratio(sum(valid for _, valid, _ in scored), count, 0.0),
-        "duplicate_key_rate": _ratio(duplicates, count, 0.0),
-        "truncated_rate": _ratio(sum(bool(row.get("truncated")) for row in rows), len(rows), 0.0),
-        "exact_match": _ratio(sum(prediction == truth for prediction, _, truth in scored), count, 0.0),
+        "json_valid_rate": _ratio(sum(row.prediction is not None for row in scored), count, 0.0),
+        "duplicate_key_rate": _ratio(sum(row.repeated_keys for row in scored), count, 0.0),
+        "truncated_rate": _ratio(sum(bool(row.raw.get("truncated")) for row in rows), len(rows), 0.0),
+        "exact_match": _ratio(sum(row.judged_prediction == row.truth for row in scored), count, 0.0),
         "field_precision": _ratio(true_positives, predicted, float(expected == 0)),
         "field_recall": _ratio(true_positives, expected, float(predicted == 0)),
         "field_f1": _ratio(true_positives, true_positives + errors / 2, 1.0),
-        "ted_accuracy": _ratio(sum(ted_accuracy(prediction, truth) for prediction, _, truth in scored), count, 0.0),
-        "char_similarity": _ratio(sum(char_similarity(row["prediction"], row["suffix"]) for row in rows),
+        "ted_accuracy": _ratio(sum(ted_accuracy(row.judged_prediction, row.truth) for row in scored), count, 0.0),
+        "char_similarity": _ratio(sum(char_similarity(row.raw["prediction"], row.raw["suffix"]) for row in rows),
                                   len(rows), 0.0),
     }
     if schema is not None:
         from jsonschema import Draft202012Validator
         validator = Draft202012Validator(schema)
-        metrics["schema_valid_rate"] = _ratio(sum(valid and validator.is_valid(prediction)
-                                                  for prediction, valid, _ in scored), count, 0.0)
-    anls = [_anls_star(truth, prediction) for prediction, _, truth in scored]
+        metrics["schema_valid_rate"] = _ratio(sum(row.prediction is not None and validator.is_valid(row.prediction)
+                                                  for row in scored), count, 0.0)
+    anls = [_anls_star(row.truth, row.judged_prediction) for row in scored]
     if scored and None not in anls:
         metrics["anls_star"] = sum(anls) / count
     metrics["per_field"] = dict(sorted(per_field.items(), key=lambda item: (item[1]["accuracy"], item[0])))

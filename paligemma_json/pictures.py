@@ -5,8 +5,7 @@ import os
 from PIL import Image, ImageDraw, ImageFont
 
 from paligemma_json.files import replace_atomically
-from paligemma_json.json_text import parse_json
-from paligemma_json.metrics import FALLBACK_THRESHOLD, confidence_lookup, field_statuses
+from paligemma_json.metrics import FALLBACK_THRESHOLD, ScoredRow
 
 RIGHT, WRONG, MISSING, EXTRA = (20, 130, 50), (200, 30, 30), (215, 120, 0), (120, 60, 170)
 UNSURE = (255, 226, 120)  # the highlight behind a field whose confidence is below the threshold
@@ -42,21 +41,21 @@ def _thumbnail_or_placeholder(path: str | None) -> Image.Image:
     return image
 
 
-def _draw_card(row: dict, font, bold, threshold: float) -> Image.Image:
+def _draw_card(scored: ScoredRow, font, bold, threshold: float) -> Image.Image:
+    row = scored.raw
     card = Image.new("RGB", (CARD_WIDTH, CARD_HEIGHT), "white")
     draw = ImageDraw.Draw(card)
     card.paste(_thumbnail_or_placeholder(row.get("image_path")), (8, 30))
     draw.text((8, 6), str(row.get("image", ""))[:90], fill="black", font=bold)
     x, y, bottom = THUMB_SIZE + 24, 30, CARD_HEIGHT - 2 * LINE - 4
-    if parse_json(row["prediction"]) is None:
+    if scored.prediction is None:
         draw.text((x, y), "invalid JSON, as generated:", fill=WRONG, font=bold)
         text = row["prediction"] or "(empty)"
         for start in range(0, min(len(text), 24 * 60), 60):
             y += LINE
             draw.text((x, y), text[start:start + 60], fill=(60, 60, 60), font=font)
         return card
-    statuses = field_statuses(row["prediction"], row["suffix"])
-    confidence = confidence_lookup(row)
+    statuses = scored.statuses
     wrong = sum(status != "right" for status, _, _, _ in statuses)
     draw.text((x, y), f"{len(statuses) - wrong} right, {wrong} wrong, missing or extra", fill="black", font=bold)
     marks = {"right": ("✓", RIGHT), "wrong": ("✗", WRONG), "missing": ("–", MISSING), "extra": ("+", EXTRA)}
@@ -69,7 +68,7 @@ def _draw_card(row: dict, font, bold, threshold: float) -> Image.Image:
         mark, colour = marks[status]
         value = f"{predicted} → {true}" if status == "wrong" else true or predicted
         text = f"{mark} {key}: {value}"[:70]
-        sureness = confidence.get((key, predicted), 1.0)
+        sureness = scored.confidence_of(key, predicted, default=1.0)
         if sureness < threshold:  # the model itself was unsure: worth a second look, right or wrong
             text += f"  ? {sureness:.2f}"
             draw.rectangle((x - 2, y, x + draw.textlength(text, font=font) + 2, y + LINE - 1), fill=UNSURE)
@@ -77,7 +76,7 @@ def _draw_card(row: dict, font, bold, threshold: float) -> Image.Image:
     return card
 
 
-def draw_predictions(rows: list[dict], path: str, max_cards: int = 8, columns: int = 2,
+def draw_predictions(rows: list[ScoredRow], path: str, max_cards: int = 8, columns: int = 2,
                      threshold: float = FALLBACK_THRESHOLD) -> None:
     """A grid of test rows: each image beside its fields, errors first and coloured, fields the
     model was unsure of (confidence below `threshold`) highlighted."""

@@ -37,6 +37,7 @@ from html import escape
 
 from paligemma_json.files import write_text_atomically
 from paligemma_json.html_report import thumbnail_data_uri
+from paligemma_json.metrics import score_row
 
 # Small print on a phone photo is readable at 1024 px; a page of 100 documents is then ~15 MB.
 PHOTO_SIZE = 1024
@@ -51,16 +52,6 @@ def label_layout(schema: dict | None) -> list[str]:
     if "item_separator" not in guidance or "key_separator" not in guidance:
         guidance = DEFAULT_LAYOUT
     return [guidance["item_separator"], guidance["key_separator"]]
-
-
-def flagged_fields(row: dict, threshold: float) -> dict[str, float]:
-    """JSON pointer -> confidence of each predicted field below `threshold` (the lowest, should one
-    pointer come twice)."""
-    flags = {}
-    for field in row.get("confidence") or []:
-        if field.get("pointer") is not None and field["confidence"] < threshold:
-            flags[field["pointer"]] = min(flags.get(field["pointer"], 1.0), field["confidence"])
-    return flags
 
 
 def schema_for_page(schema: dict | None) -> dict | None:
@@ -80,7 +71,7 @@ def review_data(rows: list[dict], threshold: float, schema: dict | None, run_key
         "schema": schema_for_page(schema),
         "documents": [{"image": str(row.get("image", "")), "prefix": row.get("prefix", ""),
                        "prediction": row.get("prediction", ""), "truncated": bool(row.get("truncated")),
-                       "flags": flagged_fields(row, threshold),
+                       "flags": score_row(row).flags(threshold),
                        "photo": thumbnail_data_uri(row.get("image_path"), PHOTO_SIZE)} for row in rows],
     }
 

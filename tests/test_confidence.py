@@ -15,7 +15,7 @@ from paligemma_json.confidence import (calibrate, calibrate_fields, check_confid
                                        fit_temperature, pick_threshold, prediction_confidence, threshold_for,
                                        training_threshold)
 from paligemma_json.evaluation import evaluate_file
-from paligemma_json.metrics import compute_metrics, confidence_auroc, confidence_ece, marked_fields
+from paligemma_json.metrics import compute_metrics, confidence_auroc, confidence_ece, marked_fields, score_rows
 from conftest import read_jsonl
 
 # (confidence, right): right fields at 0.9, 0.8, 0.6; wrong ones at 0.8 and 0.3.
@@ -252,7 +252,7 @@ def test_the_demo_picks_its_threshold_on_validation_and_reports_it_on_test(run):
     assert [row["image"] for row in valid] == [row["image"] for row in truth]
     assert all(row["confidence"] for row in valid) and not any("free_prediction" in row for row in valid)
     # The tiny model guesses most values: plenty of wrong (and some right) validation fields.
-    raw = marked_fields(valid)
+    raw = marked_fields(score_rows(valid))
     temperature = fit_temperature(raw)
     assert temperature is not None and record["temperature"] == temperature
     calibrated = [(calibrate(c, temperature), right) for c, right in raw]
@@ -263,13 +263,14 @@ def test_the_demo_picks_its_threshold_on_validation_and_reports_it_on_test(run):
                for row in rows for field in row["confidence"])
 
     metrics = json.load(open(os.path.join(output_dir, "metrics.json")))
-    tested = marked_fields(read_jsonl(os.path.join(output_dir, "predictions.jsonl")))
+    tested = marked_fields(score_rows(read_jsonl(os.path.join(output_dir, "predictions.jsonl"))))
     assert metrics["confidence_threshold"] == record["threshold"]
     assert metrics["confidence_threshold_source"] == "validation"
     assert metrics["confidence_auroc"] == confidence_auroc(tested) and 0 <= metrics["confidence_auroc"] <= 1
     raw_rows = [{**row, "confidence": [{**f, "confidence": f["raw_confidence"]} for f in row["confidence"]]}
                 for row in rows]
-    assert metrics["confidence_auroc"] == confidence_auroc(marked_fields(raw_rows))  # calibration ranks as raw does
+    # calibration ranks as raw does
+    assert metrics["confidence_auroc"] == confidence_auroc(marked_fields(score_rows(raw_rows)))
     assert metrics["confidence_ece"] == confidence_ece(tested) and 0 <= metrics["confidence_ece"] <= 1
     wrong = [confidence for confidence, right in tested if not right]
     assert metrics["wrong_fields_flagged"] == sum(c < record["threshold"] for c in wrong) / len(wrong)

@@ -11,11 +11,12 @@ import torch
 from jsonschema import Draft202012Validator
 
 import finetune_paligemma2 as flow
-from paligemma_json.constrained import (ChosenTokenProbabilities, JsonSchemaConstraint, compile_schema,
-                                        field_confidences, json_layout, leaf_spans, with_layout)
+from paligemma_json.confidence import field_confidences, leaf_spans
+from paligemma_json.constrained import (ChosenTokenProbabilities, JsonSchemaConstraint, compile_schema, json_layout,
+                                        with_layout)
 from paligemma_json.demo import make_manifest
 from paligemma_json.json_text import parse_json
-from paligemma_json.metrics import compute_metrics, scored_confidences
+from paligemma_json.metrics import compute_metrics, score_row
 from paligemma_json.settings import resolve_settings
 
 PROMPT = "extract data in JSON format"
@@ -310,7 +311,7 @@ def test_only_the_values_donut_scores_get_a_confidence_mark():
     row = {"prediction": '{"a": [0, 1, true, "x"], "b": "  ", "c": 2.50}',
            "confidence": [{"field": "a", "value": v, "confidence": 0.5} for v in (0, 1, True, "x")]
            + [{"field": "b", "value": "  ", "confidence": 0.5}, {"field": "c", "value": 2.5, "confidence": 0.5}]}
-    assert [(key, value) for key, value, _ in scored_confidences(row)] == [
+    assert [(key, value) for key, value, _ in score_row(row).confident] == [
         ("a", "0"), ("a", "1"), ("a", "x"), ("b", ""), ("c", "2.5")]  # Donut drops the true in a list
 
 

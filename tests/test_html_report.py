@@ -14,7 +14,7 @@ from PIL import Image
 
 from conftest import missing_check
 from paligemma_json.html_report import thumbnail_data_uri, write_html_report
-from paligemma_json.metrics import compute_metrics, field_statuses
+from paligemma_json.metrics import compute_metrics, score_rows
 from paligemma_json.pictures import THUMB_SIZE, _thumbnail_or_placeholder
 
 ATTACKS = ["<script>alert(1)</script>", '"><img src=x onerror=alert(2)>', "</textarea><svg onload=alert(3)>"]
@@ -56,7 +56,7 @@ def page(demo_assets, tmp_path):
     image = os.path.join(folder, json.loads(open(os.path.join(folder, "annotations.jsonl")).readline())["image"])
     rows = hostile_rows(image)
     path = tmp_path / "report.html"
-    write_html_report(rows, compute_metrics(rows), str(path))
+    write_html_report(score_rows(rows), compute_metrics(rows), str(path))
     parser = PageParser()
     parser.feed(path.read_text())
     return path, parser
@@ -163,7 +163,7 @@ def test_each_filter_shows_what_it_must(chromium, tmp_path):
     rows = [{"image": f"{n}.jpg", "image_path": "/nowhere.jpg", "suffix": json.dumps(truth),
              "prediction": p if isinstance(p, str) else json.dumps(p)} for n, p in enumerate(predictions)]
     path = tmp_path / "report.html"
-    write_html_report(rows, compute_metrics(rows), str(path))
+    write_html_report(score_rows(rows), compute_metrics(rows), str(path))
     with opened(chromium, path) as (page, problems):
         assert shown_cards(page) == [0, 1, 2, 3, 4]
         page.check("#only-errors")
@@ -186,7 +186,7 @@ def test_each_filter_shows_what_it_must(chromium, tmp_path):
 def test_the_report_renders_in_headless_chromium(chromium, demo_run, width, tmp_path):
     output_dir = demo_run[0]
     rows = [json.loads(line) for line in open(os.path.join(output_dir, "predictions.jsonl"))]
-    statuses = [field_statuses(row["prediction"], row["suffix"]) for row in rows]
+    statuses = [row.statuses for row in score_rows(rows)]
     wrong = [sum(status != "right" for status, *_ in row) for row in statuses]  # every prediction parses here
     route_wrong = {index for index, row in enumerate(statuses)
                    if any(key == "route" and status != "right" for status, key, *_ in row)}

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from paligemma_json import FlowError
-from paligemma_json.constrained import leaf_spans
+from paligemma_json.confidence import leaf_spans
 from paligemma_json.json_text import json_type, jsonl_rows, key_paths
 
 DOCUMENT = {"route": "R1", "products": [{"cases": 4, "tags": ["a", "b"]}, {"cases": 12, "info": {"ok": True}}],

@@ -11,8 +11,8 @@ import zipfile
 import pytest
 
 from conftest import missing_check
-from paligemma_json.metrics import (char_similarity, compute_metrics, field_statuses, flatten, format_metrics_table,
-                                    normalize, parse_json, ted_accuracy)
+from paligemma_json.metrics import (char_similarity, compute_metrics, flatten, format_metrics_table, normalize,
+                                    parse_json, parse_prediction, score_row, ted_accuracy)
 
 
 @pytest.fixture(scope="session")
@@ -187,6 +187,9 @@ def test_the_table_lists_overall_figures_then_worst_fields():
 
 
 def test_field_statuses_mark_right_wrong_missing_and_extra():
+    def field_statuses(prediction, truth):
+        return score_row({"prediction": prediction, "suffix": truth}).statuses
+
     truth = json.dumps({"a": "1", "b": "2", "c": "3"})
     statuses = field_statuses(json.dumps({"a": "1", "b": "9", "d": "4"}), truth)
     assert sorted(statuses) == sorted([("right", "a", "1", "1"), ("wrong", "b", "2", "9"), ("missing", "c", "3", ""),
@@ -195,7 +198,9 @@ def test_field_statuses_mark_right_wrong_missing_and_extra():
 
 
 def test_duplicate_keys_and_truncation_are_counted():
-    from paligemma_json.metrics import has_duplicate_keys
+    def has_duplicate_keys(text):
+        return parse_prediction(text)[1]
+
     assert has_duplicate_keys('{"a": 1, "b": {"c": 1, "c": 2}}') and not has_duplicate_keys('{"a": {"a": 1}}')
     assert not has_duplicate_keys('[{"a": 1}, {"a": 2}]') and not has_duplicate_keys('{"a": ')
     rows = [{"prediction": '{"a": "1", "a": "2"}', "suffix": '{"a": "2"}', "truncated": False},
@@ -204,3 +209,24 @@ def test_duplicate_keys_and_truncation_are_counted():
     metrics = compute_metrics(rows)
     assert metrics["duplicate_key_rate"] == pytest.approx(1 / 3) and metrics["truncated_rate"] == pytest.approx(1 / 3)
     assert metrics["json_valid_rate"] == pytest.approx(2 / 3)  # the duplicate still parses: hence the rate
+
+
+def test_evaluation_parses_each_text_once(tmp_path, monkeypatch):
+    """metrics.json, predictions.png and report.html all read one scored row per prediction."""
+    from paligemma_json.evaluation import evaluate_predictions
+    confidence = [{"field": "a", "value": "1", "confidence": 0.4, "pointer": "/a"}]
+    rows = [{"prediction": '{"a": "1", "b": [1, 2]}', "suffix": '{"a": "1", "b": [2]}', "confidence": confidence,
+             "free_prediction": '{"a": "2"', "free_truncated": True},
+            {"prediction": '{"a": "1", "a": "3"}', "suffix": '{"a": "3"}', "confidence": confidence},
+            {"prediction": '{"a": ', "suffix": '{"b": "2"}', "confidence": []},  # not JSON
+            {"prediction": "a caption", "suffix": "the caption"}]
+    texts = [row[key] for row in rows for key in ("prediction", "suffix", "free_prediction") if key in row]
+    assert len(set(texts)) == len(texts)
+    parsed, loads = {}, json.loads
+
+    def counted(text, *args, **kwargs):
+        parsed[text] = parsed.get(text, 0) + 1
+        return loads(text, *args, **kwargs)
+    monkeypatch.setattr(json, "loads", counted)
+    evaluate_predictions(rows, str(tmp_path), threshold=0.5)
+    assert {text: parsed.get(text, 0) for text in texts} == dict.fromkeys(texts, 1)

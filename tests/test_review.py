@@ -12,7 +12,8 @@ import random
 import pytest
 from PIL import Image
 
-from paligemma_json.constrained import leaf_spans, with_layout
+from paligemma_json.confidence import leaf_spans
+from paligemma_json.constrained import with_layout
 from paligemma_json.demo import make_manifest
 from paligemma_json.review import write_review_page
 from paligemma_json.schema import infer_schema
