@@ -1,27 +1,15 @@
 """`final/` holds the best checkpoint's weights, not the last one's: a short run, in this process,
 whose validation field F1 is scripted to peak before the end."""
 
-import glob
 import json
 import os
 
 import pytest
-from safetensors.torch import load_file
 
-from conftest import run_flow, short_run_args
+from helpers import run_flow, same, short_run_args, weights
 from paligemma_json import metrics, training
 
 SCRIPTED_F1 = {4: 0.3, 8: 0.8, 12: 0.5}  # validation field F1 by step: the best, step 8, is not the last
-
-
-def weights(folder):
-    files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
-    assert len(files) == 1, files  # model.safetensors, or adapter_model.safetensors under LoRA
-    return load_file(files[0])
-
-
-def same(first, second):
-    return first.keys() == second.keys() and all((first[k] == second[k]).all() for k in first)
 
 
 @pytest.mark.parametrize("mode", [["--no-use-lora"], ["--use-lora", "--learning-rate", "1e-2"]], ids=["full", "lora"])

@@ -9,7 +9,7 @@ from PIL import Image
 
 import finetune_paligemma2 as flow
 from paligemma_json.schema import count_non_json_labels
-from conftest import run_script
+from helpers import run_script
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import pytest
 from paligemma_json.demo import DEMO_OVERRIDES, TINY_MODEL_SIZE, demo_figures_meaning
 from paligemma_json.json_text import parse_json
 from paligemma_json.metrics import compute_metrics
-from conftest import read_jsonl
+from helpers import read_jsonl, run_script
 
 DEMO_STEPS = DEMO_OVERRIDES["MAX_STEPS"]  # evaluated and saved every 100
 
@@ -185,7 +185,6 @@ def edited_predictions(run, folder):
 
 def test_evaluate_rescores_a_predictions_file_without_a_model(run, tmp_path):
     """With the run's schema.json beside the file, schema_valid_rate is scored again too."""
-    from conftest import run_script
     rows, path = edited_predictions(run, tmp_path)
     shutil.copy(os.path.join(run[0], "schema.json"), tmp_path / "schema.json")
     result = run_script("--evaluate", str(path), env={"CUDA_VISIBLE_DEVICES": ""})
@@ -207,7 +206,6 @@ def test_evaluate_without_a_schema_beside_scores_no_schema_validity(run, tmp_pat
 
 
 def test_evaluate_names_a_broken_line(tmp_path):
-    from conftest import run_script
     path = tmp_path / "predictions.jsonl"
     path.write_text('{"prediction": "{}", "suffix": "{}"}\n{"prediction": "{\n')
     result = run_script("--evaluate", str(path))

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from transformers import Trainer, TrainingArguments
 
 import finetune_paligemma2 as flow
-from conftest import build_trainer
+from helpers import build_trainer
 from paligemma_json.cards import CARDS, find_card, memory_sizes
 from paligemma_json.speed import (SessionStart, mfu, mfu_report, paligemma2_3b_config, peak_flops, training_rates,
                                   training_report)

@@ -6,38 +6,16 @@ import contextlib
 import io
 import json
 import os
-import shutil
-from html.parser import HTMLParser
 
 import pytest
 from PIL import Image
 
-from conftest import missing_check
+from helpers import PageParser
 from paligemma_json.html_report import thumbnail_data_uri, write_html_report
 from paligemma_json.metrics import compute_metrics, field_statuses
 from paligemma_json.pictures import THUMB_SIZE, _thumbnail_or_placeholder
 
 ATTACKS = ["<script>alert(1)</script>", '"><img src=x onerror=alert(2)>', "</textarea><svg onload=alert(3)>"]
-
-
-class PageParser(HTMLParser):
-    def __init__(self):
-        super().__init__()
-        self.tags, self.attributes, self.scripts, self.in_script = [], [], [], False
-
-    def handle_starttag(self, tag, attrs):
-        self.tags.append((tag, dict(attrs)))
-        self.attributes += attrs
-        self.in_script = tag == "script"
-        if tag == "script":
-            self.scripts.append("")
-
-    def handle_data(self, data):
-        if self.in_script:
-            self.scripts[-1] += data
-
-    def handle_endtag(self, tag):
-        self.in_script = False
 
 
 def hostile_rows(image_path):
@@ -107,20 +85,6 @@ def test_the_demo_writes_the_report(demo_run):
     report = json.load(open(os.path.join(output_dir, "dataset_report.json")))
     assert report["rows"] == {"train": 150, "valid": 16, "test": 24} and report["leaks"]["same_photo"] == []
     assert "label tokens min/med/max" in result.stdout
-
-
-@pytest.fixture(scope="session")
-def chromium():
-    """Debian's chromium, driven by playwright. Requested before the demo run, so a missing browser
-    is reported at once."""
-    path = shutil.which("chromium") or shutil.which("chromium-browser")
-    if path is None:
-        missing_check("CHROMIUM NOT INSTALLED: report.html was not rendered (apt-get install chromium)")
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        missing_check("PLAYWRIGHT NOT INSTALLED: report.html was not rendered (pip install playwright)")
-    return path
 
 
 @contextlib.contextmanager

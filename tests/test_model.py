@@ -7,7 +7,7 @@ import torch
 
 import finetune_paligemma2 as flow
 from paligemma_json.json_text import parse_json
-from conftest import build_trainer
+from helpers import build_trainer
 
 
 def load(demo_assets, use_lora=False, use_qlora=False, freeze_vision=False, dtype=torch.float32):

@@ -2,54 +2,14 @@
 metrics.json, and loading code that works as written. The LoRA and merged cards are checked on the
 LoRA run in tests/test_scale.py, the push after scoring there and in tests/test_secrets.py."""
 
-import contextlib
-import io
 import json
 import os
-import re
 import shlex
 import shutil
 
-import yaml
-
-from conftest import run_flow
+from helpers import assert_card_figures_match, card_header, free_prediction, run_card_code, run_flow
 from paligemma_json import model_card
 from paligemma_json.demo import DEMO_OVERRIDES
-
-
-def card_header(card: str) -> dict:
-    """The part between the two `---` lines, read back with a YAML parser."""
-    assert card.startswith("---\n")
-    return yaml.safe_load(card[4:].split("\n---\n", 1)[0])
-
-
-def card_figures(card: str) -> dict:
-    """Every `key` value pair in the card's test figures table."""
-    section = card.split("\n## Test figures\n", 1)[1].split("\n## ", 1)[0]
-    return {key: json.loads(value) for key, value in re.findall(r"`(\w+)` (\S+) \|", section)}
-
-
-def assert_card_figures_match(card: str, metrics: dict) -> None:
-    figures = card_figures(card)
-    expected = [key for _, key in model_card.FIGURES if key in metrics]
-    if metrics["decoding"] == "constrained":
-        expected += [f"free_{key}" for key in expected if f"free_{key}" in metrics]
-    assert {"json_valid_rate", "field_f1"} <= set(figures)
-    assert sorted(figures) == sorted(expected) and figures == {key: metrics[key] for key in expected}
-
-
-def run_card_code(card: str, image_path: str) -> str:
-    """The card's Python block, run as written but on `image_path`: what it prints."""
-    code = card.split("```python\n", 1)[1].split("```", 1)[0]
-    assert '"document.jpg"' in code
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        exec(code.replace('"document.jpg"', repr(image_path)), {})
-    return printed.getvalue().strip()
-
-
-def free_prediction(row: dict) -> str:
-    return row.get("free_prediction", row["prediction"])
 
 
 def test_gemma_license_only_for_googles_paligemma2_ids(tmp_path, monkeypatch):

@@ -10,7 +10,7 @@ from pathlib import Path
 import jupytext
 import pytest
 
-from conftest import ROOT, SCRIPT
+from helpers import ROOT, SCRIPT
 from paligemma_json.notebook import carried_files, unpack_cell_source, write_one_file_notebook
 
 PIP_INSTALL = [sys.executable, "-m", "pip", "install", "-q", "-r", "requirements.txt"]

@@ -16,7 +16,7 @@ from paligemma_json.constrained import leaf_spans, with_layout
 from paligemma_json.demo import make_manifest
 from paligemma_json.review import write_review_page
 from paligemma_json.schema import infer_schema
-from test_html_report import PageParser, chromium  # noqa: F401 (chromium: the fixture, which skips loudly)
+from helpers import PageParser, new_documents, run_script
 
 PROMPT = "extract data in JSON format"
 THRESHOLD = 0.5
@@ -274,9 +274,6 @@ def test_the_loop_on_the_demo_predict_review_export_and_train_on_it(chromium, de
     """The README's three commands on the demo's model: --predict on new pages writes review.html; in
     the browser a flagged string and a number are corrected, a line item deleted, two pages marked
     reviewed, the export saved where the page says; the next run's train split takes those rows."""
-    from conftest import run_script
-    from test_corrections import new_documents
-
     import finetune_paligemma2 as flow
     from paligemma_json.corrections import add_corrections
     folder = str(tmp_path / "new-pages")

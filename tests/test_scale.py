@@ -3,7 +3,6 @@
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -14,37 +13,8 @@ import finetune_paligemma2 as flow
 from paligemma_json.confidence import calibrate
 from paligemma_json.constrained import with_layout
 from paligemma_json.json_text import parse_json
-from paligemma_json.metrics import compute_metrics
-from conftest import ROOT, SCRIPT, run_flow, run_script, short_run_args
-from test_model_card import assert_card_figures_match, card_header, free_prediction, run_card_code
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def trained_start_args(demo_run, small_export, output_dir):
-    """A short full fine-tune that starts from the demo's trained model, so that validation scores
-    something above zero and a share of the rows scores differently from the whole split."""
-    return short_run_args(small_export, os.path.join(demo_run[0], "final"), output_dir, "--epochs", "1",
-                          "--max-steps", "-1", "--learning-rate", "1e-4", "--max-new-tokens", "220")
-
-
-def assert_validation_equals_one_process(output_dir, small_export, step=4):
-    """The field F1 and valid-JSON rate that the launched run logged at `step` are what this one
-    process gets from that checkpoint, generating the whole validation split itself."""
-    checkpoint = output_dir / f"checkpoint-{step}"
-    logged = next(entry for entry in json.load(open(checkpoint / "trainer_state.json"))["log_history"]
-                  if "eval_field_f1" in entry and entry["step"] == step)
-    model = flow.PaliGemmaForConditionalGeneration.from_pretrained(checkpoint).eval()
-    valid = flow.load_splits(small_export, "extract data in JSON format")["valid"]
-    rows = list(flow.predict_rows(model, flow.load_processor(str(checkpoint)), valid,
-                                  flow.GenerationSettings(torch.float32, max_new_tokens=220), with_confidence=False))
-    scores = compute_metrics(rows)
-    assert 0 < scores["field_f1"] < 1  # not a figure that any share of the rows would also give
-    assert (logged["eval_field_f1"], logged["eval_json_valid_rate"]) == (scores["field_f1"], scores["json_valid_rate"])
+from helpers import (ROOT, SCRIPT, assert_card_figures_match, assert_validation_equals_one_process, card_header,
+                     free_port, free_prediction, run_card_code, run_flow, run_script, short_run_args, trained_start_args)
 
 
 def test_two_cpu_processes_halve_the_steps_and_predict_each_test_row_once(demo_run, small_export, tmp_path):

@@ -8,8 +8,7 @@ import sys
 import pytest
 
 import finetune_paligemma2 as flow
-from conftest import run_script, short_run_args
-from test_model_card import assert_card_figures_match, card_header
+from helpers import assert_card_figures_match, card_header, run_script, short_run_args
 
 FAKE_ROBOFLOW_KEY = "rf-FAKE-KEY-7c1d9e2b4a"
 FAKE_HF_TOKEN = "hf_FAKETOKENq8w7e6r5t4y3"

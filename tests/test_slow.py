@@ -8,8 +8,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, SCRIPT, short_run_args
-from test_scale import assert_validation_equals_one_process, free_port, trained_start_args
+from helpers import ROOT, SCRIPT, assert_validation_equals_one_process, free_port, short_run_args, trained_start_args
 
 pytestmark = pytest.mark.slow
 

@@ -7,10 +7,9 @@ import os
 import pytest
 from transformers import TrainerControl, TrainerState
 
-from conftest import run_flow, short_run_args
+from helpers import run_flow, same, short_run_args, weights
 from paligemma_json import metrics, training
 from paligemma_json.training import EarlyStopping
-from test_best_checkpoint import same, weights
 
 
 def stopping_step(scores: list[float], patience: int, every: int = 4):
