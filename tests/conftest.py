@@ -94,6 +94,21 @@ def splits(demo_assets):
     return flow.load_splits(demo_assets[0], prompt="extract data in JSON format")
 
 
+@pytest.fixture
+def scripted_validation_f1(monkeypatch):
+    """Call it with field F1 figures: the Trainer's validation passes report them in turn, every other
+    figure as scored. The test set's scoring is left alone."""
+    from paligemma_json import metrics, training
+
+    def script(scores):
+        scores, real = iter(scores), metrics.compute_metrics
+
+        def scripted(rows, *args, **kwargs):  # the validation pass's figures, with a chosen field F1
+            return {**real(rows, *args, **kwargs), "field_f1": next(scores)}
+        monkeypatch.setattr(training, "compute_metrics", scripted)  # the Trainer's validation scoring alone
+    return script
+
+
 @pytest.fixture(scope="session")
 def chromium():
     """Debian's chromium, driven by playwright. Requested before the demo run, so a missing browser

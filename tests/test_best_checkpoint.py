@@ -7,19 +7,14 @@ import os
 import pytest
 
 from helpers import run_flow, same, short_run_args, weights
-from paligemma_json import metrics, training
 
 SCRIPTED_F1 = {4: 0.3, 8: 0.8, 12: 0.5}  # validation field F1 by step: the best, step 8, is not the last
 
 
 @pytest.mark.parametrize("mode", [["--no-use-lora"], ["--use-lora", "--learning-rate", "1e-2"]], ids=["full", "lora"])
-def test_final_holds_the_best_checkpoint_not_the_last(mode, demo_assets, small_export, tmp_path, monkeypatch, capsys):
-    scores = iter(SCRIPTED_F1.values())
-    real = metrics.compute_metrics
-
-    def scripted(rows, *args, **kwargs):  # the validation pass's figures, with a chosen field F1
-        return {**real(rows, *args, **kwargs), "field_f1": next(scores)}
-    monkeypatch.setattr(training, "compute_metrics", scripted)  # the Trainer's validation scoring alone
+def test_final_holds_the_best_checkpoint_not_the_last(mode, demo_assets, small_export, tmp_path, monkeypatch, capsys,
+                                                      scripted_validation_f1):
+    scripted_validation_f1(SCRIPTED_F1.values())
     output_dir = tmp_path / "run"
     run_flow(monkeypatch, *short_run_args(small_export, demo_assets[1], output_dir, *mode, "--max-steps", "12",
                                           "--save-steps", "4", "--max-new-tokens", "4", "--no-constrained",
