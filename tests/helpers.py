@@ -188,3 +188,22 @@ class PageParser(HTMLParser):
 
     def handle_endtag(self, tag):
         self.in_script = False
+
+
+def launch_chromium(playwright, executable):
+    """Headless chromium that reaches for nothing of its own (updates, sync, QUIC), so that any
+    request a page makes is the page's."""
+    return playwright.chromium.launch(executable_path=executable, args=[
+        "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync"])
+
+
+def collect_problems(page, local=("file:", "data:")) -> list[str]:
+    """The list that every console error, page error and request for anything but a `local` URL
+    is added to, as the page runs."""
+    problems = []
+    page.on("console", lambda message: problems.append(message.text) if message.type == "error" else None)
+    page.on("pageerror", lambda error: problems.append(str(error)))
+    page.on("request", lambda request: None if request.url.startswith(local)
+            else problems.append(f"fetched {request.url}"))
+    return problems

@@ -10,7 +10,7 @@ import os
 import pytest
 from PIL import Image
 
-from helpers import PageParser
+from helpers import PageParser, collect_problems, launch_chromium
 from paligemma_json.html_report import thumbnail_data_uri, write_html_report
 from paligemma_json.metrics import compute_metrics, field_statuses
 from paligemma_json.pictures import THUMB_SIZE, _thumbnail_or_placeholder
@@ -92,16 +92,10 @@ def opened(executable, path, width=1280):
     """(page, problems): the report in headless chromium, with every console error, page error and
     request for anything but the file itself or a data: URI collected in `problems`."""
     from playwright.sync_api import sync_playwright
-    problems = []
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=executable, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"])
+        browser = launch_chromium(playwright, executable)
         page = browser.new_page(viewport={"width": width, "height": 900})
-        page.on("console", lambda message: problems.append(message.text) if message.type == "error" else None)
-        page.on("pageerror", lambda error: problems.append(str(error)))
-        page.on("request", lambda request: None if request.url.startswith(("file:", "data:"))
-                else problems.append(f"fetched {request.url}"))
+        problems = collect_problems(page)
         page.goto(f"file://{path}")
         yield page, problems
         browser.close()
