@@ -80,6 +80,22 @@ def small_export(demo_assets, tmp_path_factory):
     return str(target)
 
 
+@pytest.fixture
+def export(demo_assets, tmp_path):
+    """A private copy of the demo export that a test may break."""
+    dataset_dir = str(tmp_path / "export")
+    shutil.copytree(demo_assets[0], dataset_dir)
+    return dataset_dir
+
+
+@pytest.fixture(scope="module")
+def untrained(demo_assets):
+    """The demo's random tiny model and its processor: left to itself it writes `<locNNNN>` tokens, not JSON."""
+    import finetune_paligemma2 as flow
+    model = flow.PaliGemmaForConditionalGeneration.from_pretrained(demo_assets[1]).eval()
+    return model, flow.load_processor(demo_assets[1])
+
+
 @pytest.fixture(scope="module")
 def processor(demo_assets):
     """The demo model's processor."""

@@ -21,13 +21,6 @@ def write_export(folder, rows) -> str:
     return path
 
 
-@pytest.fixture
-def export(demo_assets, tmp_path):
-    dataset_dir = str(tmp_path / "export")
-    shutil.copytree(demo_assets[0], dataset_dir)
-    return dataset_dir
-
-
 def test_the_rows_join_the_train_split_with_their_images(export, tmp_path):
     folder = str(tmp_path / "reviewed")
     rows = new_documents(folder)
