@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from helpers import ROOT, missing_check, run_script
+from helpers import ROOT, missing_check, run_script, short_run_args
 
 sys.path.insert(0, ROOT)  # the script and its package, for every test module
 # Tests never reach for the Hub: a Hub id fails at once instead of retrying for minutes.
@@ -94,6 +94,17 @@ def untrained(demo_assets):
     import finetune_paligemma2 as flow
     model = flow.PaliGemmaForConditionalGeneration.from_pretrained(demo_assets[1]).eval()
     return model, flow.load_processor(demo_assets[1])
+
+
+@pytest.fixture(scope="session")
+def lora_run(demo_assets, small_export, tmp_path_factory):
+    """A short LoRA run whose adapter has moved far from zero (lr 1e-2): the merge, the push and the
+    LoRA card are checked on it."""
+    output_dir = tmp_path_factory.mktemp("lora") / "run"
+    result = run_script(*short_run_args(small_export, demo_assets[1], output_dir, "--use-lora",
+                                        "--learning-rate", "1e-2", "--max-steps", "8", "--save-steps", "4"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    return str(output_dir)
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
 """The model card (`final/README.md`): a YAML header the Hub reads, the test figures exactly as in
-metrics.json, and loading code that works as written. The LoRA and merged cards are checked on the
-LoRA run in tests/test_scale.py, the push after scoring there and in tests/test_secrets.py."""
+metrics.json, and loading code that works as written. The LoRA card is checked on conftest's short
+LoRA run, the merged card in tests/test_merge.py, the push after scoring in tests/test_push.py and
+tests/test_secrets.py."""
 
 import json
 import os
@@ -104,3 +105,15 @@ def test_the_demo_card_holds_its_figures_and_loads_as_written(demo_run, monkeypa
     run_flow(monkeypatch, *args)
     predicted = [json.loads(line) for line in open(tmp_path / "predict.jsonl")]
     assert [row["prediction"] for row in predicted] == [rows[2]["prediction"]]
+
+
+def test_the_lora_card_replaces_pefts_and_loads_the_adapter_as_written(lora_run, demo_assets):
+    card = open(os.path.join(lora_run, "final", "README.md"), encoding="utf-8").read()
+    header = card_header(card)
+    assert header["library_name"] == "peft" and "lora" in header["tags"] and header["training_data"] == "local:export"
+    assert "base_model" not in header and "license" not in header  # a local base (tests/test_model_card.py)
+    assert "[More Information Needed]" not in card  # peft's own template, written with the adapter, is gone
+    assert f"A LoRA adapter for `{demo_assets[1]}`" in card and "- Method: LoRA, rank 8, on q_proj, " in card
+    assert_card_figures_match(card, json.load(open(os.path.join(lora_run, "metrics.json"))))
+    rows = [json.loads(line) for line in open(os.path.join(lora_run, "predictions.jsonl"))]
+    assert run_card_code(card, rows[1]["image_path"]) == free_prediction(rows[1])
