@@ -106,6 +106,14 @@ def read_jsonl(path):
     return [row for _, row in jsonl_rows(str(path), "the run wrote a broken line")]
 
 
+def loads(text):
+    """The JSON in `text`, or None where it is not JSON."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
 def weights(folder):
     """The one safetensors file of a saved model or adapter, loaded."""
     from safetensors.torch import load_file

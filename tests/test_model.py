@@ -1,6 +1,7 @@
 """Model loading under each flag combination, collate_fn, a few training steps, and generation."""
 
 import os
+import sys
 
 import pytest
 import torch
@@ -88,6 +89,12 @@ def test_qlora_loads_nf4_layers_with_the_requested_compute_dtype(demo_assets, pr
     with torch.no_grad():
         loss = model(**inputs).loss
     assert torch.isfinite(loss)  # it runs, in bf16, on this CPU
+
+
+def test_qlora_where_bitsandbytes_cannot_load_is_one_line(monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # `import bitsandbytes` now fails
+    with pytest.raises(flow.FlowError, match="USE_QLORA needs bitsandbytes, which cannot load here .*--no-use-qlora"):
+        flow.quantization_config(flow.torch.float32)
 
 
 def test_a_few_training_steps_lower_the_loss(demo_assets, processor, splits, tmp_path):
