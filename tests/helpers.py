@@ -126,6 +126,13 @@ def same(first, second):
     return first.keys() == second.keys() and all((first[k] == second[k]).all() for k in first)
 
 
+def assert_final_holds_the_best(output_dir, best: str, last: str):
+    """final/ holds the weights of the checkpoint folder `best`, not of the later `last`."""
+    final, best, last = (weights(output_dir / name) for name in ("final", best, last))
+    assert not same(best, last)  # training moved the weights after the best, so this could fail
+    assert same(final, best)
+
+
 def new_documents(folder, count=2, seed=7) -> list[dict]:
     """Photos no split holds, with their corrected labels, exported as a review page writes them."""
     from paligemma_json.demo import make_manifest, render_manifest

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from helpers import run_flow, same, short_run_args, weights
+from helpers import assert_final_holds_the_best, run_flow, short_run_args
 
 SCRIPTED_F1 = {4: 0.3, 8: 0.8, 12: 0.5}  # validation field F1 by step: the best, step 8, is not the last
 
@@ -24,7 +24,5 @@ def test_final_holds_the_best_checkpoint_not_the_last(mode, demo_assets, small_e
             if "eval_field_f1" in entry} == SCRIPTED_F1  # the scripted figures are what the Trainer saw
     assert state["best_global_step"] == 8
     assert sorted(os.listdir(output_dir / "checkpoint-8"))  # kept: the best is never rotated away
-    final, best, last = (weights(output_dir / name) for name in ("final", "checkpoint-8", "checkpoint-12"))
-    assert not same(best, last)  # training moved the weights after the best, so this could fail
-    assert same(final, best)
+    assert_final_holds_the_best(output_dir, "checkpoint-8", "checkpoint-12")
     assert "(step 8, validation field_f1 0.8000)" in capsys.readouterr().out

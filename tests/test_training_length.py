@@ -7,7 +7,7 @@ import os
 import pytest
 from transformers import TrainerControl, TrainerState
 
-from helpers import run_flow, same, short_run_args, weights
+from helpers import assert_final_holds_the_best, run_flow, short_run_args
 from paligemma_json.training import EarlyStopping
 
 
@@ -61,9 +61,7 @@ def test_early_stopping_stops_and_keeps_the_best(demo_assets, small_export, tmp_
     assert state["best_global_step"] == 4
     assert sorted(name for name in os.listdir(output_dir) if name.startswith("checkpoint-")) == [
         "checkpoint-4", "checkpoint-8"]
-    final, best, last = (weights(output_dir / name) for name in ("final", "checkpoint-4", "checkpoint-8"))
-    assert not same(best, last)  # training moved the weights after the best, so this could fail
-    assert same(final, best)
+    assert_final_holds_the_best(output_dir, "checkpoint-4", "checkpoint-8")
     assert "(best 0.8000 at step 4); stopping at step 8" in capsys.readouterr().out
 
 
