@@ -16,9 +16,20 @@ from helpers import loads, read_jsonl
 DEMO_STEPS = DEMO_OVERRIDES["MAX_STEPS"]  # evaluated and saved every 100
 
 
-def test_every_test_image_is_predicted_once_with_its_label(run):
+@pytest.fixture
+def metrics(run):
+    """The demo run's metrics.json."""
+    return json.load(open(os.path.join(run[0], "metrics.json")))
+
+
+@pytest.fixture
+def rows(run):
+    """The demo run's predictions.jsonl."""
+    return read_jsonl(os.path.join(run[0], "predictions.jsonl"))
+
+
+def test_every_test_image_is_predicted_once_with_its_label(run, rows):
     output_dir, _ = run
-    rows = read_jsonl(os.path.join(output_dir, "predictions.jsonl"))
     truth = read_jsonl(os.path.join(output_dir, "demo-dataset", "test", "annotations.jsonl"))
     assert [row["image"] for row in rows] == [row["image"] for row in truth]
     assert [row["suffix"] for row in rows] == [row["suffix"] for row in truth]
@@ -27,10 +38,8 @@ def test_every_test_image_is_predicted_once_with_its_label(run):
     assert all("extract data" not in row["prediction"] for row in rows)  # the prompt is sliced off
 
 
-def test_the_tiny_model_learnt_to_emit_valid_json(run):
+def test_the_tiny_model_learnt_to_emit_valid_json(run, metrics, rows):
     output_dir, _ = run
-    metrics = json.load(open(os.path.join(output_dir, "metrics.json")))
-    rows = read_jsonl(os.path.join(output_dir, "predictions.jsonl"))
     chosen = json.load(open(os.path.join(output_dir, "final", "confidence.json")))  # tests/test_confidence.py
     assert metrics == compute_metrics(rows, json.load(open(os.path.join(output_dir, "schema.json"))),
                                       chosen["threshold"], chosen["source"])
@@ -54,12 +63,8 @@ def test_the_tiny_model_learnt_to_emit_valid_json(run):
     assert sum(isinstance(p, dict) and list(p) == keys for p in parsed) >= 0.8 * len(rows)
 
 
-
-def test_the_figures_count_what_the_predictions_hold(run):
+def test_the_figures_count_what_the_predictions_hold(metrics, rows):
     """The figures in metrics.json, counted again by hand from predictions.jsonl."""
-    output_dir, _ = run
-    metrics = json.load(open(os.path.join(output_dir, "metrics.json")))
-    rows = read_jsonl(os.path.join(output_dir, "predictions.jsonl"))
     truths = [json.loads(row["suffix"]) for row in rows]
     held, free = [loads(row["prediction"]) for row in rows], [loads(row["free_prediction"]) for row in rows]
     assert metrics["rows"] == 24 and metrics["rows_without_json_target"] == 0
@@ -126,10 +131,10 @@ def test_the_run_says_what_it_did(run):
     assert "Traceback" not in result.stderr
 
 
-def test_the_run_says_what_its_figures_mean(run):
+def test_the_run_says_what_its_figures_mean(run, metrics):
     """Right after the metrics table, one line: low figures are what a tiny model at 64 px gives."""
-    output_dir, result = run
-    line = demo_figures_meaning(json.load(open(os.path.join(output_dir, "metrics.json"))))
+    _, result = run
+    line = demo_figures_meaning(metrics)
     printed = result.stdout.splitlines()
     table_written = next(number for number, text in enumerate(printed) if text.startswith("written: "))
     assert line in printed[table_written + 1:]
@@ -160,6 +165,22 @@ def test_the_pictures_are_drawn(run):
             assert picture.format == "PNG" and picture.size >= minimum
 
 
-def test_the_metrics_table_is_printed(run):
+def test_the_metrics_table_is_printed(run, metrics):
+    """Just before the `written:` line: every figure of metrics.json in its order, to three places, then
+    the fields worst first (at most 15), each with its accuracy, correct, support and predicted."""
     _, result = run
     assert "field (worst first)" in result.stdout and "ted_accuracy" in result.stdout
+    overall = {name: value for name, value in metrics.items() if name != "per_field"}
+    fields = list(metrics["per_field"].items())
+    expected = [["metric", "value"]]
+    expected += [[name, f"{value:.3f}" if isinstance(value, float) else str(value)] for name, value in overall.items()]
+    expected += [[], ["field", "(worst", "first)", "accuracy", "correct", "support", "predicted"]]
+    expected += [[name, f"{field['accuracy']:.3f}", *map(str, (field["correct"], field["support"], field["predicted"]))]
+                 for name, field in fields[:15]]
+    if len(fields) > 15:
+        expected.append(["...", "and", str(len(fields) - 15), "more", "fields", "in", "metrics.json"])
+    printed = result.stdout.splitlines()
+    written = next(number for number, text in enumerate(printed) if text.startswith("written: "))
+    assert [line.split() for line in printed[written - len(expected):written]] == expected
+    accuracies = [field["accuracy"] for _, field in fields]
+    assert accuracies == sorted(accuracies)  # worst first
