@@ -1,50 +1,19 @@
+"""The fixtures every test module may ask for: the demo's assets and its one shared run, small
+exports, the demo model's processor and splits, a browser. Functions a test calls are in helpers.py."""
+
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "finetune_paligemma2.py")
-sys.path.insert(0, ROOT)
-from paligemma_json.json_text import jsonl_rows  # noqa: E402 (after the path it is found by)
+from helpers import ROOT, missing_check, run_script, short_run_args
+
+sys.path.insert(0, ROOT)  # the script and its package, for every test module
 # Tests never reach for the Hub: a Hub id fails at once instead of retrying for minutes.
 os.environ["HF_HUB_OFFLINE"] = "1"
-
-
-def missing_check(reason: str):
-    """A check that cannot run here: skipped on a laptop, saying so; a failure where `.ci/run` set
-    REQUIRE_FULL_CHECKS=1, so CI never passes with it silently unchecked."""
-    if os.environ.get("REQUIRE_FULL_CHECKS") == "1":
-        pytest.fail(f"{reason} (REQUIRE_FULL_CHECKS=1: this check must run here)", pytrace=False)
-    pytest.skip(reason)
-
-
-def run_script(*args, env=None, cwd=None, timeout=600):
-    """The script as a user runs it; output captured for the assertions."""
-    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, cwd=cwd or ROOT, timeout=timeout)
-
-
-def build_trainer(flow, model, processor, splits, generation, output_dir, **settings):
-    """The script's trainer on the splits, with step 1's settings but those given (lower case)."""
-    given = {name.upper(): value for name, value in settings.items()}
-    return flow.build_trainer(model, processor, splits["train"], splits["valid"], generation,
-                              flow.training_arguments(output_dir, generation, {**flow.DEFAULTS, **given}))
-
-
-def run_flow(monkeypatch, *args) -> dict:
-    """`python finetune_paligemma2.py ARGS`, run in this process: every step of the flow as the
-    script runs it, without a new interpreter and a second torch start-up. Returns the script's
-    globals (`trainer`, `metrics`, ...). A FlowError is raised, not printed."""
-    import runpy
-
-    from paligemma_json import settings
-    monkeypatch.setattr(sys, "argv", [SCRIPT, *args])
-    monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # the script installs its own
-    monkeypatch.setattr(settings, "in_notebook", lambda: False)  # an imported ipykernel would hide the flags
-    return runpy.run_path(SCRIPT, run_name="__main__")
 
 
 @pytest.fixture(scope="session")
@@ -96,14 +65,9 @@ def run(demo_run):
     return output_dir, result
 
 
-def read_jsonl(path):
-    return [row for _, row in jsonl_rows(str(path), "the run wrote a broken line")]
-
-
 @pytest.fixture(scope="session")
 def small_export(demo_assets, tmp_path_factory):
     """A few rows of the demo export per split, for the tests that train a handful of steps."""
-    import shutil
     target = tmp_path_factory.mktemp("small") / "export"
     for split, count in {"train": 32, "valid": 8, "test": 8}.items():
         (target / split).mkdir(parents=True)
@@ -116,12 +80,31 @@ def small_export(demo_assets, tmp_path_factory):
     return str(target)
 
 
-def short_run_args(dataset_dir, model_dir, output_dir, *extra):
-    """A short full fine-tune of the tiny model: 8 steps an epoch, a checkpoint every 8."""
-    return ["--dataset-dir", dataset_dir, "--model-id", model_dir, "--output-dir", str(output_dir),
-            "--no-use-lora", "--learning-rate", "2e-3", "--batch-size", "4", "--grad-accum", "1",
-            "--warmup-steps", "0", "--max-steps", "24", "--save-steps", "8", "--logging-steps", "1",
-            "--max-new-tokens", "40", "--eval-batch-size", "8", "--seed", "3", *extra]
+@pytest.fixture
+def export(demo_assets, tmp_path):
+    """A private copy of the demo export that a test may break."""
+    dataset_dir = str(tmp_path / "export")
+    shutil.copytree(demo_assets[0], dataset_dir)
+    return dataset_dir
+
+
+@pytest.fixture(scope="module")
+def untrained(demo_assets):
+    """The demo's random tiny model and its processor: left to itself it writes `<locNNNN>` tokens, not JSON."""
+    import finetune_paligemma2 as flow
+    model = flow.PaliGemmaForConditionalGeneration.from_pretrained(demo_assets[1]).eval()
+    return model, flow.load_processor(demo_assets[1])
+
+
+@pytest.fixture(scope="session")
+def lora_run(demo_assets, small_export, tmp_path_factory):
+    """A short LoRA run whose adapter has moved far from zero (lr 1e-2): the merge, the push and the
+    LoRA card are checked on it."""
+    output_dir = tmp_path_factory.mktemp("lora") / "run"
+    result = run_script(*short_run_args(small_export, demo_assets[1], output_dir, "--use-lora",
+                                        "--learning-rate", "1e-2", "--max-steps", "8", "--save-steps", "4"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    return str(output_dir)
 
 
 @pytest.fixture(scope="module")
@@ -136,3 +119,32 @@ def splits(demo_assets):
     """The demo export's three splits, with the script's prompt."""
     import finetune_paligemma2 as flow
     return flow.load_splits(demo_assets[0], prompt="extract data in JSON format")
+
+
+@pytest.fixture
+def scripted_validation_f1(monkeypatch):
+    """Call it with field F1 figures: the Trainer's validation passes report them in turn, every other
+    figure as scored. The test set's scoring is left alone."""
+    from paligemma_json import metrics, training
+
+    def script(scores):
+        scores, real = iter(scores), metrics.compute_metrics
+
+        def scripted(rows, *args, **kwargs):  # the validation pass's figures, with a chosen field F1
+            return {**real(rows, *args, **kwargs), "field_f1": next(scores)}
+        monkeypatch.setattr(training, "compute_metrics", scripted)  # the Trainer's validation scoring alone
+    return script
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    """Debian's chromium, driven by playwright. Requested before the demo run, so a missing browser
+    is reported at once."""
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        missing_check("CHROMIUM NOT INSTALLED: report.html was not rendered (apt-get install chromium)")
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        missing_check("PLAYWRIGHT NOT INSTALLED: report.html was not rendered (pip install playwright)")
+    return path

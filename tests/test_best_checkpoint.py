@@ -1,37 +1,20 @@
 """`final/` holds the best checkpoint's weights, not the last one's: a short run, in this process,
 whose validation field F1 is scripted to peak before the end."""
 
-import glob
 import json
 import os
 
 import pytest
-from safetensors.torch import load_file
 
-from conftest import run_flow, short_run_args
-from paligemma_json import metrics, training
+from helpers import assert_final_holds_the_best, run_flow, short_run_args
 
 SCRIPTED_F1 = {4: 0.3, 8: 0.8, 12: 0.5}  # validation field F1 by step: the best, step 8, is not the last
 
 
-def weights(folder):
-    files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
-    assert len(files) == 1, files  # model.safetensors, or adapter_model.safetensors under LoRA
-    return load_file(files[0])
-
-
-def same(first, second):
-    return first.keys() == second.keys() and all((first[k] == second[k]).all() for k in first)
-
-
 @pytest.mark.parametrize("mode", [["--no-use-lora"], ["--use-lora", "--learning-rate", "1e-2"]], ids=["full", "lora"])
-def test_final_holds_the_best_checkpoint_not_the_last(mode, demo_assets, small_export, tmp_path, monkeypatch, capsys):
-    scores = iter(SCRIPTED_F1.values())
-    real = metrics.compute_metrics
-
-    def scripted(rows, *args, **kwargs):  # the validation pass's figures, with a chosen field F1
-        return {**real(rows, *args, **kwargs), "field_f1": next(scores)}
-    monkeypatch.setattr(training, "compute_metrics", scripted)  # the Trainer's validation scoring alone
+def test_final_holds_the_best_checkpoint_not_the_last(mode, demo_assets, small_export, tmp_path, monkeypatch, capsys,
+                                                      scripted_validation_f1):
+    scripted_validation_f1(SCRIPTED_F1.values())
     output_dir = tmp_path / "run"
     run_flow(monkeypatch, *short_run_args(small_export, demo_assets[1], output_dir, *mode, "--max-steps", "12",
                                           "--save-steps", "4", "--max-new-tokens", "4", "--no-constrained",
@@ -41,7 +24,5 @@ def test_final_holds_the_best_checkpoint_not_the_last(mode, demo_assets, small_e
             if "eval_field_f1" in entry} == SCRIPTED_F1  # the scripted figures are what the Trainer saw
     assert state["best_global_step"] == 8
     assert sorted(os.listdir(output_dir / "checkpoint-8"))  # kept: the best is never rotated away
-    final, best, last = (weights(output_dir / name) for name in ("final", "checkpoint-8", "checkpoint-12"))
-    assert not same(best, last)  # training moved the weights after the best, so this could fail
-    assert same(final, best)
+    assert_final_holds_the_best(output_dir, "checkpoint-8", "checkpoint-12")
     assert "(step 8, validation field_f1 0.8000)" in capsys.readouterr().out

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import finetune_paligemma2 as flow
-from conftest import run_flow, short_run_args
+from helpers import run_flow, short_run_args
 from paligemma_json.json_text import parse_json
 from paligemma_json.metrics import compute_metrics
 

@@ -16,7 +16,7 @@ from paligemma_json.confidence import (calibrate, calibrate_fields, check_confid
                                        training_threshold)
 from paligemma_json.evaluation import evaluate_file
 from paligemma_json.metrics import compute_metrics, confidence_auroc, confidence_ece, marked_fields, score_rows
-from conftest import read_jsonl
+from helpers import read_jsonl
 
 # (confidence, right): right fields at 0.9, 0.8, 0.6; wrong ones at 0.8 and 0.3.
 MARKED = [(0.9, True), (0.8, False), (0.8, True), (0.3, False), (0.6, True)]

@@ -30,20 +30,8 @@ SHORT_SCHEMA = {"type": "object", "properties": {"route": {"type": "string", "ma
 
 
 @pytest.fixture(scope="module")
-def splits(demo_assets):
-    return flow.load_splits(demo_assets[0], PROMPT)
-
-
-@pytest.fixture(scope="module")
 def schema(splits):
     return flow.label_schema(splits)
-
-
-@pytest.fixture(scope="module")
-def untrained(demo_assets):
-    """The demo's random tiny model: left to itself it writes `<locNNNN>` tokens, not JSON."""
-    model = flow.PaliGemmaForConditionalGeneration.from_pretrained(demo_assets[1]).eval()
-    return model, flow.load_processor(demo_assets[1])
 
 
 def generate_ids(model, processor, batch, constraint, max_new_tokens, num_beams=1, ahead=False):

@@ -3,28 +3,15 @@ held out (valid or test) stops the run in one line, whatever STRICT and DATASET_
 
 import json
 import os
-import random
 import shutil
 
 import pytest
 
 import finetune_paligemma2 as flow
-from conftest import run_script
+from helpers import new_documents, run_script
 from paligemma_json.corrections import add_corrections
-from paligemma_json.demo import make_manifest, render_manifest
 
 PROMPT = "extract data in JSON format"
-
-
-def new_documents(folder, count=2, seed=7) -> list[dict]:
-    """Photos no split holds, with their corrected labels, exported as a review page writes them."""
-    os.makedirs(folder, exist_ok=True)
-    rng, rows = random.Random(seed), []
-    for index in range(count):
-        record = make_manifest(rng)
-        render_manifest(record, rng).save(os.path.join(folder, f"new-{index}.jpg"), quality=90)
-        rows.append({"image": f"new-{index}.jpg", "prefix": PROMPT, "suffix": json.dumps(record)})
-    return rows
 
 
 def write_export(folder, rows) -> str:
@@ -32,13 +19,6 @@ def write_export(folder, rows) -> str:
     with open(path, "w") as out:
         out.writelines(json.dumps(row) + "\n" for row in rows)
     return path
-
-
-@pytest.fixture
-def export(demo_assets, tmp_path):
-    dataset_dir = str(tmp_path / "export")
-    shutil.copytree(demo_assets[0], dataset_dir)
-    return dataset_dir
 
 
 def test_the_rows_join_the_train_split_with_their_images(export, tmp_path):

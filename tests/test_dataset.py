@@ -9,15 +9,7 @@ from PIL import Image
 
 import finetune_paligemma2 as flow
 from paligemma_json.schema import count_non_json_labels
-from conftest import run_script
-
-
-@pytest.fixture
-def export(demo_assets, tmp_path):
-    """A private copy of the demo export that a test may break."""
-    dataset_dir = str(tmp_path / "export")
-    shutil.copytree(demo_assets[0], dataset_dir)
-    return dataset_dir
+from helpers import run_script
 
 
 def rewrite_line(path, number, text):

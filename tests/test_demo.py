@@ -5,21 +5,31 @@ import json
 import math
 import os
 import re
-import shutil
 
 import pytest
 
 from paligemma_json.demo import DEMO_OVERRIDES, TINY_MODEL_SIZE, demo_figures_meaning
 from paligemma_json.json_text import parse_json
 from paligemma_json.metrics import compute_metrics
-from conftest import read_jsonl
+from helpers import loads, read_jsonl
 
 DEMO_STEPS = DEMO_OVERRIDES["MAX_STEPS"]  # evaluated and saved every 100
 
 
-def test_every_test_image_is_predicted_once_with_its_label(run):
+@pytest.fixture
+def metrics(run):
+    """The demo run's metrics.json."""
+    return json.load(open(os.path.join(run[0], "metrics.json")))
+
+
+@pytest.fixture
+def rows(run):
+    """The demo run's predictions.jsonl."""
+    return read_jsonl(os.path.join(run[0], "predictions.jsonl"))
+
+
+def test_every_test_image_is_predicted_once_with_its_label(run, rows):
     output_dir, _ = run
-    rows = read_jsonl(os.path.join(output_dir, "predictions.jsonl"))
     truth = read_jsonl(os.path.join(output_dir, "demo-dataset", "test", "annotations.jsonl"))
     assert [row["image"] for row in rows] == [row["image"] for row in truth]
     assert [row["suffix"] for row in rows] == [row["suffix"] for row in truth]
@@ -28,10 +38,8 @@ def test_every_test_image_is_predicted_once_with_its_label(run):
     assert all("extract data" not in row["prediction"] for row in rows)  # the prompt is sliced off
 
 
-def test_the_tiny_model_learnt_to_emit_valid_json(run):
+def test_the_tiny_model_learnt_to_emit_valid_json(run, metrics, rows):
     output_dir, _ = run
-    metrics = json.load(open(os.path.join(output_dir, "metrics.json")))
-    rows = read_jsonl(os.path.join(output_dir, "predictions.jsonl"))
     chosen = json.load(open(os.path.join(output_dir, "final", "confidence.json")))  # tests/test_confidence.py
     assert metrics == compute_metrics(rows, json.load(open(os.path.join(output_dir, "schema.json"))),
                                       chosen["threshold"], chosen["source"])
@@ -55,18 +63,8 @@ def test_the_tiny_model_learnt_to_emit_valid_json(run):
     assert sum(isinstance(p, dict) and list(p) == keys for p in parsed) >= 0.8 * len(rows)
 
 
-def loads(text):
-    try:
-        return json.loads(text)
-    except ValueError:
-        return None
-
-
-def test_the_figures_count_what_the_predictions_hold(run):
+def test_the_figures_count_what_the_predictions_hold(metrics, rows):
     """The figures in metrics.json, counted again by hand from predictions.jsonl."""
-    output_dir, _ = run
-    metrics = json.load(open(os.path.join(output_dir, "metrics.json")))
-    rows = read_jsonl(os.path.join(output_dir, "predictions.jsonl"))
     truths = [json.loads(row["suffix"]) for row in rows]
     held, free = [loads(row["prediction"]) for row in rows], [loads(row["free_prediction"]) for row in rows]
     assert metrics["rows"] == 24 and metrics["rows_without_json_target"] == 0
@@ -133,10 +131,10 @@ def test_the_run_says_what_it_did(run):
     assert "Traceback" not in result.stderr
 
 
-def test_the_run_says_what_its_figures_mean(run):
+def test_the_run_says_what_its_figures_mean(run, metrics):
     """Right after the metrics table, one line: low figures are what a tiny model at 64 px gives."""
-    output_dir, result = run
-    line = demo_figures_meaning(json.load(open(os.path.join(output_dir, "metrics.json"))))
+    _, result = run
+    line = demo_figures_meaning(metrics)
     printed = result.stdout.splitlines()
     table_written = next(number for number, text in enumerate(printed) if text.startswith("written: "))
     assert line in printed[table_written + 1:]
@@ -167,49 +165,22 @@ def test_the_pictures_are_drawn(run):
             assert picture.format == "PNG" and picture.size >= minimum
 
 
-def test_the_metrics_table_is_printed(run):
+def test_the_metrics_table_is_printed(run, metrics):
+    """Just before the `written:` line: every figure of metrics.json in its order, to three places, then
+    the fields worst first (at most 15), each with its accuracy, correct, support and predicted."""
     _, result = run
     assert "field (worst first)" in result.stdout and "ted_accuracy" in result.stdout
-
-
-def edited_predictions(run, folder):
-    """The demo's predictions, two of them spoilt, written to `folder`: (rows, path)."""
-    rows = read_jsonl(os.path.join(run[0], "predictions.jsonl"))
-    rows[1]["image_path"] = str(folder / "gone.jpg")  # a missing image becomes a placeholder
-    rows[2]["prediction"] = rows[2]["prediction"][:40]  # cut off: invalid JSON
-    rows[3]["prediction"] = json.dumps({**json.loads(rows[3]["prediction"]), "signature": "x"})  # JSON, off the schema
-    path = folder / "predictions.jsonl"
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return rows, path
-
-
-def test_evaluate_rescores_a_predictions_file_without_a_model(run, tmp_path):
-    """With the run's schema.json beside the file, schema_valid_rate is scored again too."""
-    from conftest import run_script
-    rows, path = edited_predictions(run, tmp_path)
-    shutil.copy(os.path.join(run[0], "schema.json"), tmp_path / "schema.json")
-    result = run_script("--evaluate", str(path), env={"CUDA_VISIBLE_DEVICES": ""})
-    assert result.returncode == 0, result.stderr[-2000:]
-    metrics = json.load(open(tmp_path / "metrics.json"))
-    assert metrics["rows"] == 24 and metrics["json_valid_rate"] == 23 / 24  # every other row was constrained
-    assert metrics["schema_valid_rate"] == 22 / 24
-    truths = [json.loads(row["suffix"]) for row in rows]
-    assert metrics["exact_match"] == sum(loads(row["prediction"]) == t for row, t in zip(rows, truths)) / 24
-    assert (tmp_path / "predictions.png").is_file() and (tmp_path / "report.html").is_file()
-    assert "field (worst first)" in result.stdout and "model:" not in result.stdout
-
-
-def test_evaluate_without_a_schema_beside_scores_no_schema_validity(run, tmp_path):
-    from paligemma_json.evaluation import evaluate_file
-    _, path = edited_predictions(run, tmp_path)
-    metrics = evaluate_file(str(path))
-    assert "schema_valid_rate" not in metrics and metrics["json_valid_rate"] == 23 / 24
-
-
-def test_evaluate_names_a_broken_line(tmp_path):
-    from conftest import run_script
-    path = tmp_path / "predictions.jsonl"
-    path.write_text('{"prediction": "{}", "suffix": "{}"}\n{"prediction": "{\n')
-    result = run_script("--evaluate", str(path))
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.startswith(f"error: {path} line 2: not valid JSON")
+    overall = {name: value for name, value in metrics.items() if name != "per_field"}
+    fields = list(metrics["per_field"].items())
+    expected = [["metric", "value"]]
+    expected += [[name, f"{value:.3f}" if isinstance(value, float) else str(value)] for name, value in overall.items()]
+    expected += [[], ["field", "(worst", "first)", "accuracy", "correct", "support", "predicted"]]
+    expected += [[name, f"{field['accuracy']:.3f}", *map(str, (field["correct"], field["support"], field["predicted"]))]
+                 for name, field in fields[:15]]
+    if len(fields) > 15:
+        expected.append(["...", "and", str(len(fields) - 15), "more", "fields", "in", "metrics.json"])
+    printed = result.stdout.splitlines()
+    written = next(number for number, text in enumerate(printed) if text.startswith("written: "))
+    assert [line.split() for line in printed[written - len(expected):written]] == expected
+    accuracies = [field["accuracy"] for _, field in fields]
+    assert accuracies == sorted(accuracies)  # worst first

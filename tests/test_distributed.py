@@ -1,5 +1,5 @@
 """paligemma_json/distributed.py in one process: validation rows shared out and gathered back, and
-how an FSDP launch loads. Several processes: tests/test_scale.py (DDP) and tests/test_fsdp.py (slow)."""
+how an FSDP launch loads. Several processes: tests/test_launchers.py (DDP) and tests/test_fsdp.py (slow)."""
 
 import math
 

@@ -5,7 +5,7 @@ import glob
 import os
 import re
 
-from conftest import ROOT
+from helpers import ROOT
 
 README_LIMIT = 15_000  # bytes: what it keeps is listed in issue 15; the rest goes to docs/
 

@@ -69,12 +69,6 @@ def snapshot(path):
 
 
 @pytest.fixture(scope="module")
-def tiny(demo_assets):
-    model = flow.PaliGemmaForConditionalGeneration.from_pretrained(demo_assets[1]).eval()
-    return model, flow.load_processor(demo_assets[1])
-
-
-@pytest.fixture(scope="module")
 def splits(small_export):
     return flow.load_splits(small_export, PROMPT)
 
@@ -92,9 +86,9 @@ def moved(model):
     return other.eval()
 
 
-def writers(tiny, splits, demo_assets, tmp_path):
+def writers(untrained, splits, demo_assets, tmp_path):
     """name -> (the result's path, write(generation)): generation 0 is the earlier result, 1 a newer one."""
-    model, processor = tiny
+    model, processor = untrained
     schema = flow.label_schema(splits)
     rows = [prediction_rows(splits, lambda suffix: suffix), prediction_rows(splits, lambda suffix: suffix[:30])]
     log = [[{"step": 1, "loss": 2.0}, {"step": 2, "eval_loss": 1.5, "eval_field_f1": 0.2}],
@@ -149,9 +143,9 @@ RESULTS = ["metrics.json", "predictions.png", "report.html", "schema.json", "dat
 
 
 @pytest.mark.parametrize("result", RESULTS)
-def test_a_write_that_fails_half_way_leaves_the_earlier_result_whole(result, tiny, splits, demo_assets, tmp_path,
+def test_a_write_that_fails_half_way_leaves_the_earlier_result_whole(result, untrained, splits, demo_assets, tmp_path,
                                                                       monkeypatch):
-    path, write = writers(tiny, splits, demo_assets, tmp_path)[result]
+    path, write = writers(untrained, splits, demo_assets, tmp_path)[result]
     write(0)
     earlier = snapshot(path)
     assert earlier, "the writer wrote nothing to fail over"

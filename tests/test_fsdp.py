@@ -15,8 +15,7 @@ import pytest
 import torch
 
 import finetune_paligemma2 as flow
-from conftest import ROOT, SCRIPT, short_run_args
-from test_scale import assert_validation_equals_one_process, free_port, trained_start_args
+from helpers import ROOT, SCRIPT, assert_validation_equals_one_process, free_port, short_run_args, trained_start_args
 
 pytestmark = pytest.mark.slow
 HERE = os.path.dirname(os.path.abspath(__file__))

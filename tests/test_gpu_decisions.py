@@ -11,10 +11,10 @@ from safetensors.torch import load_file
 from transformers import Trainer, TrainingArguments
 
 import finetune_paligemma2 as flow
-from conftest import build_trainer
+from helpers import build_trainer
 from paligemma_json.cards import CARDS, find_card, memory_sizes
-from paligemma_json.speed import (SessionStart, mfu, mfu_report, paligemma2_3b_config, peak_flops, training_rates,
-                                  training_report)
+from paligemma_json.speed import (DTYPE_NAMES, SessionStart, mfu, mfu_report, paligemma2_3b_config, peak_flops,
+                                  training_rates, training_report)
 
 PROMPT = "extract data in JSON format"
 T4, A100, H100 = (7, 5), (8, 0), (9, 0)
@@ -228,8 +228,20 @@ def test_the_peak_is_the_cards_own_in_the_training_dtype(name, dtype, expected):
     assert peak_flops(name, dtype) == expected
 
 
-def test_every_card_names_its_training_dtype():
-    assert all(card.compute in {"bf16", "fp32"} for card in CARDS.values())
+# Each card's compute capability (NVIDIA's list of CUDA GPUs), from which devices.py decides the dtype.
+CAPABILITIES = {"T4": (7, 5), "V100-SXM2": (7, 0), "V100-PCIE": (7, 0), "V100S": (7, 0), "A10": (8, 6),
+                "A10G": (8, 6), "L4": (8, 9), "L40S": (8, 9), "RTX 4090": (8, 9), "RTX 4090 D": (8, 9),
+                "A100": (8, 0), "H100 80GB HBM3": (9, 0), "H100 SXM": (9, 0), "H100 PCIe": (9, 0),
+                "H100 NVL": (9, 0), "H200": (9, 0), "H200 NVL": (9, 0)}
+
+
+def test_every_card_names_its_training_dtype(monkeypatch):
+    """A row's `compute` is the dtype the run decides on that card: MFU's peak and the memory tables'
+    rows are in that dtype."""
+    assert set(CAPABILITIES) == set(CARDS)  # a new row needs its capability here
+    for key, card in CARDS.items():
+        stand_in_gpu(monkeypatch, CAPABILITIES[key], key)
+        assert DTYPE_NAMES[flow.training_dtype()] == card.compute, key
 
 
 @pytest.mark.parametrize("device_name, size", [("Tesla T4", "T4"), ("NVIDIA L4", "L4"),

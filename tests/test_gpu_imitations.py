@@ -14,7 +14,7 @@ import torch
 from torch.utils.data._utils.pin_memory import pin_memory as pin_batch
 
 import finetune_paligemma2 as flow
-from conftest import build_trainer
+from helpers import build_trainer
 
 MODES = {"lora": (True, False, False), "qlora": (True, True, False), "full": (False, False, False),
          "frozen vision": (True, False, True)}  # (use_lora, use_qlora, freeze_vision)

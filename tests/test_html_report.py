@@ -6,38 +6,16 @@ import contextlib
 import io
 import json
 import os
-import shutil
-from html.parser import HTMLParser
 
 import pytest
 from PIL import Image
 
-from conftest import missing_check
+from helpers import PageParser, collect_problems, launch_chromium
 from paligemma_json.html_report import thumbnail_data_uri, write_html_report
 from paligemma_json.metrics import compute_metrics, score_rows
 from paligemma_json.pictures import THUMB_SIZE, _thumbnail_or_placeholder
 
 ATTACKS = ["<script>alert(1)</script>", '"><img src=x onerror=alert(2)>', "</textarea><svg onload=alert(3)>"]
-
-
-class PageParser(HTMLParser):
-    def __init__(self):
-        super().__init__()
-        self.tags, self.attributes, self.scripts, self.in_script = [], [], [], False
-
-    def handle_starttag(self, tag, attrs):
-        self.tags.append((tag, dict(attrs)))
-        self.attributes += attrs
-        self.in_script = tag == "script"
-        if tag == "script":
-            self.scripts.append("")
-
-    def handle_data(self, data):
-        if self.in_script:
-            self.scripts[-1] += data
-
-    def handle_endtag(self, tag):
-        self.in_script = False
 
 
 def hostile_rows(image_path):
@@ -109,35 +87,15 @@ def test_the_demo_writes_the_report(demo_run):
     assert "label tokens min/med/max" in result.stdout
 
 
-@pytest.fixture(scope="session")
-def chromium():
-    """Debian's chromium, driven by playwright. Requested before the demo run, so a missing browser
-    is reported at once."""
-    path = shutil.which("chromium") or shutil.which("chromium-browser")
-    if path is None:
-        missing_check("CHROMIUM NOT INSTALLED: report.html was not rendered (apt-get install chromium)")
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        missing_check("PLAYWRIGHT NOT INSTALLED: report.html was not rendered (pip install playwright)")
-    return path
-
-
 @contextlib.contextmanager
 def opened(executable, path, width=1280):
     """(page, problems): the report in headless chromium, with every console error, page error and
     request for anything but the file itself or a data: URI collected in `problems`."""
     from playwright.sync_api import sync_playwright
-    problems = []
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=executable, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"])
+        browser = launch_chromium(playwright, executable)
         page = browser.new_page(viewport={"width": width, "height": 900})
-        page.on("console", lambda message: problems.append(message.text) if message.type == "error" else None)
-        page.on("pageerror", lambda error: problems.append(str(error)))
-        page.on("request", lambda request: None if request.url.startswith(("file:", "data:"))
-                else problems.append(f"fetched {request.url}"))
+        problems = collect_problems(page)
         page.goto(f"file://{path}")
         yield page, problems
         browser.close()

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, run_flow
+from helpers import ROOT, run_flow
 from paligemma_json import memory
 from paligemma_json.memory import (GIB, TrainingSetting, architecture, candidates, estimate, fit_report,
                                    lora_parameters, training_setting, weight_bytes)

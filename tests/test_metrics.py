@@ -10,7 +10,7 @@ import zipfile
 
 import pytest
 
-from conftest import missing_check
+from helpers import missing_check
 from paligemma_json.metrics import (char_similarity, compute_metrics, flatten, format_metrics_table, normalize,
                                     parse_json, parse_prediction, score_row, ted_accuracy)
 

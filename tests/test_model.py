@@ -1,13 +1,14 @@
 """Model loading under each flag combination, collate_fn, a few training steps, and generation."""
 
 import os
+import sys
 
 import pytest
 import torch
 
 import finetune_paligemma2 as flow
 from paligemma_json.json_text import parse_json
-from conftest import build_trainer
+from helpers import build_trainer
 
 
 def load(demo_assets, use_lora=False, use_qlora=False, freeze_vision=False, dtype=torch.float32):
@@ -45,9 +46,31 @@ def trainable_names(model):
     return [name for name, parameter in model.named_parameters() if parameter.requires_grad]
 
 
+def adapted_modules(model) -> set[str]:
+    """The modules that carry a LoRA adapter, named as in the base model."""
+    return {name.removeprefix("base_model.model.") for name in lora_module_names(model)}
+
+
+def targeted_projections(model_dir) -> tuple[set[str], set[str]]:
+    """(SigLIP's, Gemma's): every linear layer of the vision tower and of the language model that one of
+    the tutorial's target names names, counted layer by layer. SigLIP's attention shares q/k/v_proj's
+    names (its output is out_proj, its MLP fc1 and fc2); each Gemma layer has all seven."""
+    base = flow.PaliGemmaForConditionalGeneration.from_pretrained(model_dir)
+    linears = [name for name, module in base.named_modules() if isinstance(module, torch.nn.Linear)
+               and name.rsplit(".", 1)[-1] in flow.LORA_TARGET_MODULES]
+    vision = {name for name in linears if name.startswith("model.vision_tower.")}
+    language = {name for name in linears if name.startswith("model.language_model.")}
+    assert len(vision) == 3 * base.config.vision_config.num_hidden_layers
+    assert len(language) == 7 * base.config.text_config.num_hidden_layers
+    return vision, language
+
+
 def test_lora_adapts_vision_and_language_like_the_tutorial(demo_assets):
-    names = lora_module_names(load(demo_assets, use_lora=True))
+    model = load(demo_assets, use_lora=True)
+    names = lora_module_names(model)
     assert any("vision_tower" in name for name in names) and any("language_model" in name for name in names)
+    vision, language = targeted_projections(demo_assets[1])
+    assert adapted_modules(model) == vision | language  # none elsewhere, none missed
 
 
 def test_lora_with_frozen_vision_adapts_the_language_model_only(demo_assets):
@@ -59,6 +82,7 @@ def test_lora_with_frozen_vision_adapts_the_language_model_only(demo_assets):
     adapted = {name.rsplit(".", 1)[-1] for name, module in inner.language_model.named_modules()
                if hasattr(module, "lora_A")}
     assert adapted == set(flow.LORA_TARGET_MODULES)  # every target, in the language model
+    assert adapted_modules(model) == targeted_projections(demo_assets[1])[1]  # in every layer
     assert all("lora_" in name and "language_model" in name for name in trainable_names(model))
 
 
@@ -84,10 +108,17 @@ def test_qlora_loads_nf4_layers_with_the_requested_compute_dtype(demo_assets, pr
     assert four_bit and {m.compute_dtype for m in four_bit} == {torch.bfloat16}
     assert {m.weight.quant_type for m in four_bit} == {"nf4"}
     assert all("lora_" in name for name in trainable_names(model))
+    assert adapted_modules(model) == targeted_projections(demo_assets[1])[1]  # the language model's alone
     inputs = flow.collate_fn([splits["train"][0]], processor, torch.bfloat16)
     with torch.no_grad():
         loss = model(**inputs).loss
     assert torch.isfinite(loss)  # it runs, in bf16, on this CPU
+
+
+def test_qlora_where_bitsandbytes_cannot_load_is_one_line(monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # `import bitsandbytes` now fails
+    with pytest.raises(flow.FlowError, match="USE_QLORA needs bitsandbytes, which cannot load here .*--no-use-qlora"):
+        flow.quantization_config(flow.torch.float32)
 
 
 def test_a_few_training_steps_lower_the_loss(demo_assets, processor, splits, tmp_path):

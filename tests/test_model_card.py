@@ -1,55 +1,16 @@
 """The model card (`final/README.md`): a YAML header the Hub reads, the test figures exactly as in
-metrics.json, and loading code that works as written. The LoRA and merged cards are checked on the
-LoRA run in tests/test_scale.py, the push after scoring there and in tests/test_secrets.py."""
+metrics.json, and loading code that works as written. The LoRA card is checked on conftest's short
+LoRA run, the merged card in tests/test_merge.py, the push after scoring in tests/test_push.py and
+tests/test_secrets.py."""
 
-import contextlib
-import io
 import json
 import os
-import re
 import shlex
 import shutil
 
-import yaml
-
-from conftest import run_flow
+from helpers import assert_card_figures_match, card_header, free_prediction, run_card_code, run_flow
 from paligemma_json import model_card
 from paligemma_json.demo import DEMO_OVERRIDES
-
-
-def card_header(card: str) -> dict:
-    """The part between the two `---` lines, read back with a YAML parser."""
-    assert card.startswith("---\n")
-    return yaml.safe_load(card[4:].split("\n---\n", 1)[0])
-
-
-def card_figures(card: str) -> dict:
-    """Every `key` value pair in the card's test figures table."""
-    section = card.split("\n## Test figures\n", 1)[1].split("\n## ", 1)[0]
-    return {key: json.loads(value) for key, value in re.findall(r"`(\w+)` (\S+) \|", section)}
-
-
-def assert_card_figures_match(card: str, metrics: dict) -> None:
-    figures = card_figures(card)
-    expected = [key for _, key in model_card.FIGURES if key in metrics]
-    if metrics["decoding"] == "constrained":
-        expected += [f"free_{key}" for key in expected if f"free_{key}" in metrics]
-    assert {"json_valid_rate", "field_f1"} <= set(figures)
-    assert sorted(figures) == sorted(expected) and figures == {key: metrics[key] for key in expected}
-
-
-def run_card_code(card: str, image_path: str) -> str:
-    """The card's Python block, run as written but on `image_path`: what it prints."""
-    code = card.split("```python\n", 1)[1].split("```", 1)[0]
-    assert '"document.jpg"' in code
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        exec(code.replace('"document.jpg"', repr(image_path)), {})
-    return printed.getvalue().strip()
-
-
-def free_prediction(row: dict) -> str:
-    return row.get("free_prediction", row["prediction"])
 
 
 def test_gemma_license_only_for_googles_paligemma2_ids(tmp_path, monkeypatch):
@@ -144,3 +105,15 @@ def test_the_demo_card_holds_its_figures_and_loads_as_written(demo_run, monkeypa
     run_flow(monkeypatch, *args)
     predicted = [json.loads(line) for line in open(tmp_path / "predict.jsonl")]
     assert [row["prediction"] for row in predicted] == [rows[2]["prediction"]]
+
+
+def test_the_lora_card_replaces_pefts_and_loads_the_adapter_as_written(lora_run, demo_assets):
+    card = open(os.path.join(lora_run, "final", "README.md"), encoding="utf-8").read()
+    header = card_header(card)
+    assert header["library_name"] == "peft" and "lora" in header["tags"] and header["training_data"] == "local:export"
+    assert "base_model" not in header and "license" not in header  # a local base (tests/test_model_card.py)
+    assert "[More Information Needed]" not in card  # peft's own template, written with the adapter, is gone
+    assert f"A LoRA adapter for `{demo_assets[1]}`" in card and "- Method: LoRA, rank 8, on q_proj, " in card
+    assert_card_figures_match(card, json.load(open(os.path.join(lora_run, "metrics.json"))))
+    rows = [json.loads(line) for line in open(os.path.join(lora_run, "predictions.jsonl"))]
+    assert run_card_code(card, rows[1]["image_path"]) == free_prediction(rows[1])

@@ -1,7 +1,9 @@
-"""The one-file Colab notebook (`python -m paligemma_json.notebook`), checked without a kernel; the
-slow test in test_slow.py runs it top to bottom."""
+"""The one-file Colab notebook (`python -m paligemma_json.notebook`), checked without a kernel; and
+(slow) the script as a notebook and the one-file notebook, each run top to bottom in a Jupyter kernel."""
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 import types
@@ -10,7 +12,7 @@ from pathlib import Path
 import jupytext
 import pytest
 
-from conftest import ROOT, SCRIPT
+from helpers import ROOT, SCRIPT
 from paligemma_json.notebook import carried_files, unpack_cell_source, write_one_file_notebook
 
 PIP_INSTALL = [sys.executable, "-m", "pip", "install", "-q", "-r", "requirements.txt"]
@@ -91,3 +93,61 @@ def test_a_name_that_is_not_a_notebook_is_refused(tmp_path):
     assert result.returncode == 2
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert not os.listdir(tmp_path)
+
+
+def need_notebook_tools():
+    for module in ("jupytext", "nbclient", "ipykernel"):
+        pytest.importorskip(module, reason=f"{module.upper()} NOT INSTALLED: the notebook was not run "
+                                           "(pip install jupytext nbclient ipykernel)")
+
+
+def with_demo_on(source: str) -> str:
+    """The edit a notebook user makes in step 1's cell, since a kernel takes no flags."""
+    assert "DEMO = False  #" in source
+    return source.replace("DEMO = False  #", "DEMO = True  #")
+
+
+@pytest.mark.slow
+def test_the_notebook_runs_top_to_bottom(tmp_path):
+    """The Colab path: jupytext turns the script into a notebook that a Jupyter kernel runs in order."""
+    need_notebook_tools()
+    import jupytext
+    from nbclient import NotebookClient
+    work = tmp_path / "repo"
+    shutil.copytree(ROOT, work, ignore=shutil.ignore_patterns(".git", "paligemma2_json_extraction", "__pycache__"))
+    source = (work / "finetune_paligemma2.py").read_text()
+    source = with_demo_on(source).replace(
+        'OUTPUT_DIR = "paligemma2_json_extraction"', f'OUTPUT_DIR = "{tmp_path / "out"}"')
+    notebook = jupytext.reads(source, fmt="py:percent")
+    NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(work)}}).execute()
+    metrics = json.load(open(tmp_path / "out" / "metrics.json"))
+    assert metrics["json_valid_rate"] >= 0.8
+    names = {name for cell in notebook.cells if cell.cell_type == "code" for name in ("trainer", "model")
+             if name in cell.source}
+    assert names == {"trainer", "model"}
+
+
+@pytest.mark.slow
+def test_the_one_file_notebook_runs_in_an_empty_folder(tmp_path, monkeypatch):
+    """The one-file Colab path: `python -m paligemma_json.notebook`, uploaded alone, run top to bottom.
+    The package must come from the notebook's first cell, never from this repository."""
+    need_notebook_tools()
+    import nbformat
+    from nbclient import NotebookClient
+
+    from paligemma_json.notebook import write_one_file_notebook
+    folder = tmp_path / "colab"
+    write_one_file_notebook(str(folder / "one-file.ipynb"))
+    assert os.listdir(folder) == ["one-file.ipynb"]
+    notebook = nbformat.read(folder / "one-file.ipynb", as_version=4)
+    step_1 = next(cell for cell in notebook.cells if "DEMO = False  #" in cell.source)
+    step_1.source = with_demo_on(step_1.source)
+    package_init = str(folder / "paligemma_json" / "__init__.py")
+    notebook.cells.insert(1, nbformat.v4.new_code_cell(  # checked in the kernel, before the long run
+        f"import os, sys, paligemma_json\nassert paligemma_json.__file__ == {package_init!r}, paligemma_json.__file__\n"
+        f"assert {os.path.realpath(ROOT)!r} not in {{os.path.realpath(entry) for entry in sys.path}}, sys.path"))
+    monkeypatch.delenv("PYTHONPATH", raising=False)  # the kernel inherits the environment, not pytest's sys.path
+    NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(folder)}}).execute()
+    output = folder / "paligemma2_json_extraction"  # OUTPUT_DIR's default, in the kernel's working folder
+    assert "field_f1" in json.load(open(output / "metrics.json"))
+    assert {"config.json", "adapter_config.json"} & set(os.listdir(output / "final"))

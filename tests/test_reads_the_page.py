@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import read_jsonl
+from helpers import read_jsonl
 from paligemma_json.demo import IMAGE_ONLY_FIELD, image_field_accuracy
 
 # Measured on the demo's three seeds: 0.96-1.0 against a commonest colour of 0.29-0.42 (README).

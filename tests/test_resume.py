@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import SCRIPT, run_script, short_run_args
+from helpers import SCRIPT, run_script, short_run_args
 
 
 def losses_by_step(output_dir):

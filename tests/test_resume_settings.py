@@ -10,7 +10,7 @@ import shutil
 import pytest
 from transformers import PaliGemmaForConditionalGeneration
 
-from conftest import run_flow, short_run_args
+from helpers import run_flow, short_run_args
 from paligemma_json import FlowError
 from paligemma_json.run_record import RECORD_NAME, short_hash
 

@@ -17,7 +17,7 @@ from paligemma_json.constrained import with_layout
 from paligemma_json.demo import make_manifest
 from paligemma_json.review import write_review_page
 from paligemma_json.schema import infer_schema
-from test_html_report import PageParser, chromium  # noqa: F401 (chromium: the fixture, which skips loudly)
+from helpers import PageParser, collect_problems, launch_chromium, new_documents, run_script
 
 PROMPT = "extract data in JSON format"
 THRESHOLD = 0.5
@@ -137,18 +137,12 @@ def review_page(executable, path):
     prediction would be one) in `problems`, and one browser context, so localStorage outlives a
     reload."""
     from playwright.sync_api import sync_playwright
-    problems = []
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=executable, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"])
+        browser = launch_chromium(playwright, executable)
         context = browser.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True)
         page = context.new_page()
-        page.on("console", lambda message: problems.append(message.text) if message.type == "error" else None)
-        page.on("pageerror", lambda error: problems.append(str(error)))
+        problems = collect_problems(page, local=("file:", "data:", "blob:"))  # blob: the export's download
         page.on("dialog", lambda dialog: (problems.append(f"dialog: {dialog.message}"), dialog.dismiss()))
-        page.on("request", lambda request: None if request.url.startswith(("file:", "data:", "blob:"))
-                else problems.append(f"fetched {request.url}"))
         page.goto(f"file://{path}")
         yield page, problems
         browser.close()
@@ -275,9 +269,6 @@ def test_the_loop_on_the_demo_predict_review_export_and_train_on_it(chromium, de
     """The README's three commands on the demo's model: --predict on new pages writes review.html; in
     the browser a flagged string and a number are corrected, a line item deleted, two pages marked
     reviewed, the export saved where the page says; the next run's train split takes those rows."""
-    from conftest import run_script
-    from test_corrections import new_documents
-
     import finetune_paligemma2 as flow
     from paligemma_json.corrections import add_corrections
     folder = str(tmp_path / "new-pages")

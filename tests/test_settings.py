@@ -10,7 +10,7 @@ import finetune_paligemma2 as flow
 from paligemma_json.demo import demo_paths
 from paligemma_json.plan import make_output_dir, newest_checkpoint, plan_run, prepare_output_dir, remove_if_left_empty
 from paligemma_json.settings import parse_overrides, resolve_settings, settings_line
-from conftest import run_flow, run_script
+from helpers import run_flow, run_script
 
 
 def resolve(argv):

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 import finetune_paligemma2 as flow
-from conftest import run_flow
+from helpers import run_flow
 from paligemma_json import FlowError
 from paligemma_json.tracking import SECRET_ENV_VARS, TRACKERS, check_tracking_settings, mask_secrets, trackers
 

@@ -7,10 +7,8 @@ import os
 import pytest
 from transformers import TrainerControl, TrainerState
 
-from conftest import run_flow, short_run_args
-from paligemma_json import metrics, training
+from helpers import assert_final_holds_the_best, run_flow, short_run_args
 from paligemma_json.training import EarlyStopping
-from test_best_checkpoint import same, weights
 
 
 def stopping_step(scores: list[float], patience: int, every: int = 4):
@@ -50,13 +48,9 @@ def test_a_resumed_run_counts_the_evaluations_before_the_cut():
 SCRIPTED_F1 = [0.3, 0.8, 0.5, 0.8, 0.9, 0.9]  # at steps 2, 4, ...: the best, step 4, is tied at step 8
 
 
-def test_early_stopping_stops_and_keeps_the_best(demo_assets, small_export, tmp_path, monkeypatch, capsys):
-    scores = iter(SCRIPTED_F1)
-    real = metrics.compute_metrics
-
-    def scripted(rows, *args, **kwargs):  # the validation pass's figures, with a chosen field F1
-        return {**real(rows, *args, **kwargs), "field_f1": next(scores)}
-    monkeypatch.setattr(training, "compute_metrics", scripted)  # the Trainer's validation scoring alone
+def test_early_stopping_stops_and_keeps_the_best(demo_assets, small_export, tmp_path, monkeypatch, capsys,
+                                                 scripted_validation_f1):
+    scripted_validation_f1(SCRIPTED_F1)
     output_dir = tmp_path / "run"
     flow = run_flow(monkeypatch, *short_run_args(small_export, demo_assets[1], output_dir, "--save-steps", "2",
                                                  "--early-stopping-patience", "2", "--max-new-tokens", "4",
@@ -67,9 +61,7 @@ def test_early_stopping_stops_and_keeps_the_best(demo_assets, small_export, tmp_
     assert state["best_global_step"] == 4
     assert sorted(name for name in os.listdir(output_dir) if name.startswith("checkpoint-")) == [
         "checkpoint-4", "checkpoint-8"]
-    final, best, last = (weights(output_dir / name) for name in ("final", "checkpoint-4", "checkpoint-8"))
-    assert not same(best, last)  # training moved the weights after the best, so this could fail
-    assert same(final, best)
+    assert_final_holds_the_best(output_dir, "checkpoint-4", "checkpoint-8")
     assert "(best 0.8000 at step 4); stopping at step 8" in capsys.readouterr().out
 
 

@@ -7,7 +7,7 @@ from transformers import TrainerCallback, set_seed
 from transformers.trainer_utils import IntervalStrategy
 
 import finetune_paligemma2 as flow
-from conftest import build_trainer
+from helpers import build_trainer
 from paligemma_json.training import (LABEL_ONLY_KEYS, full_logits_loss, label_only_inputs, label_only_loss,
                                      without_label_only)
 
