@@ -163,11 +163,11 @@ if __name__ == "__main__" and run.mode == "train":
 from PIL import Image
 from torch.utils.data import Dataset
 
-from paligemma_json.constrained import compile_schema, label_schema
+from paligemma_json.constrained import compile_schema
 from paligemma_json.corrections import add_corrections  # a review page's export, trained on with train
 from paligemma_json.documents import read_annotations
 from paligemma_json.run_record import check_run_settings  # a --resume never mixes two runs' settings
-from paligemma_json.schema import save_label_schema, warn_non_json_labels
+from paligemma_json.schema import label_schema, save_label_schema, warn_non_json_labels
 
 SPLITS = ("train", "valid", "test")
 

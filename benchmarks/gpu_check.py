@@ -243,9 +243,8 @@ def schema_and_tokenizer():
     import random
 
     from grammar_masks import synthetic_tokenizer
-    from paligemma_json.constrained import with_layout
     from paligemma_json.demo import make_manifest
-    from paligemma_json.schema import infer_schema
+    from paligemma_json.schema import infer_schema, with_layout
     rng = random.Random(0)
     records = [make_manifest(rng) for _ in range(50)]
     return with_layout(infer_schema(records), [json.dumps(record) for record in records]), synthetic_tokenizer()

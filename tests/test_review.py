@@ -12,10 +12,10 @@ import random
 import pytest
 from PIL import Image
 
-from paligemma_json.constrained import leaf_spans, with_layout
+from paligemma_json.constrained import leaf_spans
 from paligemma_json.demo import make_manifest
 from paligemma_json.review import write_review_page
-from paligemma_json.schema import infer_schema
+from paligemma_json.schema import infer_schema, with_layout
 from test_html_report import PageParser, chromium  # noqa: F401 (chromium: the fixture, which skips loudly)
 
 PROMPT = "extract data in JSON format"

@@ -12,9 +12,9 @@ import torch
 
 import finetune_paligemma2 as flow
 from paligemma_json.confidence import calibrate
-from paligemma_json.constrained import with_layout
 from paligemma_json.json_text import parse_json
 from paligemma_json.metrics import compute_metrics
+from paligemma_json.schema import with_layout
 from conftest import ROOT, SCRIPT, run_flow, run_script, short_run_args
 from test_model_card import assert_card_figures_match, card_header, free_prediction, run_card_code
 
