@@ -227,7 +227,6 @@ if __name__ == "__main__" and run.mode == "train":
 
 # %%
 import logging
-import re
 
 import torch
 
@@ -243,6 +242,7 @@ from paligemma_json.devices import model_device_map, place_whole_copy, training_
 from paligemma_json.distributed import loading_device_map, prepare_fsdp_loading
 from paligemma_json.files import adapter_base
 from paligemma_json.hub import cache_only_for, hub_load
+from paligemma_json.lora import lora_target_modules  # q/k/v_proj name SigLIP's too: frozen vision adapts the LM only
 from paligemma_json.memory import check_fit, training_setting  # on a GPU: will it fit? (a CPU-derived estimate)
 from paligemma_json.training import count_parameters, enable_gradient_checkpointing
 
@@ -258,13 +258,6 @@ def quantization_config(dtype: torch.dtype) -> BitsAndBytesConfig:
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
     assert config.bnb_4bit_compute_dtype == dtype  # the tutorial's misspelt kwarg was silently ignored
     return config
-
-
-def lora_target_modules(names: list[str], freeze_vision: bool) -> list[str] | str:
-    """q/k/v_proj also name SigLIP's attention: with vision frozen, adapt the language model only."""
-    if freeze_vision:
-        return r".*language_model.*\.(" + "|".join(map(re.escape, names)) + r")"
-    return list(names)
 
 
 def freeze_vision_tower(model) -> None:

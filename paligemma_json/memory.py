@@ -35,10 +35,11 @@ taken when `torch.cuda.mem_get_info` reports free memory) and the caching alloca
 """
 
 import os
-import re
 from dataclasses import dataclass, field, replace
 
 import torch
+
+from paligemma_json.lora import is_lora_target, lora_target_modules
 
 GIB = 1024 ** 3
 # The CUDA context lives outside torch's allocator: "around 400MB if CUDA >= 11.7 is used and lazy module
@@ -121,14 +122,6 @@ class Estimate:
 
 # --- The architecture, counted on the meta device ---------------------------------------------------
 
-def _lora_targeted(name: str, targets: tuple, freeze_vision: bool) -> bool:
-    """peft's rule for a list of names (the module name ends with ".<target>"), or, with the vision
-    tower frozen, the script's regex that keeps adapters in the language model."""
-    if freeze_vision:
-        return re.fullmatch(r".*language_model.*\.(" + "|".join(map(re.escape, targets)) + r")", name) is not None
-    return any(name == target or name.endswith("." + target) for target in targets)
-
-
 @dataclass(frozen=True)
 class Architecture:
     """The numbers the estimate uses, read from a PaliGemma config."""
@@ -172,8 +165,9 @@ def architecture(config) -> Architecture:
 
 
 def lora_parameters(arch: Architecture, setting: TrainingSetting) -> int:
+    targets = lora_target_modules(setting.lora_targets, setting.freeze_vision)  # as step 4 gives them to peft
     return sum(setting.lora_rank * (fan_in + fan_out) for name, fan_in, fan_out in arch.lora_shapes
-               if _lora_targeted(name, setting.lora_targets, setting.freeze_vision))
+               if is_lora_target(name, targets))
 
 
 def trained_parameters(arch: Architecture, setting: TrainingSetting) -> int:
