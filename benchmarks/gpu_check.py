@@ -63,8 +63,9 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 import torch  # noqa: E402
 
 from paligemma_json.decoding import FastDecoding  # noqa: E402
-from paligemma_json.memory import GIB, TrainingSetting, architecture, estimate  # noqa: E402
-from paligemma_json.speed import image_tokens, mfu, paligemma2_config, peak_flops  # noqa: E402
+from paligemma_json.architecture import architecture, image_tokens, paligemma2_config  # noqa: E402
+from paligemma_json.memory import GIB, TrainingSetting, estimate  # noqa: E402
+from paligemma_json.speed import mfu, peak_flops  # noqa: E402
 from paligemma_json.training import enable_gradient_checkpointing, without_label_only  # noqa: E402
 from real_width import load, saved_model, synthetic_batch  # noqa: E402
 

@@ -13,7 +13,8 @@ import torch
 from transformers import TrainingArguments
 
 from paligemma_json import FlowError
-from paligemma_json.memory import GIB, architecture
+from paligemma_json.architecture import architecture
+from paligemma_json.memory import GIB
 # A whole copy's peak over its weights. Measured for a CPU merge (`merge_adapter`, real 3B widths with 4 text
 # and 4 vision layers, torch 2.13 CPU; `python benchmarks/merge_memory.py`): anonymous memory peaked at
 # 1.05-1.07x the fp32 weights; the bf16 checkpoint mapped from disk came on top as page cache, which the
