@@ -240,9 +240,8 @@ from transformers import (BitsAndBytesConfig, PaliGemmaConfig, PaliGemmaForCondi
 from paligemma_json.dataset_report import label_tokens, report_dataset, token_budget
 from paligemma_json.devices import model_device_map, place_whole_copy, training_dtype  # bf16 from 8.0, else fp32
 from paligemma_json.distributed import loading_device_map, prepare_fsdp_loading
-from paligemma_json.files import adapter_base
 from paligemma_json.hub import cache_only_for, hub_load
-from paligemma_json.lora import lora_target_modules  # q/k/v_proj name SigLIP's too: frozen vision adapts the LM only
+from paligemma_json.lora import adapter_base, lora_target_modules  # SigLIP has q/k/v_proj too: frozen, it gets none
 from paligemma_json.memory import check_fit, training_setting  # on a GPU: will it fit? (a CPU-derived estimate)
 from paligemma_json.training import count_parameters, enable_gradient_checkpointing
 
