@@ -18,7 +18,6 @@ the run is on, in the dtype it trains in (bf16 from compute capability 8.0, fp32
 """
 
 import torch
-from transformers import TrainerCallback
 
 from paligemma_json.architecture import architecture, image_tokens
 from paligemma_json.cards import CARDS, find_card  # each card's dense peak, in the dtype it trains in
@@ -111,13 +110,3 @@ def training_report(metrics: dict, steps: int, tokens: int, evaluation_s: float,
             f"{samples_per_second:.2f} samples/s, {tokens_per_second:.0f} tokens/s (image and text, no padding); "
             f"final loss {metrics['train_loss']:.4f}" + (" (time and rates: this session's steps alone)" if resumed else ""))
     return line, samples_per_second, tokens_per_second
-
-
-class SessionStart(TrainerCallback):
-    """The tokens a resumed run had seen before this session: the Trainer restores that count from the
-    checkpoint, while its runtime covers this session alone."""
-
-    tokens_seen = 0
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.tokens_seen = state.num_input_tokens_seen

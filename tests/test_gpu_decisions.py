@@ -14,7 +14,8 @@ import finetune_paligemma2 as flow
 from conftest import build_trainer
 from paligemma_json.architecture import paligemma2_3b_config
 from paligemma_json.cards import CARDS, find_card, memory_sizes
-from paligemma_json.speed import SessionStart, mfu, mfu_report, peak_flops, training_rates, training_report
+from paligemma_json.speed import mfu, mfu_report, peak_flops, training_rates, training_report
+from paligemma_json.training import SessionStart
 
 PROMPT = "extract data in JSON format"
 T4, A100, H100 = (7, 5), (8, 0), (9, 0)
