@@ -165,14 +165,14 @@ from torch.utils.data import Dataset
 
 from paligemma_json.constrained import compile_schema
 from paligemma_json.corrections import add_corrections  # a review page's export, trained on with train
-from paligemma_json.documents import read_annotations
+from paligemma_json.documents import DocumentDataset, read_annotations  # the shape every dataset here has
 from paligemma_json.run_record import check_run_settings  # a --resume never mixes two runs' settings
 from paligemma_json.schema import label_schema, save_label_schema, warn_non_json_labels
 
 SPLITS = ("train", "valid", "test")
 
 
-class JSONLDataset(Dataset):
+class JSONLDataset(Dataset, DocumentDataset):
     """`dataset[i] -> (image, entry)`: an RGB image and its `{"image", "prefix", "suffix"}` row."""
 
     def __init__(self, jsonl_file_path: str, image_directory_path: str, prompt: str = ""):

@@ -1,7 +1,8 @@
 """What the flow reads: a Roboflow split's rows and images, each checked before any model loads,
-and new documents for `--predict` in the shape of the script's `JSONLDataset` (`dataset[i] -> (image, entry)`)."""
+and new documents for `--predict`, both in the one shape every dataset of the flow has (`DocumentDataset`)."""
 
 import os
+from typing import Protocol
 
 from PIL import Image
 from torch.utils.data import Dataset
@@ -11,6 +12,19 @@ from paligemma_json.json_text import jsonl_rows, parse_json
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 PREDICT_KEYS = ("image", "image_path", "prefix", "prediction", "truncated", "confidence")  # no label to keep
+
+
+class DocumentDataset(Protocol):
+    """The shape of every dataset the flow trains, predicts or reports on (the script's `JSONLDataset`,
+    `DocumentImages` below, distributed.py's `DatasetShare`), and all it reads of one:
+    `dataset[i] -> (image, entry)`, an RGB image and its row."""
+
+    entries: list[dict]  # `{"image", "prefix", "suffix"}` rows, in order (new documents: suffix "")
+    image_directory_path: str  # where each row's image is (an absolute `image` is found as it is)
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, idx: int) -> tuple[Image.Image, dict]: ...
 
 
 def check_image(path: str, where: str) -> None:
@@ -51,7 +65,7 @@ def check_row(entry, image_dir: str, where: str) -> None:
     check_image(os.path.join(image_dir, entry["image"]), where)
 
 
-class DocumentImages(Dataset):
+class DocumentImages(Dataset, DocumentDataset):
     """New documents: an image file, or every image in a folder, each with the prompt and no label."""
 
     def __init__(self, path: str, prompt: str):
