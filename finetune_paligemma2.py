@@ -39,7 +39,7 @@ if __name__ == "__main__" and "google.colab" in sys.modules and not os.path.exis
 from paligemma_json import FlowError  # a problem the user can fix: one line, never a traceback
 from paligemma_json.plan import plan_run  # which mode, which process writes, what is resumed or replaced
 from paligemma_json.settings import report_flow_errors, resolve_settings, settings_line
-from paligemma_json.tracking import mask_secrets  # trackers' keys are never printed
+from paligemma_json.secrets import mask_secrets  # trackers' keys are never printed
 
 # Data
 ROBOFLOW_WORKSPACE = "roboflow-jvuqo"  # the tutorial's pallet-manifest dataset on Roboflow Universe
@@ -120,7 +120,7 @@ if __name__ == "__main__":
 # "prefix", "suffix"}`. The key comes from `ROBOFLOW_API_KEY` or a Colab secret of that name, never printed.
 
 # %%
-from paligemma_json.tracking import find_roboflow_api_key  # the environment, or a Colab secret
+from paligemma_json.secrets import find_roboflow_api_key  # the environment, or a Colab secret
 from paligemma_json.model_card import record_roboflow_source
 
 
@@ -163,15 +163,15 @@ if __name__ == "__main__" and run.mode == "train":
 from PIL import Image
 from torch.utils.data import Dataset
 
-from paligemma_json.constrained import compile_schema, label_schema
+from paligemma_json.constrained import compile_schema
 from paligemma_json.corrections import add_corrections  # a review page's export, trained on with train
-from paligemma_json.documents import read_annotations
-from paligemma_json.schema import warn_non_json_labels
+from paligemma_json.documents import DocumentDataset, read_annotations  # the shape every dataset here has
+from paligemma_json.schema import label_schema, warn_non_json_labels
 
 SPLITS = ("train", "valid", "test")
 
 
-class JSONLDataset(Dataset):
+class JSONLDataset(Dataset, DocumentDataset):
     """`dataset[i] -> (image, entry)`: an RGB image and its `{"image", "prefix", "suffix"}` row."""
 
     def __init__(self, jsonl_file_path: str, image_directory_path: str, prompt: str = ""):
@@ -224,7 +224,6 @@ if __name__ == "__main__" and run.mode == "train":
 
 # %%
 import logging
-import re
 
 import torch
 
@@ -238,8 +237,8 @@ from transformers import (BitsAndBytesConfig, PaliGemmaConfig, PaliGemmaForCondi
 from paligemma_json.dataset_report import check_data  # the data's checks that need the tokenizer
 from paligemma_json.devices import model_device_map, place_whole_copy, training_dtype  # bf16 from 8.0, else fp32
 from paligemma_json.distributed import loading_device_map, prepare_fsdp_loading
-from paligemma_json.files import adapter_base
 from paligemma_json.hub import cache_only_for, hub_load
+from paligemma_json.lora import adapter_base, lora_target_modules  # SigLIP has q/k/v_proj too: frozen, it gets none
 from paligemma_json.memory import check_fit, training_setting  # on a GPU: will it fit? (a CPU-derived estimate)
 from paligemma_json.training import count_parameters, enable_gradient_checkpointing
 
@@ -255,13 +254,6 @@ def quantization_config(dtype: torch.dtype) -> BitsAndBytesConfig:
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
     assert config.bnb_4bit_compute_dtype == dtype  # the tutorial's misspelt kwarg was silently ignored
     return config
-
-
-def lora_target_modules(names: list[str], freeze_vision: bool) -> list[str] | str:
-    """q/k/v_proj also name SigLIP's attention: with vision frozen, adapt the language model only."""
-    if freeze_vision:
-        return r".*language_model.*\.(" + "|".join(map(re.escape, names)) + r")"
-    return list(names)
 
 
 def freeze_vision_tower(model) -> None:

@@ -2,7 +2,7 @@
 
     python benchmarks/confidence_memory.py      # ~8.5 min on a quiet core; one subprocess at a time, peak RSS ~6 GiB
 
-PaliGemma 2 3B at its real widths (`paligemma_json.speed.paligemma2_3b_config`: hidden 2304, logits
+PaliGemma 2 3B at its real widths (`paligemma_json.architecture.paligemma2_3b_config`: hidden 2304, logits
 257,216 wide, SigLIP So400m at 224 px, 256 image tokens) with one text layer and one vision layer,
 random weights, fp32 on the CPU (the script's CPU dtype). 8 images x 256 new tokens, greedy, free
 (`min_new_tokens` forces all 256 steps; the constraint's mask costs the same in every variant).
@@ -61,7 +61,7 @@ def build(images: int, text_layers: int):
     import torch
     from transformers import PaliGemmaForConditionalGeneration
 
-    from paligemma_json.speed import image_tokens, paligemma2_3b_config
+    from paligemma_json.architecture import image_tokens, paligemma2_3b_config
     torch.manual_seed(0)
     config = paligemma2_3b_config()
     config.text_config.num_hidden_layers = text_layers

@@ -63,8 +63,9 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 import torch  # noqa: E402
 
 from paligemma_json.decoding import FastDecoding  # noqa: E402
-from paligemma_json.memory import GIB, TrainingSetting, architecture, estimate  # noqa: E402
-from paligemma_json.speed import image_tokens, mfu, paligemma2_config, peak_flops  # noqa: E402
+from paligemma_json.architecture import architecture, image_tokens, paligemma2_config  # noqa: E402
+from paligemma_json.memory import GIB, TrainingSetting, estimate  # noqa: E402
+from paligemma_json.speed import mfu, peak_flops  # noqa: E402
 from paligemma_json.training import enable_gradient_checkpointing, without_label_only  # noqa: E402
 from real_width import load, saved_model, synthetic_batch  # noqa: E402
 
@@ -243,9 +244,8 @@ def schema_and_tokenizer():
     import random
 
     from grammar_masks import synthetic_tokenizer
-    from paligemma_json.constrained import with_layout
     from paligemma_json.demo import make_manifest
-    from paligemma_json.schema import infer_schema
+    from paligemma_json.schema import infer_schema, with_layout
     rng = random.Random(0)
     records = [make_manifest(rng) for _ in range(50)]
     return with_layout(infer_schema(records), [json.dumps(record) for record in records]), synthetic_tokenizer()

@@ -520,7 +520,7 @@ def build_real_width_model(demo_model: str, target: str, shape: dict) -> dict:
     from transformers import PaliGemmaForConditionalGeneration, PaliGemmaProcessor, SiglipImageProcessorPil
     from transformers.initialization import no_init_weights
 
-    from paligemma_json.speed import image_tokens, paligemma2_config
+    from paligemma_json.architecture import image_tokens, paligemma2_config
     from real_width import fill_random
     tokenizer = PaliGemmaProcessor.from_pretrained(demo_model).tokenizer
     config = paligemma2_config("3b", shape["image_size"], shape["text_layers"], shape["vision_layers"])

@@ -39,7 +39,7 @@ def measure(request: dict) -> dict:
 
     import finetune_paligemma2 as flow
     from gpu_check import schema_and_tokenizer
-    from paligemma_json.speed import image_tokens
+    from paligemma_json.architecture import image_tokens
     from paligemma_json.constrained import JsonSchemaConstraint
     torch.manual_seed(0)
     model = flow.PaliGemmaForConditionalGeneration.from_pretrained(request["model_dir"], dtype=torch.float32).eval()

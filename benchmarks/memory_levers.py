@@ -4,7 +4,7 @@ on the CPU: the label-only loss and gradient checkpointing. CPU-derived figures.
     OMP_NUM_THREADS=1 python benchmarks/memory_levers.py                 # every variant, ~10 min on one core
     OMP_NUM_THREADS=1 python benchmarks/memory_levers.py --only loss_match
 
-The model is 3B's architecture (paligemma_json.speed.paligemma2_3b_config) at random weights, with
+The model is 3B's architecture (paligemma_json.architecture.paligemma2_3b_config) at random weights, with
 few layers: the 257,216-wide output layer, which the label-only loss cuts, does not depend on depth.
 LoRA on a bf16 base, as the script trains on a GPU; a synthetic batch shaped like the pallet
 manifests (image tokens, ~20 prompt tokens, ~150 label tokens, left padding). Each variant runs in a
@@ -53,7 +53,7 @@ def build_model(image_size: int, text_layers: int, dtype):
     from peft import LoraConfig, get_peft_model
     from transformers import PaliGemmaForConditionalGeneration
     import finetune_paligemma2 as flow
-    from paligemma_json.speed import paligemma2_3b_config
+    from paligemma_json.architecture import paligemma2_3b_config
     config = paligemma2_3b_config(image_size)
     config.text_config.num_hidden_layers = text_layers
     config.text_config.layer_types = config.text_config.layer_types[:text_layers]

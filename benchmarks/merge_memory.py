@@ -35,7 +35,7 @@ def build(work_dir: str) -> str:
 
     import finetune_paligemma2 as flow
     from paligemma_json.demo import build_demo
-    from paligemma_json.speed import paligemma2_config
+    from paligemma_json.architecture import paligemma2_config
     from real_width import fill_random
     base_dir, run_dir = os.path.join(work_dir, "base"), os.path.join(work_dir, "run")
     torch.set_default_dtype(torch.bfloat16)
@@ -62,7 +62,7 @@ def measure(run_dir: str) -> dict:
 
     import finetune_paligemma2 as flow
     from bench import reset_peak_rss, status_kib
-    from paligemma_json.memory import architecture
+    from paligemma_json.architecture import architecture
     weights = 4 * architecture(PaliGemmaConfig.from_pretrained(os.path.join(ROOT, run_dir, "..", "base"))).parameters
     peak, done = [0], threading.Event()
 

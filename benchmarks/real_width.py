@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=1 python benchmarks/real_width.py --markdown  # ~15 min on one core, ~12 GiB RAM at most
     OMP_NUM_THREADS=1 python benchmarks/real_width.py --save m.json    # then: --refit m.json (no measuring)
 
-It builds PaliGemma 2 3B and 10B at their real widths (paligemma_json/speed.py's `paligemma2_config`:
+It builds PaliGemma 2 3B and 10B at their real widths (paligemma_json/architecture.py's `paligemma2_config`:
 the 257,216-wide embedding, Gemma 2 and SigLIP So400m as published) with only one to three layers, at
 random weights, saves it, and loads it the way the script does (`load_model`: a bf16 base under LoRA,
 nf4 under QLoRA, fp32 under a full fine-tune). Each point then runs one training step the way the
@@ -104,7 +104,7 @@ def saved_model(size: str, image_size: int, text_layers: int, vision_layers: int
     """A random-weight PaliGemma 2 at the real widths with few layers, saved in bf16 once per shape."""
     import torch
     from transformers import PaliGemmaForConditionalGeneration
-    from paligemma_json.speed import paligemma2_config
+    from paligemma_json.architecture import paligemma2_config
     path = os.path.join(cache_dir, f"{size}-{image_size}px-{text_layers}t-{vision_layers}v")
     if not os.path.isdir(path):
         from transformers.initialization import no_init_weights
@@ -139,7 +139,7 @@ def synthetic_batch(config, batch_size: int, dtype, label_only: bool) -> dict:
     its EOS; the label alone is scored. `label_only` adds the label-only loss's keys, as `collate_fn` does."""
     import torch
     from paligemma_json.memory import LABEL_TOKENS, PROMPT_TOKENS
-    from paligemma_json.speed import image_tokens
+    from paligemma_json.architecture import image_tokens
     from paligemma_json.training import with_label_only, without_label_only
     generator = torch.Generator().manual_seed(0)
     patches = image_tokens(config)
@@ -301,8 +301,7 @@ def setting_of(measurement: dict):
 
 
 def shape_architecture(measurement: dict, cache: dict):
-    from paligemma_json.memory import architecture
-    from paligemma_json.speed import paligemma2_config
+    from paligemma_json.architecture import architecture, paligemma2_config
     key = (measurement["size"], measurement["image_size"], measurement["text_layers"], measurement["vision_layers"])
     if key not in cache:
         cache[key] = architecture(paligemma2_config(*key))
@@ -415,8 +414,8 @@ def check(measurements: list[dict], coefficients: dict, cache: dict) -> float:
 
 def full_depth_rows(coefficients: dict, measured_kinds: set):
     """Estimates for the full-depth models: (size, px, mode, checkpointing, batch, bf16 GiB, fp32 GiB, basis)."""
-    from paligemma_json.memory import GIB, TrainingSetting, architecture, estimate
-    from paligemma_json.speed import paligemma2_config
+    from paligemma_json.architecture import architecture, paligemma2_config
+    from paligemma_json.memory import GIB, TrainingSetting, estimate
     for size in ("3b", "10b"):
         for image_size in (224, 448, 896):
             arch = architecture(paligemma2_config(size, image_size))

@@ -1,4 +1,4 @@
-"""Constrained decoding and per-field confidence.
+"""Constrained decoding, and the token probabilities a field's confidence is read from.
 
 Generation is held to the labels' JSON Schema by llguidance (a well-kept Rust grammar engine,
 `benchmarks/grammar_masks.py` compares it with xgrammar on our vocabularies): at every step a
@@ -9,53 +9,16 @@ bounded length; it cannot give right values.
 Confidence is the model's own: for each leaf value, the lowest probability among the tokens that
 wrote it, from the raw logits, never from the masked scores, which renormalize over the allowed
 tokens and would look surer than the model is. `ChosenTokenProbabilities` records them step by step,
-so generation need not keep every step's 257,216-wide logits (`output_logits=True`).
+so generation need not keep every step's 257,216-wide logits (`output_logits=True`); confidence.py
+reads each field's confidence from them.
 """
 
-import json
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from transformers import LogitsProcessor, StoppingCriteria, StoppingCriteriaList
 
 from paligemma_json import FlowError
-from paligemma_json.schema import load_schema, schema_from_labels
-
-
-# --- The layout the labels are written in --------------------------------------------------------
-
-def _written_with(suffix: str, item: str, key: str) -> bool:
-    try:
-        data = json.loads(suffix)
-    except json.JSONDecodeError:
-        return False
-    return suffix in (json.dumps(data, separators=(item, key)),
-                      json.dumps(data, separators=(item, key), ensure_ascii=False))
-
-
-def json_layout(suffixes: list[str]) -> dict:
-    """llguidance's options for the separators the labels use: `", "` and `": "` as `json.dumps`
-    writes them, or the compact `","` and `":"`. Otherwise whitespace is free but bounded, so a
-    model cannot spend its budget on spaces."""
-    for item, key in ((", ", ": "), (",", ":")):
-        if suffixes and all(_written_with(suffix, item, key) for suffix in suffixes):
-            return {"item_separator": item, "key_separator": key, "whitespace_flexible": False}
-    return {"whitespace_pattern": r"[\x20\x0A\x0D\x09]{0,64}"}
-
-
-def with_layout(schema: dict, suffixes: list[str]) -> dict:
-    """The schema with the labels' layout under `x-guidance` (llguidance reads it, JSON Schema
-    validators ignore it), unless the user's schema says otherwise: saved with it, so `--predict`
-    writes the way the model was trained to."""
-    return {**schema, "x-guidance": {**json_layout(suffixes), **schema.get("x-guidance", {})}}
-
-
-def label_schema(splits: dict, schema_path: str = "") -> dict | None:
-    """The structure predictions should have: the user's schema, or one inferred from the train and
-    valid labels (None when they are not JSON), with the labels' separators for the grammar."""
-    suffixes = [entry["suffix"] for split in ("train", "valid") for entry in splits[split].entries]
-    schema = load_schema(schema_path) if schema_path else schema_from_labels(suffixes)
-    return None if schema is None else with_layout(schema, suffixes)
 
 
 # --- The grammar, and the logits processor that applies it -------------------------------------

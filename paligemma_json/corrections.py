@@ -8,7 +8,7 @@ import os
 
 from paligemma_json import FlowError
 from paligemma_json.dataset_report import cross_split_leaks
-from paligemma_json.documents import check_row
+from paligemma_json.documents import Entry, check_row
 from paligemma_json.json_text import jsonl_rows
 
 
@@ -22,10 +22,10 @@ class Corrections:
                             "saved beside the images it names")
         folder = os.path.dirname(os.path.abspath(path))
         self.entries, self.where = [], []
-        for where, entry in jsonl_rows(path, "fix or remove the line"):
-            check_row(entry, folder, f"{where} (images are looked for beside the file)")
-            self.entries.append({**entry, "image": os.path.join(folder, entry["image"]),
-                                 "prefix": prompt or entry["prefix"]})
+        for where, row in jsonl_rows(path, "fix or remove the line"):
+            image = check_row(row, folder, f"{where} (images are looked for beside the file)")
+            self.entries.append(Entry({**row, "image": os.path.join(folder, row["image"]),
+                                       "prefix": prompt or row["prefix"]}, *image))
             self.where.append(where)
         if not self.entries:
             raise FlowError(f"{path}: no rows; mark documents reviewed on the review page before exporting")

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from paligemma_json import FlowError
 from paligemma_json.files import write_json_atomically
-from paligemma_json.json_text import json_type, key_paths, parse_json
+from paligemma_json.json_text import json_type, key_paths
 from paligemma_json.plan import RunPlan
 from paligemma_json.run_record import check_run_settings
 from paligemma_json.schema import save_label_schema
@@ -42,18 +42,19 @@ def field_paths(value) -> dict:
     return found
 
 
-def image_summary(paths: list[str]) -> dict:
-    from PIL import Image
-    sizes, modes = [], {}
-    for path in paths:
-        with Image.open(path) as image:  # the header only
-            sizes.append(image.size)
-            modes[image.mode] = modes.get(image.mode, 0) + 1
+def image_summary(entries: list) -> dict:
+    """Sizes and modes as loading's image check read them (documents.Entry): no file opened again."""
+    sizes, modes = [entry.image_size for entry in entries], {}
+    for entry in entries:
+        modes[entry.image_mode] = modes.get(entry.image_mode, 0) + 1
     return {"width": spread([w for w, _ in sizes]), "height": spread([h for _, h in sizes]), "modes": modes}
 
 
 def fingerprints(paths: list[str]) -> list:
-    """(perceptual hash, normalized 64×64 grey pixels) per image."""
+    """(perceptual hash, normalized 64×64 grey pixels) per image. Each image is opened again: the
+    hash needs grey pixels at about 256 px, where the load's check decoded at 1/8 scale, and only the
+    report and the corrections' check need them, which keeping them from the load would hold in
+    memory (16 KB an image) for the whole run."""
     import imagehash
     import numpy as np
     from PIL import Image
@@ -107,14 +108,14 @@ def token_budget(lengths: list[int]) -> int:
 
 
 def build_dataset_report(splits: dict, lengths: dict[str, list[int]], max_new_tokens: int) -> dict:
-    """`splits`: name → JSONLDataset (with `entries` and `image_directory_path`); `lengths`: their
-    `label_tokens`."""
+    """`splits`: name → a loaded split (documents.DocumentDataset, its entries `Entry`s); `lengths`:
+    their `label_tokens`."""
     paths = {split: [os.path.join(data.image_directory_path, e["image"]) for e in data.entries]
              for split, data in splits.items()}
     report = {"rows": {split: len(data) for split, data in splits.items()}, "images": {}, "label_tokens": {},
               "max_new_tokens": max_new_tokens}
     for split in splits:
-        report["images"][split] = image_summary(paths[split])
+        report["images"][split] = image_summary(splits[split].entries)
         report["label_tokens"][split] = spread(lengths[split])
     every = [(n, f"{split}/{entry['image']}") for split, data in splits.items()
              for n, entry in zip(lengths[split], data.entries)]
@@ -125,11 +126,10 @@ def build_dataset_report(splits: dict, lengths: dict[str, list[int]], max_new_to
     fields, json_rows = {}, 0
     for data in splits.values():
         for entry in data.entries:
-            label = parse_json(entry["suffix"])
-            if label is None:
+            if entry.label is None:  # parsed once, when loaded
                 continue
             json_rows += 1
-            for path, (filled, types) in field_paths(label).items():
+            for path, (filled, types) in field_paths(entry.label).items():
                 count, seen = fields.get(path, (0, set()))
                 fields[path] = (count + filled, seen | types)
     report["json_rows"] = json_rows

@@ -1,9 +1,9 @@
 """What the GPU decides: the one training dtype, one GPU (a whole model copy) per process, and where a
 whole copy loaded after training (a merge, the end of an FSDP run) has room.
 
-The training dtype is decided once, here, and the Trainer's `bf16` flag, the LoRA base's weights,
-QLoRA's compute dtype and the generation inputs all follow it. Weights are never fp16: Gemma 2
-overflows there.
+The training dtype is decided once, here (by cards.py's rule), and the Trainer's `bf16` flag, the
+LoRA base's weights, QLoRA's compute dtype and the generation inputs all follow it. Weights are never
+fp16: Gemma 2 overflows there.
 """
 
 import functools
@@ -12,7 +12,9 @@ import torch
 from transformers import TrainingArguments
 
 from paligemma_json import FlowError
-from paligemma_json.memory import GIB, architecture
+from paligemma_json.architecture import architecture
+from paligemma_json.cards import has_native_bf16
+from paligemma_json.memory import GIB
 from paligemma_json.plan import read_launch
 # A whole copy's peak over its weights. Measured for a CPU merge (`merge_adapter`, real 3B widths with 4 text
 # and 4 vision layers, torch 2.13 CPU; `python benchmarks/merge_memory.py`): anonymous memory peaked at
@@ -22,9 +24,9 @@ WHOLE_COPY_FACTOR = 1.15
 
 
 def native_bf16() -> bool:
-    """bf16 at full speed starts at compute capability 8.0 (Ampere). `torch.cuda.is_bf16_supported()`
-    counts emulation too, so it says True on a T4 (7.5), where bf16 is slow."""
-    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)
+    """By this GPU's compute capability (cards.py's rule). `torch.cuda.is_bf16_supported()` counts
+    emulation too, so it says True on a T4 (7.5), where bf16 is slow."""
+    return torch.cuda.is_available() and has_native_bf16(torch.cuda.get_device_capability())
 
 
 def training_dtype() -> torch.dtype:

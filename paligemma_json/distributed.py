@@ -30,6 +30,7 @@ from datetime import timedelta
 import torch
 
 from paligemma_json import FlowError
+from paligemma_json.documents import DocumentDataset
 
 
 def fsdp_launched() -> bool:
@@ -118,8 +119,8 @@ def synced_generation(model) -> bool:
     return is_sharded(model) and torch.distributed.get_world_size() > 1
 
 
-class DatasetShare:
-    """Some rows of a JSONLDataset, in its shape: `entries`, `image_directory_path`, `[i]`, `len`."""
+class DatasetShare(DocumentDataset):
+    """Some rows of a dataset, in the same shape."""
 
     def __init__(self, dataset, indices: list[int]):
         self.dataset, self.indices = dataset, indices

@@ -73,9 +73,3 @@ def completed_rows(predictions_path: str, entries: list[dict]) -> list[dict]:
                 break
             rows.append(row)
     return rows
-
-
-def adapter_base(final_dir: str) -> str | None:
-    """The base model a LoRA adapter was trained on, or None for full weights."""
-    config = read_saved_json(os.path.join(final_dir, "adapter_config.json"))
-    return None if config is None else config["base_model_name_or_path"]

@@ -2,12 +2,11 @@
 quickly: without a network, `from_pretrained` retries every file for minutes before failing; and
 the optional upload of a finished model."""
 
-import contextlib
-import logging
 import os
 import shlex
 
 from paligemma_json import FlowError
+from paligemma_json.secrets import masked_in_logs  # the token never reaches a log line
 
 
 def gated_message(model_id: str) -> str:
@@ -49,25 +48,6 @@ def cache_only_for(model_id: str) -> bool:
             return True
         raise FlowError(f"cannot reach the Hugging Face Hub for {model_id} ({type(error).__name__}) and it is "
                         "not cached: check the network, or point --model-id at a local folder") from None
-
-
-@contextlib.contextmanager
-def masked_in_logs(secret: str | None):
-    """`secret` as *** in every log record made meanwhile: huggingface_hub logs the error of each
-    request it retries, and an error can quote the request, token included."""
-    make_record = logging.getLogRecordFactory()
-
-    def masked(*args, **kwargs):
-        record = make_record(*args, **kwargs)
-        message = record.getMessage()
-        if secret and secret in message:
-            record.msg, record.args = message.replace(secret, "***"), ()
-        return record
-    logging.setLogRecordFactory(masked)
-    try:
-        yield
-    finally:
-        logging.setLogRecordFactory(make_record)
 
 
 def push_to_hub(final_dir: str, repo_id: str) -> None:

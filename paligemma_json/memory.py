@@ -3,8 +3,8 @@ step, from the model's config alone, before anything big loads.
 
     peak = weights + gradients + AdamW state + activations (+ the caching allocator's slack)
 
-Weights, gradients and optimizer state are counted exactly from the architecture (a model built on
-the meta device: no memory, no download): bytes per parameter by mode (LoRA: the base in the
+Weights, gradients and optimizer state are counted exactly from the architecture (architecture.py: a
+model built on the meta device, no memory, no download): bytes per parameter by mode (LoRA: the base in the
 compute dtype and fp32 adapters; QLoRA: nf4 linears, 4 bits plus one fp32 absmax per 64 weights,
 the rest in the compute dtype; full fine-tune: fp32 everything), fp32 gradients and two fp32 AdamW
 moments for what is trained. Gradients are counted whole because with GRAD_ACCUM > 1 (the default
@@ -34,11 +34,12 @@ cannot show, added here as stated constants: the CUDA context (outside torch's c
 taken when `torch.cuda.mem_get_info` reports free memory) and the caching allocator's slack.
 """
 
-import re
 from dataclasses import dataclass, field, replace
 
 import torch
 
+from paligemma_json.architecture import Architecture, architecture
+from paligemma_json.lora import is_lora_target, lora_target_modules
 from paligemma_json.plan import read_launch
 
 GIB = 1024 ** 3
@@ -120,61 +121,12 @@ class Estimate:
         return self.allocated + ALLOCATOR_SLACK * (self.gradients + self.optimizer + self.activations)
 
 
-# --- The architecture, counted on the meta device ---------------------------------------------------
-
-def _lora_targeted(name: str, targets: tuple, freeze_vision: bool) -> bool:
-    """peft's rule for a list of names (the module name ends with ".<target>"), or, with the vision
-    tower frozen, the script's regex that keeps adapters in the language model."""
-    if freeze_vision:
-        return re.fullmatch(r".*language_model.*\.(" + "|".join(map(re.escape, targets)) + r")", name) is not None
-    return any(name == target or name.endswith("." + target) for target in targets)
-
-
-@dataclass(frozen=True)
-class Architecture:
-    """The numbers the estimate uses, read from a PaliGemma config."""
-    hidden: int
-    heads: int
-    text_layers: int
-    vocab: int
-    vision_hidden: int
-    vision_layers: int
-    patches: int
-    parameters: int  # every parameter (tied embedding once)
-    linear_weights: int  # nn.Linear weights that QLoRA quantizes (all but the LM head)
-    vision_parameters: int  # SigLIP and the projector: what FREEZE_VISION freezes
-    text_layer_weights: int  # one Gemma 2 layer's linear weights (a full fine-tune's per-layer extra)
-    vision_layer_weights: int
-    lora_shapes: tuple  # ((name, in, out), ...) of every nn.Linear, to count adapters for any targets
-
-
-def architecture(config) -> Architecture:
-    from transformers import PaliGemmaForConditionalGeneration
-    with torch.device("meta"):
-        model = PaliGemmaForConditionalGeneration(config)
-    linears = [(name, module) for name, module in model.named_modules()
-               if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head")]
-    text, vision = config.text_config, config.vision_config
-
-    def layer_weights(prefix):
-        return sum(module.weight.numel() for name, module in linears if prefix in name)
-    vision_parts = (model.model.vision_tower, model.model.multi_modal_projector)
-    return Architecture(
-        hidden=text.hidden_size, heads=text.num_attention_heads, text_layers=text.num_hidden_layers,
-        vocab=text.vocab_size, vision_hidden=vision.hidden_size, vision_layers=vision.num_hidden_layers,
-        patches=(vision.image_size // vision.patch_size) ** 2,
-        parameters=sum(p.numel() for p in model.parameters()),
-        linear_weights=sum(module.weight.numel() for _, module in linears),
-        vision_parameters=sum(p.numel() for part in vision_parts for p in part.parameters()),
-        text_layer_weights=layer_weights("language_model.layers.0."),
-        vision_layer_weights=layer_weights("encoder.layers.0."),
-        lora_shapes=tuple((name, module.in_features, module.out_features) for name, module in linears),
-    )
-
+# --- Weights, gradients and optimizer state --------------------------------------------------------
 
 def lora_parameters(arch: Architecture, setting: TrainingSetting) -> int:
+    targets = lora_target_modules(setting.lora_targets, setting.freeze_vision)  # as step 4 gives them to peft
     return sum(setting.lora_rank * (fan_in + fan_out) for name, fan_in, fan_out in arch.lora_shapes
-               if _lora_targeted(name, setting.lora_targets, setting.freeze_vision))
+               if is_lora_target(name, targets))
 
 
 def trained_parameters(arch: Architecture, setting: TrainingSetting) -> int:

@@ -14,7 +14,8 @@ import re
 import shlex
 import shutil
 
-from paligemma_json.files import adapter_base, read_saved_json, replace_atomically, write_json_atomically
+from paligemma_json.files import read_saved_json, replace_atomically, write_json_atomically
+from paligemma_json.lora import adapter_base
 from paligemma_json.plan import newest_checkpoint
 
 CARD_NAME = "README.md"

@@ -1,5 +1,6 @@
-"""A JSON Schema inferred from the training labels: the structure predictions should have. It is
-what `schema_valid_rate` checks, and what constrained decoding holds generation to."""
+"""A JSON Schema inferred from the training labels (or the user's own): the structure predictions
+should have. It is what `schema_valid_rate` checks, and what constrained decoding holds generation to,
+in the layout the labels are written in (their separators), which it carries under `x-guidance`."""
 
 import json
 import math
@@ -7,7 +8,7 @@ import os
 
 from paligemma_json import FlowError
 from paligemma_json.files import write_json_atomically
-from paligemma_json.json_text import json_type, parse_json
+from paligemma_json.json_text import json_type
 
 LENGTH_MARGIN = 0.5  # a string or list may be half again as long as the longest seen: real documents vary
 
@@ -57,10 +58,9 @@ def infer_schema(labels: list) -> dict:
     return {"$schema": "https://json-schema.org/draft/2020-12/schema", **_merge(labels)}
 
 
-def schema_from_labels(suffixes: list[str]):
-    """The inferred schema, or None (with a notice) when some labels are not JSON: captions and
-    answers have no structure to hold."""
-    labels = [parse_json(suffix) for suffix in suffixes]
+def schema_from_labels(labels: list):
+    """The inferred schema from the parsed labels, or None (with a notice) when some are not JSON
+    (None): captions and answers have no structure to hold."""
     if any(label is None for label in labels):
         print(f"note: {sum(label is None for label in labels)} train/valid labels are not JSON: no schema, so free "
               "decoding and no schema_valid_rate")
@@ -83,7 +83,7 @@ def load_schema(path: str) -> dict:
 
 
 def count_non_json_labels(dataset) -> int:
-    return sum(parse_json(entry["suffix"]) is None for entry in dataset.entries)
+    return sum(entry.label is None for entry in dataset.entries)  # parsed once, when loaded (documents.Entry)
 
 
 def warn_non_json_labels(splits: dict) -> None:
@@ -105,3 +105,51 @@ def read_saved_schema(folder: str) -> dict | None:
     """The `schema.json` a run saved in `folder` (OUTPUT_DIR or final/), or None: labels that are not JSON."""
     path = os.path.join(folder, "schema.json")
     return load_schema(path) if os.path.isfile(path) else None
+
+
+# --- The layout the labels are written in --------------------------------------------------------
+
+_NOT_JSON = object()
+
+
+def _decoded(suffix: str, label):
+    """`label` as loading parsed it; a suffix it took for no object or array (a number, a caption) is
+    decoded here, since a user's schema may still describe it."""
+    if label is not None:
+        return label
+    try:
+        return json.loads(suffix)
+    except json.JSONDecodeError:
+        return _NOT_JSON
+
+
+def _written_with(suffix: str, value, item: str, key: str) -> bool:
+    return value is not _NOT_JSON and suffix in (json.dumps(value, separators=(item, key)),
+                                                 json.dumps(value, separators=(item, key), ensure_ascii=False))
+
+
+def json_layout(suffixes: list[str], labels: list | None = None) -> dict:
+    """llguidance's options for the separators the labels use: `", "` and `": "` as `json.dumps`
+    writes them, or the compact `","` and `":"`. Otherwise whitespace is free but bounded, so a
+    model cannot spend its budget on spaces. `labels`: the suffixes as already parsed, if they were."""
+    values = [_decoded(suffix, label) for suffix, label in zip(suffixes, labels or [None] * len(suffixes))]
+    for item, key in ((", ", ": "), (",", ":")):
+        if suffixes and all(_written_with(suffix, value, item, key) for suffix, value in zip(suffixes, values)):
+            return {"item_separator": item, "key_separator": key, "whitespace_flexible": False}
+    return {"whitespace_pattern": r"[\x20\x0A\x0D\x09]{0,64}"}
+
+
+def with_layout(schema: dict, suffixes: list[str], labels: list | None = None) -> dict:
+    """The schema with the labels' layout under `x-guidance` (llguidance reads it, JSON Schema
+    validators ignore it), unless the user's schema says otherwise: saved with it, so `--predict`
+    writes the way the model was trained to."""
+    return {**schema, "x-guidance": {**json_layout(suffixes, labels), **schema.get("x-guidance", {})}}
+
+
+def label_schema(splits: dict, schema_path: str = "") -> dict | None:
+    """The structure predictions should have: the user's schema, or one inferred from the train and
+    valid labels (None when they are not JSON), with the labels' separators for the grammar."""
+    entries = [entry for split in ("train", "valid") for entry in splits[split].entries]
+    suffixes, labels = [entry["suffix"] for entry in entries], [entry.label for entry in entries]
+    schema = load_schema(schema_path) if schema_path else schema_from_labels(labels)
+    return None if schema is None else with_layout(schema, suffixes, labels)

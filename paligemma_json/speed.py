@@ -18,72 +18,20 @@ the run is on, in the dtype it trains in (bf16 from compute capability 8.0, fp32
 """
 
 import torch
-from transformers import TrainerCallback
 
+from paligemma_json.architecture import architecture, image_tokens
 from paligemma_json.cards import CARDS, find_card  # each card's dense peak, in the dtype it trains in
 
 H100_SXM_BF16_DENSE_FLOPS = CARDS["H100 SXM"].peak_flops  # the default card of `mfu`
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
-# Text (Gemma 2) and projector widths per PaliGemma 2 size: Google's published conversion configs for
-# the 3B; the 10B's and 28B's follow Gemma 2 9B's and 27B's public configs, recalled rather than checked
-# offline (shared/DECISIONS.md, "GPU work"). SigLIP So400m/14 is the same vision tower in all three.
-PALIGEMMA2_TEXT = {
-    "3b": dict(hidden_size=2304, num_hidden_layers=26, num_attention_heads=8, num_key_value_heads=4, head_dim=256,
-               intermediate_size=9216, query_pre_attn_scalar=256),
-    "10b": dict(hidden_size=3584, num_hidden_layers=42, num_attention_heads=16, num_key_value_heads=8, head_dim=256,
-                intermediate_size=14336, query_pre_attn_scalar=256),
-    "28b": dict(hidden_size=4608, num_hidden_layers=46, num_attention_heads=32, num_key_value_heads=16, head_dim=128,
-                intermediate_size=36864, query_pre_attn_scalar=144),
-}
-
-
-def paligemma2_config(size: str = "3b", image_size: int = 224, text_layers: int | None = None,
-                      vision_layers: int | None = None):
-    """PaliGemma 2's architecture for random weights (the real config cannot be downloaded
-    everywhere). `text_layers`/`vision_layers`: fewer layers at the real widths, for measuring."""
-    from transformers import Gemma2Config, PaliGemmaConfig, SiglipVisionConfig
-    text_widths = dict(PALIGEMMA2_TEXT[size])
-    if text_layers is not None:
-        text_widths["num_hidden_layers"] = text_layers
-    hidden = text_widths["hidden_size"]
-    text = Gemma2Config(**text_widths, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
-                        sliding_window=4096, vocab_size=257216, hidden_activation="gelu_pytorch_tanh")
-    vision = SiglipVisionConfig(hidden_size=1152, num_hidden_layers=27 if vision_layers is None else vision_layers,
-                                num_attention_heads=16, intermediate_size=4304, patch_size=14, image_size=image_size,
-                                projection_dim=hidden, vision_use_head=False)
-    return PaliGemmaConfig(text_config=text, vision_config=vision, projection_dim=hidden, hidden_size=2048,
-                           image_token_index=257152)
-
-
-def paligemma2_3b_config(image_size: int = 224):
-    """PaliGemma 2 3B's architecture (Google's published conversion config), for random weights."""
-    return paligemma2_config("3b", image_size)
-
-
-def image_tokens(config) -> int:
-    """Patches per image, which are also the image tokens the language model sees."""
-    vision = config.vision_config
-    return (vision.image_size // vision.patch_size) ** 2
-
-
 def parameter_counts(config) -> dict[str, int]:
-    """Parameters per part, from a model built on the meta device (no memory, no weights).
-    Embedding lookups cost no FLOPs, so the token and position embeddings are left out; the LM
-    head is tied to the token embeddings and counted as its own matmul."""
-    from transformers import PaliGemmaForConditionalGeneration
-    with torch.device("meta"):
-        model = PaliGemmaForConditionalGeneration(config)
-    language_model, vision_tower = model.model.language_model, model.model.vision_tower
-
-    def count(module, skip=()):
-        return sum(p.numel() for name, p in module.named_parameters() if not any(s in name for s in skip))
-    text = config.text_config
-    return {"language_model": count(language_model, skip=("embed_tokens",)),
-            "vision_tower": count(vision_tower, skip=("position_embedding",)),
-            "projector": count(model.model.multi_modal_projector),
-            "lm_head": text.hidden_size * text.vocab_size}
+    """Parameters per part whose matmuls cost FLOPs, counted on the meta device (architecture.py);
+    the LM head is tied to the token embeddings and counted as its own matmul."""
+    arch = architecture(config)
+    return {"language_model": arch.language_model_matmul, "vision_tower": arch.vision_tower_matmul,
+            "projector": arch.projector_parameters, "lm_head": arch.hidden * arch.vocab}
 
 
 def flop_multipliers(use_lora: bool, freeze_vision: bool) -> dict[str, int]:
@@ -162,13 +110,3 @@ def training_report(metrics: dict, steps: int, tokens: int, evaluation_s: float,
             f"{samples_per_second:.2f} samples/s, {tokens_per_second:.0f} tokens/s (image and text, no padding); "
             f"final loss {metrics['train_loss']:.4f}" + (" (time and rates: this session's steps alone)" if resumed else ""))
     return line, samples_per_second, tokens_per_second
-
-
-class SessionStart(TrainerCallback):
-    """The tokens a resumed run had seen before this session: the Trainer restores that count from the
-    checkpoint, while its runtime covers this session alone."""
-
-    tokens_seen = 0
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.tokens_seen = state.num_input_tokens_seen

@@ -1,31 +1,15 @@
-"""Where a run reports and what it keeps secret; the settings of early stopping (its callback is
-in training.py, which loads the Trainer: this module stays light, for step 1).
+"""Where a run reports, and when it stops: the experiment trackers and the settings of early stopping
+(its callback is in training.py, which loads the Trainer: this module stays light, for step 1).
 
 `REPORT_TO` names the experiment trackers the Trainer logs to (TensorBoard, Weights & Biases,
 MLflow, Trackio...). A tracker that is not installed is refused when the settings are read, in one
 line naming what to install, instead of by the Trainer's own RuntimeError once the model has loaded.
-
-The trackers read their keys from the environment themselves, as huggingface_hub reads HF_TOKEN:
-no key is ever a setting, so none reaches `TrainingArguments` (pickled into every checkpoint) or the
-settings line. `mask_secrets` is the guard for what the script prints itself: the settings line and
-its one-line errors show any of these keys as *** should one turn up there anyway (a key pasted
-into a flag, an error that quotes a URL).
+Their keys stay out of the settings and out of print: secrets.py.
 """
 
 import logging
-import os
-import sys
 
 from paligemma_json import FlowError
-
-# The keys of the runs' services and of the trackers transformers supports (trackio uses HF_TOKEN).
-SECRET_ENV_VARS = (
-    "ROBOFLOW_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN",
-    "WANDB_API_KEY", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "COMET_API_KEY",
-    "NEPTUNE_API_TOKEN", "CLEARML_API_SECRET_KEY", "SWANLAB_API_KEY", "DAGSHUB_USER_TOKEN",
-    "DVC_STUDIO_TOKEN", "AZURE_CLIENT_SECRET",
-)
-SHORTEST_SECRET = 8  # a shorter value is no real key, and masking it would garble ordinary words
 
 # Each tracker the Trainer knows: transformers' own availability check for it, and what makes it
 # available. The keys must stay the Trainer's INTEGRATION_TO_CALLBACK names (a test compares them).
@@ -45,15 +29,6 @@ TRACKERS = {
     "trackio": ("is_trackio_available", "pip install trackio"),
     "wandb": ("is_wandb_available", "pip install wandb"),
 }
-
-
-def mask_secrets(text: str) -> str:
-    """`text` with the value of every secret set in the environment replaced by ***."""
-    for name in SECRET_ENV_VARS:
-        value = os.environ.get(name, "")
-        if len(value) >= SHORTEST_SECRET:
-            text = text.replace(value, "***")
-    return text
 
 
 def tracker_names(report_to: str | list[str]) -> list[str]:
@@ -99,14 +74,3 @@ def check_tracking_settings(report_to: str | list[str], early_stopping_patience:
     trackers(report_to)
     check_patience(early_stopping_patience)
 
-
-def find_roboflow_api_key() -> str | None:
-    """From the environment, or a Colab secret of that name; never printed."""
-    key = os.environ.get("ROBOFLOW_API_KEY")
-    if not key and "google.colab" in sys.modules:
-        try:
-            from google.colab import userdata
-            key = userdata.get("ROBOFLOW_API_KEY")
-        except Exception:  # no such secret, or access not granted
-            key = None
-    return key or None

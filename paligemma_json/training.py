@@ -1,5 +1,6 @@
 """Training beyond the tutorial's Trainer: validation scored by what it extracts, the loss on label
-positions only, gradient checkpointing, and early stopping.
+positions only, gradient checkpointing, early stopping, and the throughput of this session's steps
+(speed.py turns it into the line printed and the MFU).
 
 Label-only loss. Only the suffix carries labels; the image tokens (256 at 224 px, 1,024 at 448)
 and the prompt are -100. A plain forward still sends every position through the 257,216-wide
@@ -46,7 +47,7 @@ from transformers import Trainer, TrainerCallback
 
 from paligemma_json.distributed import predict_across_processes
 from paligemma_json.metrics import compute_metrics
-from paligemma_json.speed import SessionStart, training_report
+from paligemma_json.speed import training_report
 from paligemma_json.tracking import check_patience
 
 IGNORE_INDEX = -100  # the labels' mark for "not scored": image tokens, prompt, padding
@@ -129,6 +130,16 @@ def early_stopping(patience: int) -> list[TrainerCallback]:
     """The callbacks for EARLY_STOPPING_PATIENCE: none for 0."""
     check_patience(patience)
     return [EarlyStopping(patience)] if patience else []
+
+
+class SessionStart(TrainerCallback):
+    """The tokens a resumed run had seen before this session: the Trainer restores that count from the
+    checkpoint, while its runtime covers this session alone."""
+
+    tokens_seen = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.tokens_seen = state.num_input_tokens_seen
 
 
 class ExtractionTrainer(Trainer):

@@ -12,11 +12,11 @@ from jsonschema import Draft202012Validator
 
 import finetune_paligemma2 as flow
 from paligemma_json.confidence import field_confidences, leaf_spans
-from paligemma_json.constrained import (ChosenTokenProbabilities, JsonSchemaConstraint, compile_schema, json_layout,
-                                        with_layout)
+from paligemma_json.constrained import ChosenTokenProbabilities, JsonSchemaConstraint, compile_schema
 from paligemma_json.demo import make_manifest
 from paligemma_json.json_text import parse_json
 from paligemma_json.metrics import compute_metrics, score_row
+from paligemma_json.schema import json_layout, with_layout
 from paligemma_json.settings import resolve_settings
 
 PROMPT = "extract data in JSON format"

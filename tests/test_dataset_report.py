@@ -120,3 +120,29 @@ def test_the_token_budget_is_the_longest_label_with_eos_plus_a_quarter_or_16():
     assert budget(split(10), split(199, 40)) == 200 + 50  # long ones: a quarter more
     assert budget(split(99)) == 100 + 25
 
+
+
+
+def test_the_report_reads_each_label_and_image_header_from_the_load(export, tokenizer, monkeypatch):
+    """Labels are parsed and image headers read once, when the splits load (documents.Entry); the
+    report opens each image only for its perceptual hash, which needs the pixels."""
+    splits, lengths = splits_and_lengths(export, tokenizer)
+    suffixes = {entry["suffix"] for data in splits.values() for entry in data.entries}
+    parsed, opened, loads, open_image = [], [], json.loads, Image.open
+
+    def counted_loads(text, *args, **kwargs):
+        if text in suffixes:
+            parsed.append(text)
+        return loads(text, *args, **kwargs)
+
+    def counted_open(path, *args, **kwargs):
+        opened.append(path)
+        return open_image(path, *args, **kwargs)
+    monkeypatch.setattr(json, "loads", counted_loads)
+    monkeypatch.setattr(Image, "open", counted_open)
+    report = build_dataset_report(splits, lengths, max_new_tokens=400)
+    assert parsed == [] and len(opened) == sum(len(data) for data in splits.values()) == 48
+    monkeypatch.undo()
+    for split, data in splits.items():  # the sizes the load's check kept are the files' own
+        widths = [Image.open(os.path.join(export, split, entry["image"])).width for entry in data.entries]
+        assert report["images"][split]["width"] == spread(widths)

@@ -11,7 +11,7 @@ import torch
 
 import finetune_paligemma2 as flow
 from paligemma_json.decoding import FastDecoding, static_cache_bytes
-from paligemma_json.speed import paligemma2_config
+from paligemma_json.architecture import paligemma2_config
 
 
 def assert_same_rows(fast: list[dict], today: list[dict]) -> None:

@@ -53,7 +53,7 @@ def test_a_short_generation_under_the_schema_at_the_real_vocabulary(full_depth_s
     import real_width
     from grammar_masks import synthetic_tokenizer
     from paligemma_json.constrained import ChosenTokenProbabilities, JsonSchemaConstraint
-    from paligemma_json.speed import image_tokens
+    from paligemma_json.architecture import image_tokens
     model, _, _, _ = real_width.load(full_depth_shape)
     model.eval()
     tokenizer = synthetic_tokenizer()

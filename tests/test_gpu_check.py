@@ -57,14 +57,14 @@ def test_random_weights_are_drawn_by_a_generator_on_the_parameters_device(monkey
 def test_saved_model_fills_its_weights_through_fill_random(monkeypatch, tmp_path):
     from transformers import Gemma2Config, PaliGemmaConfig, SiglipVisionConfig
 
-    import paligemma_json.speed
+    import paligemma_json.architecture
     tiny = PaliGemmaConfig(
         text_config=Gemma2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                  num_attention_heads=1, num_key_value_heads=1, head_dim=16),
         vision_config=SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                          num_attention_heads=1, image_size=28, patch_size=14),
         projection_dim=16, image_token_index=63)
-    monkeypatch.setattr(paligemma_json.speed, "paligemma2_config", lambda *shape: tiny)
+    monkeypatch.setattr(paligemma_json.architecture, "paligemma2_config", lambda *shape: tiny)
     filled = []
     monkeypatch.setattr(real_width, "fill_random", lambda model, seed=0: filled.append(model))
     real_width.saved_model("3b", 28, 1, 1, str(tmp_path))

@@ -12,9 +12,10 @@ from transformers import Trainer, TrainingArguments
 
 import finetune_paligemma2 as flow
 from helpers import build_trainer
+from paligemma_json.architecture import paligemma2_3b_config
 from paligemma_json.cards import CARDS, find_card, memory_sizes
-from paligemma_json.speed import (DTYPE_NAMES, SessionStart, mfu, mfu_report, paligemma2_3b_config, peak_flops,
-                                  training_rates, training_report)
+from paligemma_json.speed import DTYPE_NAMES, mfu, mfu_report, peak_flops, training_rates, training_report
+from paligemma_json.training import SessionStart
 
 PROMPT = "extract data in JSON format"
 T4, A100, H100 = (7, 5), (8, 0), (9, 0)
@@ -240,6 +241,7 @@ def test_every_card_names_its_training_dtype(monkeypatch):
     rows are in that dtype."""
     assert set(CAPABILITIES) == set(CARDS)  # a new row needs its capability here
     for key, card in CARDS.items():
+        assert card.capability == CAPABILITIES[key], key
         stand_in_gpu(monkeypatch, CAPABILITIES[key], key)
         assert DTYPE_NAMES[flow.training_dtype()] == card.compute, key
 

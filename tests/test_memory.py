@@ -10,9 +10,9 @@ import torch
 
 from helpers import ROOT, run_flow
 from paligemma_json import memory
-from paligemma_json.memory import (GIB, TrainingSetting, architecture, candidates, estimate, fit_report,
+from paligemma_json.architecture import architecture, paligemma2_config
+from paligemma_json.memory import (GIB, TrainingSetting, candidates, estimate, fit_report,
                                    lora_parameters, training_setting, weight_bytes)
-from paligemma_json.speed import paligemma2_config
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ import torch
 import finetune_paligemma2 as flow
 from helpers import run_script
 from paligemma_json.confidence import calibrate
-from paligemma_json.constrained import with_layout
 from paligemma_json.json_text import parse_json
+from paligemma_json.schema import with_layout
 
 
 def test_predict_reads_a_folder_or_one_image_with_the_final_model(demo_run):

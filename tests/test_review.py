@@ -13,10 +13,9 @@ import pytest
 from PIL import Image
 
 from paligemma_json.confidence import leaf_spans
-from paligemma_json.constrained import with_layout
 from paligemma_json.demo import make_manifest
 from paligemma_json.review import write_review_page
-from paligemma_json.schema import infer_schema
+from paligemma_json.schema import infer_schema, with_layout
 from helpers import PageParser, collect_problems, launch_chromium, new_documents, run_script
 
 PROMPT = "extract data in JSON format"

@@ -7,6 +7,7 @@ import pytest
 from jsonschema import Draft202012Validator
 
 import finetune_paligemma2 as flow
+from paligemma_json.json_text import parse_json
 from paligemma_json.metrics import compute_metrics
 from paligemma_json.schema import infer_schema, load_schema, schema_from_labels
 
@@ -50,7 +51,7 @@ def test_numbers_vs_strings_empty_lists_and_a_single_row():
 
 
 def test_labels_that_are_not_json_switch_the_schema_off(capsys):
-    assert schema_from_labels(['{"a": 1}', "a caption"]) is None
+    assert schema_from_labels([parse_json('{"a": 1}'), parse_json("a caption")]) is None
     assert "1 train/valid labels are not JSON" in capsys.readouterr().out
 
 

@@ -3,8 +3,9 @@ Every expected figure below can be checked by hand from DECISIONS.md's numbers."
 
 import pytest
 
-from paligemma_json.speed import (H100_SXM_BF16_DENSE_FLOPS, flop_multipliers, image_tokens, mfu,
-                                  paligemma2_3b_config, parameter_counts, training_flops_per_sample)
+from paligemma_json.architecture import image_tokens, paligemma2_3b_config
+from paligemma_json.speed import (H100_SXM_BF16_DENSE_FLOPS, flop_multipliers, mfu, parameter_counts,
+                                  training_flops_per_sample)
 
 
 @pytest.fixture(scope="module")
