@@ -234,6 +234,7 @@ from peft import LoraConfig, get_peft_model  # noqa: E402
 from transformers import (BitsAndBytesConfig, PaliGemmaConfig, PaliGemmaForConditionalGeneration, PaliGemmaProcessor,
                           set_seed)
 
+from paligemma_json import import_or_stop  # a library that cannot load: one line, with what to do
 from paligemma_json.dataset_report import check_data  # the data's checks that need the tokenizer
 from paligemma_json.devices import model_device_map, place_whole_copy, training_dtype  # bf16 from 8.0, else fp32
 from paligemma_json.distributed import loading_device_map, prepare_fsdp_loading
@@ -244,11 +245,8 @@ from paligemma_json.training import count_parameters, enable_gradient_checkpoint
 
 
 def quantization_config(dtype: torch.dtype) -> BitsAndBytesConfig:
-    try:
-        import bitsandbytes  # noqa: F401
-    except Exception as error:
-        raise FlowError(f"USE_QLORA needs bitsandbytes, which cannot load here ({error}); "
-                        "pip install bitsandbytes, or pass --no-use-qlora") from None
+    import_or_stop("bitsandbytes", reason="USE_QLORA needs bitsandbytes, which cannot load here ({error}); "
+                   "pip install bitsandbytes, or pass --no-use-qlora")
     if not torch.cuda.is_available():
         print("note: 4-bit on CPU works for testing, not for speed")
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)

@@ -321,15 +321,20 @@ def freeze_vision(context: Context) -> dict:
     return {**run, "adapter_tensors": len(names), "vision_adapter_tensors": 0}
 
 
-def predict(context: Context) -> dict:
-    lora_dir = context.needs("lora_dir", "real-width-lora")
-    images = os.path.join(context.work_dir, "predict-images")
+def test_images(context: Context, export: str, folder: str, count: int | None = None) -> str:
+    """A fresh folder of the first `count` (all: None) test images of an export made earlier, for --predict."""
+    images = os.path.join(context.work_dir, folder)
     shutil.rmtree(images, ignore_errors=True)
     os.makedirs(images)
-    test = os.path.join(context.made["small_export"], "test")
-    for name in sorted(os.listdir(test)):
-        if name.endswith(".jpg"):
-            shutil.copy(os.path.join(test, name), images)
+    test = os.path.join(context.made[export], "test")
+    for name in sorted(name for name in os.listdir(test) if name.endswith(".jpg"))[:count]:
+        shutil.copy(os.path.join(test, name), images)
+    return images
+
+
+def predict(context: Context) -> dict:
+    lora_dir = context.needs("lora_dir", "real-width-lora")
+    images = test_images(context, "small_export", "predict-images")
     tokens = "8" if context.smoke else "24"
     result = run_script(["--output-dir", lora_dir, "--predict", images, "--max-new-tokens", tokens,
                          "--eval-batch-size", "2"], context, "predict")
@@ -347,12 +352,7 @@ def decoding(context: Context) -> dict:
     run's adapter at the labels' budget (218 tokens), today's path (`--no-fast-decoding`) and then the
     fast one, whose wall time includes its compilation. Each run's own "decoded N images in S s" line."""
     lora_dir = context.needs("lora_dir", "real-width-lora")
-    images = os.path.join(context.work_dir, "decoding-images")
-    shutil.rmtree(images, ignore_errors=True)
-    os.makedirs(images)
-    test = os.path.join(context.made["demo_export"], "test")
-    for name in sorted(name for name in os.listdir(test) if name.endswith(".jpg"))[:4 if context.smoke else None]:
-        shutil.copy(os.path.join(test, name), images)
+    images = test_images(context, "demo_export", "decoding-images", 4 if context.smoke else None)
     figures = {"images": len(os.listdir(images))}
     for label, flags in (("today", ["--no-fast-decoding"]), ("fast", [])):
         result = run_script(["--output-dir", lora_dir, "--predict", images, "--max-new-tokens",
@@ -517,11 +517,10 @@ def build_real_width_model(demo_model: str, target: str, shape: dict) -> dict:
     """PaliGemma 2 3B's real widths, the demo's tokenizer and vocabulary, random weights; saved with a
     processor of the model's image size, so `from_pretrained(target)` loads both as for a Hub model."""
     import torch
-    from transformers import PaliGemmaForConditionalGeneration, PaliGemmaProcessor, SiglipImageProcessorPil
-    from transformers.initialization import no_init_weights
+    from transformers import PaliGemmaProcessor, SiglipImageProcessorPil
 
     from paligemma_json.architecture import image_tokens, paligemma2_config
-    from real_width import fill_random
+    from real_width import random_model
     tokenizer = PaliGemmaProcessor.from_pretrained(demo_model).tokenizer
     config = paligemma2_config("3b", shape["image_size"], shape["text_layers"], shape["vision_layers"])
     config.text_config.vocab_size = len(tokenizer)  # the demo's; a 257k embedding would dwarf a few layers
@@ -533,14 +532,7 @@ def build_real_width_model(demo_model: str, target: str, shape: dict) -> dict:
         size={"height": size, "width": size}, image_seq_length=tokens, image_mean=[0.5] * 3, image_std=[0.5] * 3),
         tokenizer=tokenizer)
     device = "cuda" if torch.cuda.is_available() else "cpu"  # a 3B's random fill is minutes on a CPU
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device(device), no_init_weights():
-            model = PaliGemmaForConditionalGeneration(config)
-    finally:
-        torch.set_default_dtype(torch.float32)
-    model.tie_weights()
-    fill_random(model, seed=0)
+    model = random_model(config, device)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     shutil.rmtree(target, ignore_errors=True)

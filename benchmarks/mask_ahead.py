@@ -25,10 +25,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from runner import ROOT, answer_if_child, benchmark_parser, run_child  # noqa: E402
-
-sys.path.insert(0, ROOT)
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from runner import parent_arguments, run_child  # noqa: E402
 
 BATCH, STEPS, REPEATS = 8, 48, 3
 
@@ -100,8 +97,7 @@ def measure(request: dict) -> dict:
 
 
 def main(argv=None) -> None:
-    args = benchmark_parser(__doc__).parse_args(argv)
-    if answer_if_child(args, measure):
+    if (args := parent_arguments(__doc__, measure, argv)) is None:
         return
     from decode import prepare
     work = prepare(args.work_dir or tempfile.mkdtemp(prefix="mask_ahead_"), "cpu")

@@ -28,24 +28,14 @@ SHAPE = ("3b", 224, 4, 4)  # size, px, text layers, vision layers
 
 def build(work_dir: str) -> str:
     """The base and a finished LoRA run on it; returns the run's folder."""
-    import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import PaliGemmaForConditionalGeneration
-    from transformers.initialization import no_init_weights
 
     import finetune_paligemma2 as flow
-    from paligemma_json.demo import build_demo
     from paligemma_json.architecture import paligemma2_config
-    from real_width import fill_random
+    from paligemma_json.demo import build_demo
+    from real_width import random_model
     base_dir, run_dir = os.path.join(work_dir, "base"), os.path.join(work_dir, "run")
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with no_init_weights():
-            model = PaliGemmaForConditionalGeneration(paligemma2_config(*SHAPE))
-    finally:
-        torch.set_default_dtype(torch.float32)
-    model.tie_weights()
-    fill_random(model, seed=0)
+    model = random_model(paligemma2_config(*SHAPE))
     model.save_pretrained(base_dir)
     adapted = get_peft_model(model, LoraConfig(r=8, target_modules=flow.LORA_TARGET_MODULES, init_lora_weights=False,
                                                task_type="CAUSAL_LM"))

@@ -102,24 +102,30 @@ PLAN = [
 
 def saved_model(size: str, image_size: int, text_layers: int, vision_layers: int, cache_dir: str) -> str:
     """A random-weight PaliGemma 2 at the real widths with few layers, saved in bf16 once per shape."""
-    import torch
-    from transformers import PaliGemmaForConditionalGeneration
     from paligemma_json.architecture import paligemma2_config
     path = os.path.join(cache_dir, f"{size}-{image_size}px-{text_layers}t-{vision_layers}v")
     if not os.path.isdir(path):
-        from transformers.initialization import no_init_weights
-        config = paligemma2_config(size, image_size, text_layers, vision_layers)
-        torch.set_default_dtype(torch.bfloat16)
-        try:
-            with no_init_weights():  # transformers' own initialisation takes 2-3x as long on one core
-                model = PaliGemmaForConditionalGeneration(config)
-        finally:
-            torch.set_default_dtype(torch.float32)
-        model.tie_weights()  # part of the initialisation skipped: the LM head is the embedding
-        fill_random(model, seed=0)  # memory does not depend on the values: any random ones do
+        model = random_model(paligemma2_config(size, image_size, text_layers, vision_layers))
         model.save_pretrained(path + ".partial")
         os.rename(path + ".partial", path)
     return path
+
+
+def random_model(config, device: str = "cpu"):
+    """PaliGemma 2 as `config` describes it, in bf16 on `device`, with random weights (seed 0): memory and
+    speed do not depend on the values, and transformers' own initialisation takes 2-3x as long on one core."""
+    import torch
+    from transformers import PaliGemmaForConditionalGeneration
+    from transformers.initialization import no_init_weights
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device), no_init_weights():
+            model = PaliGemmaForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    model.tie_weights()  # part of the initialisation skipped: the LM head is the embedding
+    fill_random(model, seed=0)
+    return model
 
 
 def fill_random(model, seed: int = 0, std: float = 0.02) -> None:

@@ -2,7 +2,9 @@
 process cannot warm another's caches or allocator, and its peak memory is its own.
 
 A benchmark runs itself as `script --child ...`; the child prints its result as the last line
-of stdout (JSON), and anything else it prints goes before that line or to stderr.
+of stdout (JSON), and anything else it prints goes before that line or to stderr. Importing this
+module also makes the repository importable and keeps the Hub offline (the demo's assets are local),
+before a benchmark imports transformers.
 """
 
 import argparse
@@ -12,6 +14,8 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 class ChildFailed(RuntimeError):
@@ -41,6 +45,12 @@ def answer_if_child(args, measure) -> bool:
         return False
     print(json.dumps(measure(json.loads(args.child))))
     return True
+
+
+def parent_arguments(doc: str, measure, argv) -> argparse.Namespace | None:
+    """A benchmark's flags as `benchmark_parser` reads them; None in a child, which has answered."""
+    args = benchmark_parser(doc).parse_args(argv)
+    return None if answer_if_child(args, measure) else args
 
 
 def benchmark_parser(doc: str) -> argparse.ArgumentParser:

@@ -17,10 +17,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from runner import ROOT, answer_if_child, benchmark_parser, run_child  # noqa: E402
-
-sys.path.insert(0, ROOT)
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from runner import parent_arguments, run_child  # noqa: E402
 
 STEPS, WARMUP = 40, 5
 
@@ -59,8 +56,7 @@ def measure(request: dict) -> dict:
 
 
 def main(argv=None) -> None:
-    args = benchmark_parser(__doc__).parse_args(argv)
-    if answer_if_child(args, measure):
+    if (args := parent_arguments(__doc__, measure, argv)) is None:
         return
     work_dir = args.work_dir or tempfile.mkdtemp(prefix="trainer_compile_")
     rows = {compiled: run_child(__file__, [json.dumps({"compiled": compiled, "work_dir": work_dir})],

@@ -18,21 +18,15 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from transformers import LogitsProcessor, StoppingCriteria, StoppingCriteriaList
 
-from paligemma_json import FlowError
+from paligemma_json import FlowError, import_or_stop
 
 
 # --- The grammar, and the logits processor that applies it -------------------------------------
 
 def require_llguidance():
-    """The llguidance module, or a one-line error saying how to get it or do without."""
-    try:
-        import llguidance
-        import llguidance.hf  # noqa: F401 (the tokenizer bridge, used below)
-        import llguidance.torch  # noqa: F401 (the bitmask helpers)
-    except ImportError as error:
-        raise FlowError(f"constrained decoding needs llguidance ({error}): pip install -r requirements.txt, "
-                        "or pass --no-constrained") from None
-    return llguidance
+    """The llguidance module with its tokenizer bridge (hf) and bitmask helpers (torch)."""
+    return import_or_stop("llguidance", "llguidance.hf", "llguidance.torch", reason="constrained decoding needs "
+                          "llguidance ({error}): pip install -r requirements.txt, or pass --no-constrained")
 
 
 def compile_schema(schema: dict, ll_tokenizer=None) -> str:

@@ -112,14 +112,19 @@ def metrics_tables(metrics: dict) -> str:
             f"<th>predicted</th></tr>{fields}</table></div>")
 
 
+def page_head(title: str, style: str) -> str:
+    """The start of a self-contained page, up to its `<body>`: report.html's and review.html's."""
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{title}</title><style>{style}</style></head>
+<body>"""
+
+
 def write_html_report(rows: list[ScoredRow], metrics: dict, path: str) -> None:
     cards = [card_html(index, row) for index, row in enumerate(rows)]
     options = "".join(f'<option value="{escape(name)}">{escape(name)}</option>' for name in metrics.get("per_field", {}))
-    page = f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>Test predictions</title><style>{STYLE}</style></head>
-<body>
+    page = f"""{page_head("Test predictions", STYLE)}
 <h1>Test predictions: {len(rows)} rows, {sum(wrong > 0 for _, wrong in cards)} with errors</h1>
 {metrics_tables(metrics)}
 <h2>Every test row</h2>

@@ -36,7 +36,7 @@ import shlex
 from html import escape
 
 from paligemma_json.files import write_text_atomically
-from paligemma_json.html_report import thumbnail_data_uri
+from paligemma_json.html_report import page_head, thumbnail_data_uri
 from paligemma_json.metrics import score_row
 
 # Small print on a phone photo is readable at 1024 px; a page of 100 documents is then ~15 MB.
@@ -92,11 +92,7 @@ def write_review_page(rows: list[dict], path: str, *, threshold: float, schema: 
     flagged = sum(len(document["flags"]) for document in data["documents"])
     source_dir = os.path.abspath(source_dir)  # the page is opened from anywhere: a relative path would mislead
     target = os.path.join(source_dir, CORRECTIONS_NAME)
-    page = f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>Review predictions</title><style>{PAGE_STYLE}</style></head>
-<body>
+    page = f"""{page_head("Review predictions", PAGE_STYLE)}
 <h1>Review: {len(rows)} documents, {flagged} fields flagged (confidence below {threshold:g})</h1>
 <div class="help">
 <p>Flagged fields come first in each document, highlighted: check each against the photo (click the photo

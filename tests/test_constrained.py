@@ -295,6 +295,13 @@ def test_a_schema_the_grammar_cannot_use_stops_in_one_line():
         compile_schema({"type": "foo"})
 
 
+def test_constrained_decoding_without_llguidance_is_one_line_with_the_way_out(monkeypatch):
+    monkeypatch.setitem(sys.modules, "llguidance.torch", None)  # one of the three it needs cannot load
+    with pytest.raises(flow.FlowError, match=r"^constrained decoding needs llguidance \(.*\): pip install -r "
+                                             r"requirements.txt, or pass --no-constrained$"):
+        compile_schema({"type": "object"})
+
+
 def test_only_the_values_donut_scores_get_a_confidence_mark():
     row = {"prediction": '{"a": [0, 1, true, "x"], "b": "  ", "c": 2.50}',
            "confidence": [{"field": "a", "value": v, "confidence": 0.5} for v in (0, 1, True, "x")]
