@@ -60,7 +60,7 @@ sys.path.insert(0, ROOT)
 
 from transformers import TrainerCallback  # noqa: E402  (after HF_HUB_OFFLINE)
 
-from runner import run_child  # noqa: E402
+from runner import answer_if_child, run_child  # noqa: E402
 
 TUTORIAL_BATCH_SIZE, TUTORIAL_GRAD_ACCUM = 3, 16  # its effective batch of 48
 TUTORIAL_NUM_BEAMS = 3
@@ -378,16 +378,14 @@ def measure_inference(side: str, work: dict, **variant) -> dict:
             "peak_rss_mib": peak_rss_delta_mib(baseline), "valid_json": valid_json_count(texts)}
 
 
-def child_main(request: dict) -> None:
-    """In a subprocess: one measurement, printed as the last line of stdout (JSON)."""
+def measure_quietly(request: dict) -> dict:
+    """In a subprocess: one measurement, which `answer_if_child` prints as the last line of stdout."""
     import contextlib
     with contextlib.redirect_stdout(sys.stderr):  # the flow's own prints stay out of the result line
         if request["kind"] == "train":
-            result = measure_training(request["side"], request["work"], request["samples"], request["output_dir"],
-                                      curve_points=request.get("curve_points", 0), **request.get("variant", {}))
-        else:
-            result = measure_inference(request["side"], request["work"], **request.get("variant", {}))
-    print(json.dumps(result))
+            return measure_training(request["side"], request["work"], request["samples"], request["output_dir"],
+                                    curve_points=request.get("curve_points", 0), **request.get("variant", {}))
+        return measure_inference(request["side"], request["work"], **request.get("variant", {}))
 
 
 def run_measurement(request: dict, script: str = __file__) -> dict:
@@ -466,23 +464,22 @@ def run_benchmark(work: dict, samples: int, repeats: int, scratch: str) -> dict:
 def print_report(results: dict, samples: int, max_new_tokens: int) -> tuple[float, float, float | None]:
     def column(key, field):
         return [row[field] for row in results[key]]
+
+    def table(kind: str, rows: tuple, without_ratio: tuple = ()):
+        for field, label, digits in rows:
+            theirs, ours = column(f"{kind}/tutorial", field), column(f"{kind}/ours", field)
+            ratio = "" if field in without_ratio else describe(ratios(ours, theirs))
+            print(f"{label:24}{describe(theirs, digits):>26}{describe(ours, digits):>26}{ratio:>22}")
     print(f"\ntraining: {samples} samples on each side (tutorial batch 3 x accumulation 16, ours batch 8 x 1), "
           f"same learning rate; median [min-max] over {len(results['train/ours'])} repeats")
     print(f"{'':24}{'tutorial':>26}{'ours':>26}{'ours / tutorial':>22}")
-    for field, label, digits in (("samples_per_s", "samples/s", 1), ("tokens_per_s", "tokens/s", 0),
-                                 ("tokens_per_sample", "tokens per sample", 1),
-                                 ("peak_rss_mib", "peak RSS delta, MiB", 0), ("final_loss", "final loss", 3),
-                                 ("run_mean_loss", "mean loss over the run", 3)):
-        theirs, ours = column("train/tutorial", field), column("train/ours", field)
-        print(f"{label:24}{describe(theirs, digits):>26}{describe(ours, digits):>26}"
-              f"{describe(ratios(ours, theirs)):>22}")
+    table("train", (("samples_per_s", "samples/s", 1), ("tokens_per_s", "tokens/s", 0),
+                    ("tokens_per_sample", "tokens per sample", 1), ("peak_rss_mib", "peak RSS delta, MiB", 0),
+                    ("final_loss", "final loss", 3), ("run_mean_loss", "mean loss over the run", 3)))
     print(f"\ninference: {results['infer/ours'][0]['images']} test images, max_new_tokens={max_new_tokens} on both "
           "sides (tutorial: one by one, beam 3; ours: batches of 8, greedy, constrained, with confidence)")
-    for field, label, digits in (("images_per_s", "images/s", 2), ("peak_rss_mib", "peak RSS delta, MiB", 0),
-                                 ("valid_json", "valid JSON (of test)", 0)):
-        theirs, ours = column("infer/tutorial", field), column("infer/ours", field)
-        print(f"{label:24}{describe(theirs, digits):>26}{describe(ours, digits):>26}"
-              f"{describe(ratios(ours, theirs)) if field != 'valid_json' else '':>22}")
+    table("infer", (("images_per_s", "images/s", 2), ("peak_rss_mib", "peak RSS delta, MiB", 0),
+                    ("valid_json", "valid JSON (of test)", 0)), without_ratio=("valid_json",))
     train = statistics.median(ratios(column("train/ours", "samples_per_s"), column("train/tutorial", "samples_per_s")))
     infer = statistics.median(ratios(column("infer/ours", "images_per_s"), column("infer/tutorial", "images_per_s")))
     return train, infer, print_time_to_loss(results["train/tutorial"], results["train/ours"])
@@ -537,9 +534,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="training steps of the model inference is timed on")
     parser.add_argument("--work-dir", default="", help="keep the demo assets and reference model here, and reuse them")
     parser.add_argument("--child", default="", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.child:
-        return child_main(json.loads(args.child))
+    if answer_if_child(args := parser.parse_args(argv), measure_quietly):
+        return
     samples = args.samples or (QUICK_SAMPLES if args.quick else FULL_SAMPLES)
     if samples % 48:
         parser.error("--samples must be a multiple of 48 (the tutorial's effective batch) and of 8 (ours)")

@@ -10,9 +10,7 @@ GPU (fused AdamW, Liger's fused linear cross-entropy, static cache + torch.compi
 are not here.
 """
 
-import argparse
 import functools
-import json
 import os
 import shutil
 import sys
@@ -20,6 +18,7 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench  # noqa: E402  (sets HF_HUB_OFFLINE and the import path)
+from runner import answer_if_child, benchmark_parser  # noqa: E402
 
 # name -> (kind, side, variant): the baseline is the same kind and side with no variant.
 TRAINING_LEVERS = {
@@ -91,14 +90,13 @@ CUSTOMIZE = {function.__name__: function for function in (pad_to_max_length, gro
                                                            flex_attention)}
 
 
-def child_main(request: dict) -> None:
+def measure_quietly(request: dict) -> dict:
     import contextlib
     variant = dict(request.get("variant", {}))
     customize = CUSTOMIZE[variant.pop("customize")] if "customize" in variant else None
     with contextlib.redirect_stdout(sys.stderr):
-        result = bench.measure_training(request["side"], request["work"], request["samples"], request["output_dir"],
-                                        customize=customize, **variant)
-    print(json.dumps(result))
+        return bench.measure_training(request["side"], request["work"], request["samples"], request["output_dir"],
+                                      customize=customize, **variant)
 
 
 # --- The loss check for the attention lever --------------------------------------------------------
@@ -136,15 +134,12 @@ def compare(measure, baseline: dict, lever: dict, repeats: int, field: str) -> d
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--work-dir", default="", help="bench.py's assets (built here when absent)")
+    parser = benchmark_parser(__doc__)  # --work-dir: bench.py's assets (built there when absent)
     parser.add_argument("--samples", type=int, default=480, help="training samples per measurement")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--only", default="", help="comma-separated lever names")
-    parser.add_argument("--child", default="", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.child:
-        return child_main(json.loads(args.child))
+    if answer_if_child(args := parser.parse_args(argv), measure_quietly):
+        return
     work_dir = args.work_dir or tempfile.mkdtemp(prefix="levers-")
     work = bench.prepare(work_dir)
     chosen = set(args.only.split(",")) if args.only else set(TRAINING_LEVERS) | set(INFERENCE_LEVERS)

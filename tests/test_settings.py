@@ -123,11 +123,15 @@ def finished_run(tmp_path, demo=False):
     return str(output_dir)
 
 
-def test_a_finished_run_is_refused_without_overwrite(tmp_path):
-    output_dir = finished_run(tmp_path)
+def assert_refused_and_kept(output_dir: str, demo: bool) -> None:
+    """A run without --overwrite meets a finished run's final/: refused, and final/ still there."""
     with pytest.raises(flow.FlowError, match="already holds a run .*--overwrite"):
-        prepare_output_dir(output_dir, overwrite=False, resume=False, demo=False)
+        prepare_output_dir(output_dir, overwrite=False, resume=False, demo=demo)
     assert os.path.isdir(os.path.join(output_dir, "final"))
+
+
+def test_a_finished_run_is_refused_without_overwrite(tmp_path):
+    assert_refused_and_kept(finished_run(tmp_path), demo=False)
 
 
 def test_overwrite_replaces_the_run_and_keeps_other_files(tmp_path):
@@ -250,9 +254,7 @@ def test_a_demo_never_replaces_a_real_run_that_overwrote_one(tmp_path):
     prepare_output_dir(output_dir, overwrite=True, resume=False, demo=False)
     assert "demo-model" not in os.listdir(output_dir)
     os.makedirs(os.path.join(output_dir, "final"))  # the real run's result
-    with pytest.raises(flow.FlowError, match="already holds a run"):
-        prepare_output_dir(output_dir, overwrite=False, resume=False, demo=True)
-    assert os.path.isdir(os.path.join(output_dir, "final"))
+    assert_refused_and_kept(output_dir, demo=True)
 
 
 def test_a_multi_line_reason_is_printed_on_one_line(capsys):
