@@ -8,10 +8,11 @@ from collections.abc import Iterator
 from paligemma_json import FlowError
 
 
-def parse_json(text: str):
-    """The parsed object or array, or None: no repair, so a truncated list counts as invalid."""
+def parse_json(text: str, object_pairs_hook=None):
+    """The parsed object or array, or None: no repair, so a truncated list counts as invalid.
+    `object_pairs_hook`: json.loads's, to see each object's keys as written."""
     try:
-        value = json.loads(text)
+        value = json.loads(text, object_pairs_hook=object_pairs_hook)
     except (json.JSONDecodeError, TypeError):
         return None
     return value if isinstance(value, (dict, list)) else None

@@ -10,7 +10,6 @@ Each row is parsed and matched once (`score_row`, a `ScoredRow`): the figures he
 `report.html`, the confidence threshold and the review page all read that.
 """
 
-import json
 from collections import Counter
 from dataclasses import dataclass, replace
 from functools import lru_cache
@@ -144,11 +143,8 @@ def parse_prediction(text: str) -> tuple[object, bool]:
         nonlocal repeated
         repeated = repeated or len({key for key, _ in pairs}) < len(pairs)
         return dict(pairs)
-    try:
-        value = json.loads(text, object_pairs_hook=check)
-    except (json.JSONDecodeError, TypeError):
-        return None, False
-    return (value if isinstance(value, (dict, list)) else None), repeated
+    value = parse_json(text, object_pairs_hook=check)
+    return value, repeated and value is not None
 
 
 def match(pairs: list[tuple[str, str]], pool: Counter) -> list[bool]:

@@ -38,20 +38,11 @@ from html import escape
 from paligemma_json.files import write_text_atomically
 from paligemma_json.html_report import page_head, thumbnail_data_uri
 from paligemma_json.metrics import score_row
+from paligemma_json.schema import label_layout
 
 # Small print on a phone photo is readable at 1024 px; a page of 100 documents is then ~15 MB.
 PHOTO_SIZE = 1024
-DEFAULT_LAYOUT = {"item_separator": ", ", "key_separator": ": "}  # json.dumps's own separators
 CORRECTIONS_NAME = "corrections.jsonl"
-
-
-def label_layout(schema: dict | None) -> list[str]:
-    """[item separator, key separator] the labels are written with (`x-guidance`, as
-    `constrained.with_layout` saves it); json.dumps's default where the labels' spacing was free."""
-    guidance = (schema or {}).get("x-guidance", {})
-    if "item_separator" not in guidance or "key_separator" not in guidance:
-        guidance = DEFAULT_LAYOUT
-    return [guidance["item_separator"], guidance["key_separator"]]
 
 
 def schema_for_page(schema: dict | None) -> dict | None:
@@ -331,7 +322,7 @@ function kindFromSchema(schema) {
   return "string";
 }
 
-const escapeStep = key => key.replace(/~/g, "~0").replace(/\//g, "~1");  // RFC 6901, as constrained.json_pointer
+const escapeStep = key => key.replace(/~/g, "~0").replace(/\//g, "~1");  // RFC 6901, as confidence.json_pointer
 
 function* leaves(node, pointer = "", label = [], schema = DATA.schema) {
   // [leaf, JSON pointer, readable name, its schema] for every value, in document order.

@@ -146,6 +146,18 @@ def with_layout(schema: dict, suffixes: list[str], labels: list | None = None) -
     return {**schema, "x-guidance": {**json_layout(suffixes, labels), **schema.get("x-guidance", {})}}
 
 
+DEFAULT_LAYOUT = {"item_separator": ", ", "key_separator": ": "}  # json.dumps's own separators
+
+
+def label_layout(schema: dict | None) -> list[str]:
+    """[item separator, key separator] the labels are written with (`x-guidance`, as `with_layout`
+    saves it), for the review page's export; json.dumps's default where the labels' spacing was free."""
+    guidance = (schema or {}).get("x-guidance", {})
+    if "item_separator" not in guidance or "key_separator" not in guidance:
+        guidance = DEFAULT_LAYOUT
+    return [guidance["item_separator"], guidance["key_separator"]]
+
+
 def label_schema(splits: dict, schema_path: str = "") -> dict | None:
     """The structure predictions should have: the user's schema, or one inferred from the train and
     valid labels (None when they are not JSON), with the labels' separators for the grammar."""
