@@ -39,7 +39,7 @@ if __name__ == "__main__" and "google.colab" in sys.modules and not os.path.exis
 from paligemma_json import FlowError  # a problem the user can fix: one line, never a traceback
 from paligemma_json.plan import plan_run  # which mode, which process writes, what is resumed or replaced
 from paligemma_json.settings import report_flow_errors, resolve_settings, settings_line
-from paligemma_json.secrets import mask_secrets  # trackers' keys are never printed
+from paligemma_json.keys import mask_secrets  # trackers' keys are never printed
 
 # Data
 ROBOFLOW_WORKSPACE = "roboflow-jvuqo"  # the tutorial's pallet-manifest dataset on Roboflow Universe
@@ -120,7 +120,7 @@ if __name__ == "__main__":
 # "prefix", "suffix"}`. The key comes from `ROBOFLOW_API_KEY` or a Colab secret of that name, never printed.
 
 # %%
-from paligemma_json.secrets import find_roboflow_api_key  # the environment, or a Colab secret
+from paligemma_json.keys import find_roboflow_api_key  # the environment, or a Colab secret
 from paligemma_json.model_card import record_roboflow_source
 
 

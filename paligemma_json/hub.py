@@ -6,7 +6,7 @@ import os
 import shlex
 
 from paligemma_json import FlowError
-from paligemma_json.secrets import masked_in_logs  # the token never reaches a log line
+from paligemma_json.keys import masked_in_logs  # the token never reaches a log line
 
 
 def gated_message(model_id: str) -> str:

@@ -9,7 +9,7 @@ import re
 import sys
 
 from paligemma_json import FlowError
-from paligemma_json.secrets import mask_secrets
+from paligemma_json.keys import mask_secrets
 
 
 def setting_help(script_path: str) -> dict:

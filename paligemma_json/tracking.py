@@ -4,7 +4,7 @@
 `REPORT_TO` names the experiment trackers the Trainer logs to (TensorBoard, Weights & Biases,
 MLflow, Trackio...). A tracker that is not installed is refused when the settings are read, in one
 line naming what to install, instead of by the Trainer's own RuntimeError once the model has loaded.
-Their keys stay out of the settings and out of print: secrets.py.
+Their keys stay out of the settings and out of print: keys.py.
 """
 
 import logging

@@ -8,7 +8,7 @@ import pytest
 import finetune_paligemma2 as flow
 from helpers import run_flow
 from paligemma_json import FlowError
-from paligemma_json.secrets import SECRET_ENV_VARS, mask_secrets
+from paligemma_json.keys import SECRET_ENV_VARS, mask_secrets
 from paligemma_json.tracking import TRACKERS, check_tracking_settings, trackers
 
 FAKE_KEY = "FAKE-tracker-key-5f4e3d2c1b"
