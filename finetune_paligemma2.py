@@ -323,10 +323,7 @@ if __name__ == "__main__" and run.mode == "train":
         model = load_trained_model(os.path.join(OUTPUT_DIR, "final"), torch_dtype, USE_QLORA)
     else:
         if run.writes:  # before anything big loads; it warns and goes on
-            check_fit(MODEL_ID, training_setting(
-                use_lora=USE_LORA, use_qlora=USE_QLORA, freeze_vision=FREEZE_VISION, lora_rank=LORA_RANK,
-                lora_targets=LORA_TARGET_MODULES, batch_size=BATCH_SIZE, grad_accum=GRAD_ACCUM, dtype=torch_dtype,
-                gradient_checkpointing=GRADIENT_CHECKPOINTING, label_tokens=data.max_new_tokens), cache_only=cache_only)
+            check_fit(MODEL_ID, training_setting(data.settings, torch_dtype), cache_only=cache_only)
         model = load_model(MODEL_ID, USE_LORA, USE_QLORA, FREEZE_VISION, LORA_RANK, LORA_TARGET_MODULES,
                            torch_dtype, cache_only, checkpoint=run.resume_checkpoint)
         if GRADIENT_CHECKPOINTING:  # here, not in TrainingArguments: see enable_gradient_checkpointing

@@ -250,15 +250,15 @@ def fit_report(arch: Architecture, setting: TrainingSetting, free_bytes: float, 
     return lines
 
 
-def training_setting(*, use_lora: bool, use_qlora: bool, freeze_vision: bool, lora_rank: int, lora_targets,
-                     batch_size: int, grad_accum: int, gradient_checkpointing: bool, dtype: torch.dtype,
-                     label_tokens: int) -> TrainingSetting:
-    """A run's settings, as the script names them (USE_LORA ... MAX_NEW_TOKENS), as a TrainingSetting."""
-    return TrainingSetting(mode="qlora" if use_qlora else "lora" if use_lora else "full",
-                           compute="bf16" if dtype == torch.bfloat16 else "fp32", batch_size=batch_size,
-                           grad_accum=grad_accum, gradient_checkpointing=gradient_checkpointing,
-                           freeze_vision=freeze_vision, label_tokens=label_tokens, lora_rank=lora_rank,
-                           lora_targets=tuple(lora_targets))
+def training_setting(settings: dict, dtype: torch.dtype) -> TrainingSetting:
+    """A run's settings, by the script's names (USE_LORA ... MAX_NEW_TOKENS, resolved: the label tokens), in
+    `dtype`, as a TrainingSetting."""
+    mode = "qlora" if settings["USE_QLORA"] else "lora" if settings["USE_LORA"] else "full"
+    return TrainingSetting(mode=mode, compute="bf16" if dtype == torch.bfloat16 else "fp32",
+                           batch_size=settings["BATCH_SIZE"], grad_accum=settings["GRAD_ACCUM"],
+                           gradient_checkpointing=settings["GRADIENT_CHECKPOINTING"],
+                           freeze_vision=settings["FREEZE_VISION"], label_tokens=settings["MAX_NEW_TOKENS"],
+                           lora_rank=settings["LORA_RANK"], lora_targets=tuple(settings["LORA_TARGET_MODULES"]))
 
 
 def check_fit(model_id: str, setting: TrainingSetting, cache_only: bool = False) -> None:

@@ -169,17 +169,18 @@ def stand_in_t4(monkeypatch, events: list, free_gib: float = 14.5) -> None:
     monkeypatch.setattr(transformers.PaliGemmaConfig, "from_pretrained", classmethod(config))
 
 
-RUN = dict(use_lora=True, use_qlora=False, freeze_vision=True, lora_rank=16, lora_targets=["q_proj", "v_proj"],
-           batch_size=2, grad_accum=4, gradient_checkpointing=True, dtype=torch.bfloat16, label_tokens=150)
+RUN = {"USE_LORA": True, "USE_QLORA": False, "FREEZE_VISION": True, "LORA_RANK": 16,
+       "LORA_TARGET_MODULES": ["q_proj", "v_proj"], "BATCH_SIZE": 2, "GRAD_ACCUM": 4, "GRADIENT_CHECKPOINTING": True,
+       "MAX_NEW_TOKENS": 150}
 
 
 def test_training_setting_reads_the_scripts_settings():
-    assert training_setting(**RUN) == TrainingSetting(
+    assert training_setting(RUN, torch.bfloat16) == TrainingSetting(
         mode="lora", compute="bf16", batch_size=2, grad_accum=4, gradient_checkpointing=True, freeze_vision=True,
         label_tokens=150, lora_rank=16, lora_targets=("q_proj", "v_proj"))
-    assert training_setting(**{**RUN, "use_qlora": True}).mode == "qlora"  # QLoRA is LoRA on a 4-bit base
-    assert training_setting(**{**RUN, "use_lora": False}).mode == "full"
-    assert training_setting(**{**RUN, "dtype": torch.float32}).compute == "fp32"
+    assert training_setting({**RUN, "USE_QLORA": True}, torch.bfloat16).mode == "qlora"  # LoRA on a 4-bit base
+    assert training_setting({**RUN, "USE_LORA": False}, torch.bfloat16).mode == "full"
+    assert training_setting(RUN, torch.float32).compute == "fp32"
 
 
 def test_the_script_checks_before_the_model_loads(monkeypatch, capsys, demo_assets, small_export, tmp_path):
@@ -212,7 +213,7 @@ def test_the_check_counts_what_another_process_holds(monkeypatch, capsys):
     an empty T4 does not."""
     for free, fits in ((14.5, True), (4.0, False)):
         stand_in_t4(monkeypatch, [], free_gib=free)
-        memory.check_fit("any/model", training_setting(**RUN))
+        memory.check_fit("any/model", training_setting(RUN, torch.bfloat16))
         printed = capsys.readouterr().out
         assert f"against {free:.1f} GiB free on Tesla T4" in printed
         assert "on an H200 the measured peak ran 4% below to 9% above such estimates" in printed  # reserved's
@@ -221,8 +222,8 @@ def test_the_check_counts_what_another_process_holds(monkeypatch, capsys):
 
 def test_the_check_stays_quiet_without_a_gpu_and_skips_an_unreadable_config(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    memory.check_fit("google/paligemma2-3b-pt-224", training_setting(**RUN))
+    memory.check_fit("google/paligemma2-3b-pt-224", training_setting(RUN, torch.bfloat16))
     assert capsys.readouterr().out == ""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    memory.check_fit("no-such/model", training_setting(**RUN), cache_only=True)
+    memory.check_fit("no-such/model", training_setting(RUN, torch.bfloat16), cache_only=True)
     assert capsys.readouterr().out.startswith("memory: check skipped, no config for no-such/model")
