@@ -663,7 +663,7 @@ if __name__ == "__main__" and run.mode == "train":
         print(demo_figures_meaning(metrics))
     # The card holds the test figures, so it is written now, and pushed with the weights.
     print("model card: " + write_model_card(final_dir, metrics, schema, predictions[0]["prefix"], data.settings,
-                                            PUSH_TO_HUB, run.processes))
+                                            run.processes, PUSH_TO_HUB))
     if PUSH_TO_HUB:  # last: a failed upload loses nothing else (one line, exit code 2)
         push_to_hub(final_dir, PUSH_TO_HUB)
 

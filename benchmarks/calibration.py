@@ -7,7 +7,7 @@ fields: ECE (10 bins) and AUROC, raw against calibrated, per run.
 Each RUN_DIR is a finished run with `validation_predictions.jsonl` (written when the threshold is
 picked on validation, CONFIDENCE_THRESHOLD = 0) and `predictions.jsonl`; a run that calibrated its
 confidences keeps the raw ones (`raw_confidence`), which are used here. Fields are matched exactly
-as `metrics.json` matches them (`paligemma_json.metrics.marked_fields`). The temperature is the
+as `metrics.json` matches them (`paligemma_json.confidence.marked_fields`). The temperature is the
 flow's own fit (`paligemma_json.confidence.fit_temperature`); Platt scaling adds a bias.
 
 Both maps are monotone (an increasing function of the confidence, unless a fit comes out with a
@@ -25,7 +25,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from paligemma_json.confidence import CLIP, VALIDATION_PREDICTIONS, calibrate, fit_temperature  # noqa: E402
 from paligemma_json.json_text import jsonl_rows  # noqa: E402
-from paligemma_json.metrics import confidence_auroc, confidence_ece, marked_fields, score_rows  # noqa: E402
+from paligemma_json.confidence import confidence_auroc, confidence_ece, marked_fields  # noqa: E402
+from paligemma_json.metrics import score_rows  # noqa: E402
 
 
 def read_raw_rows(path: str) -> list[dict]:

@@ -1,7 +1,11 @@
-"""Confidence per field, and the threshold below which a field is sent for a check by hand.
+"""Confidence per field, what it says over a set of scored rows, and the threshold below which a field
+is sent for a check by hand.
 
 A field's confidence is the lowest probability among the tokens that wrote its value
-(`field_confidences`, from the probabilities `constrained.ChosenTokenProbabilities` records).
+(`field_confidences`, from the probabilities `constrained.ChosenTokenProbabilities` records). Over
+scored rows (metrics.py's `ScoredRow`): how well it ranks right fields above wrong ones
+(`confidence_auroc`), matches their accuracy (`confidence_ece`), and what a threshold flags
+(`confidence_figures`, `field_flags`).
 
 `CONFIDENCE_THRESHOLD = 0` asks for it to be picked on the validation split, decoded once after
 training exactly as the test set is. There a temperature is fitted first (temperature scaling of
@@ -20,12 +24,16 @@ import math
 import os
 import re
 from json.decoder import scanstring
+from typing import TYPE_CHECKING
 
 from paligemma_json import FlowError
 from paligemma_json.files import read_saved_json, write_json_atomically
 from paligemma_json.json_text import child_path, parse_json
-from paligemma_json.metrics import FALLBACK_THRESHOLD, marked_fields, score_rows
 
+if TYPE_CHECKING:  # metrics imports this module: its row type, for the annotations alone
+    from paligemma_json.metrics import ScoredRow
+
+FALLBACK_THRESHOLD = 0.8  # the threshold when none is given, picked or saved
 MINIMUM_WRONG_FIELDS = 5  # fewer wrong validation fields than this say nothing about a share of them
 RECORD_NAME = "confidence.json"
 VALIDATION_PREDICTIONS = "validation_predictions.jsonl"  # in OUTPUT_DIR, beside predictions.jsonl
@@ -243,6 +251,71 @@ def _chosen(setting: float, saved) -> dict:
     return {"threshold": FALLBACK_THRESHOLD, "source": "fallback"}
 
 
+# --- What confidence says about a set of scored rows ------------------------------------------
+
+def marked_fields(scored: list["ScoredRow"]) -> list[tuple[float, bool]]:
+    """(confidence, right) for every scored predicted field of the rows."""
+    return [mark for row in scored for mark in row.marks]
+
+
+def confidence_auroc(marked: list[tuple[float, bool]]) -> float | None:
+    """The chance that a right field has a higher confidence than a wrong one, a tie counting half
+    (the Mann-Whitney U over both counts); None without both right and wrong fields."""
+    right = sum(is_right for _, is_right in marked)
+    wrong = len(marked) - right
+    if not right or not wrong:
+        return None
+    ordered, rank_sum, start = sorted(marked), 0.0, 0
+    while start < len(ordered):  # tied confidences share the mean of their ranks (1-based)
+        end = start
+        while end < len(ordered) and ordered[end][0] == ordered[start][0]:
+            end += 1
+        rank_sum += (start + end + 1) / 2 * sum(is_right for _, is_right in ordered[start:end])
+        start = end
+    return (rank_sum - right * (right + 1) / 2) / (right * wrong)
+
+
+def confidence_ece(marked: list[tuple[float, bool]], bins: int = 10) -> float | None:
+    """Expected calibration error: over `bins` equal-width confidence bins (the last one holds 1.0),
+    |accuracy - mean confidence| weighted by the bin's share of the fields; None without fields."""
+    if not marked:
+        return None
+    binned = {}
+    for confidence, right in marked:
+        binned.setdefault(min(int(confidence * bins), bins - 1), []).append((confidence, right))
+    return sum(abs(sum(right for _, right in members) - sum(confidence for confidence, _ in members))
+               for members in binned.values()) / len(marked)
+
+
+def confidence_figures(scored: list["ScoredRow"], threshold: float, threshold_source: str = "given") -> dict:
+    """Whether confidence means something: how well it ranks right fields above wrong ones
+    (`confidence_auroc`) and matches their accuracy (`confidence_ece`); field accuracy at or above
+    `threshold` against below it, the share of all fields a confidence below it sends for a check
+    and the share of wrong fields it flags. None where nothing falls there."""
+    marked = marked_fields(scored)
+    sure = [right for confidence, right in marked if confidence >= threshold]
+    unsure = [right for confidence, right in marked if confidence < threshold]
+    wrong = [confidence < threshold for confidence, right in marked if not right]
+    return {"confidence_auroc": confidence_auroc(marked),
+            "confidence_ece": confidence_ece(marked),
+            "confidence_threshold": threshold,
+            "confidence_threshold_source": threshold_source,
+            "confident_field_accuracy": sum(sure) / len(sure) if sure else None,
+            "unsure_field_accuracy": sum(unsure) / len(unsure) if unsure else None,
+            "unsure_field_share": len(unsure) / len(marked) if marked else None,
+            "wrong_fields_flagged": sum(wrong) / len(wrong) if wrong else None}
+
+
+def field_flags(fields: list[dict], threshold: float) -> dict[str, float]:
+    """JSON pointer -> confidence of each predicted field (`{"field", "value", "confidence", "pointer"}`)
+    below `threshold`, the lowest should one pointer come twice: every leaf, those Donut drops too."""
+    flags = {}
+    for field in fields:
+        if field.get("pointer") is not None and field["confidence"] < threshold:
+            flags[field["pointer"]] = min(flags.get(field["pointer"], 1.0), field["confidence"])
+    return flags
+
+
 def training_threshold(setting: float, flag_wrong_share: float, final_dir: str, decode_validation) -> dict:
     """After training: the threshold (and `temperature`) already saved in `final_dir` (a resumed
     run), else `setting` as given, else both fitted on the rows `decode_validation(path)` writes to
@@ -254,6 +327,7 @@ def training_threshold(setting: float, flag_wrong_share: float, final_dir: str, 
     if setting:  # the temperature a resumed run's rows were calibrated with, so its new rows match
         record = {"threshold": setting, "source": "given", "temperature": (saved or {}).get("temperature")}
     else:
+        from paligemma_json.metrics import score_rows  # here: metrics reads this module's figures
         rows = decode_validation(os.path.join(os.path.dirname(final_dir), VALIDATION_PREDICTIONS))
         marked = marked_fields(score_rows(rows))
         temperature = fit_temperature(marked)

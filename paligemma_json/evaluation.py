@@ -7,7 +7,8 @@ from paligemma_json import FlowError
 from paligemma_json.confidence import threshold_for
 from paligemma_json.files import write_json_atomically
 from paligemma_json.json_text import jsonl_rows
-from paligemma_json.metrics import FALLBACK_THRESHOLD, format_metrics_table, metrics_of, score_rows
+from paligemma_json.confidence import FALLBACK_THRESHOLD
+from paligemma_json.metrics import format_metrics_table, metrics_of, score_rows
 from paligemma_json.html_report import write_html_report
 from paligemma_json.pictures import draw_predictions
 from paligemma_json.schema import read_saved_schema

@@ -12,13 +12,13 @@ Each row is parsed and matched once (`score_row`, a `ScoredRow`): the figures he
 
 from collections import Counter
 from dataclasses import dataclass, replace
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 from rapidfuzz.distance import Levenshtein
 
+from paligemma_json.confidence import FALLBACK_THRESHOLD, confidence_figures, field_flags
 from paligemma_json.json_text import key_paths, parse_json
 
-FALLBACK_THRESHOLD = 0.8  # the confidence threshold when none is given, picked or saved (confidence.py)
 
 
 # --- Donut's normalization and flattening -----------------------------------------------------
@@ -184,20 +184,21 @@ class ScoredRow:
         """The prediction as scored: `{}` when it is not JSON."""
         return self.prediction if self.prediction is not None else {}
 
+    @cached_property
+    def _lowest_confidence(self) -> dict[tuple[str, str], float]:
+        lowest = {}
+        for key, value, confidence in self.confident:
+            lowest[key, value] = min(lowest.get((key, value), 1.0), confidence)
+        return lowest
+
     def confidence_of(self, key: str, value: str, default: float | None = None) -> float | None:
         """The lowest confidence of a scored predicted leaf with this key path and value, to show
         beside its status."""
-        found = [confidence for k, v, confidence in self.confident if (k, v) == (key, value)]
-        return min(1.0, *found) if found else default
+        return self._lowest_confidence.get((key, value), default)
 
     def flags(self, threshold: float) -> dict[str, float]:
-        """JSON pointer -> confidence of each predicted field below `threshold` (the lowest, should one
-        pointer come twice): every leaf, those Donut drops too."""
-        flags = {}
-        for field in self.fields:
-            if field.get("pointer") is not None and field["confidence"] < threshold:
-                flags[field["pointer"]] = min(flags.get(field["pointer"], 1.0), field["confidence"])
-        return flags
+        """`confidence.field_flags` of this row's predicted fields."""
+        return field_flags(self.fields, threshold)
 
 
 def score_row(row: dict) -> ScoredRow:
@@ -294,59 +295,6 @@ def metrics_of(scored: list[ScoredRow], schema: dict | None = None, threshold: f
         metrics.update(confidence_figures(scored, threshold, threshold_source))
     metrics["per_field"] = metrics.pop("per_field")  # the one nested object, last
     return metrics
-
-
-def marked_fields(scored: list[ScoredRow]) -> list[tuple[float, bool]]:
-    """(confidence, right) for every scored predicted field of the rows."""
-    return [mark for row in scored for mark in row.marks]
-
-
-def confidence_auroc(marked: list[tuple[float, bool]]) -> float | None:
-    """The chance that a right field has a higher confidence than a wrong one, a tie counting half
-    (the Mann-Whitney U over both counts); None without both right and wrong fields."""
-    right = sum(is_right for _, is_right in marked)
-    wrong = len(marked) - right
-    if not right or not wrong:
-        return None
-    ordered, rank_sum, start = sorted(marked), 0.0, 0
-    while start < len(ordered):  # tied confidences share the mean of their ranks (1-based)
-        end = start
-        while end < len(ordered) and ordered[end][0] == ordered[start][0]:
-            end += 1
-        rank_sum += (start + end + 1) / 2 * sum(is_right for _, is_right in ordered[start:end])
-        start = end
-    return (rank_sum - right * (right + 1) / 2) / (right * wrong)
-
-
-def confidence_ece(marked: list[tuple[float, bool]], bins: int = 10) -> float | None:
-    """Expected calibration error: over `bins` equal-width confidence bins (the last one holds 1.0),
-    |accuracy - mean confidence| weighted by the bin's share of the fields; None without fields."""
-    if not marked:
-        return None
-    binned = {}
-    for confidence, right in marked:
-        binned.setdefault(min(int(confidence * bins), bins - 1), []).append((confidence, right))
-    return sum(abs(sum(right for _, right in members) - sum(confidence for confidence, _ in members))
-               for members in binned.values()) / len(marked)
-
-
-def confidence_figures(scored: list[ScoredRow], threshold: float, threshold_source: str = "given") -> dict:
-    """Whether confidence means something: how well it ranks right fields above wrong ones
-    (`confidence_auroc`) and matches their accuracy (`confidence_ece`); field accuracy at or above
-    `threshold` against below it, the share of all fields a confidence below it sends for a check
-    and the share of wrong fields it flags. None where nothing falls there."""
-    marked = marked_fields(scored)
-    sure = [right for confidence, right in marked if confidence >= threshold]
-    unsure = [right for confidence, right in marked if confidence < threshold]
-    wrong = [confidence < threshold for confidence, right in marked if not right]
-    return {"confidence_auroc": confidence_auroc(marked),
-            "confidence_ece": confidence_ece(marked),
-            "confidence_threshold": threshold,
-            "confidence_threshold_source": threshold_source,
-            "confident_field_accuracy": sum(sure) / len(sure) if sure else None,
-            "unsure_field_accuracy": sum(unsure) / len(unsure) if unsure else None,
-            "unsure_field_share": len(unsure) / len(marked) if marked else None,
-            "wrong_fields_flagged": sum(wrong) / len(wrong) if wrong else None}
 
 
 def _figures(rows: list[ScoredRow], schema: dict | None) -> dict:

@@ -158,7 +158,7 @@ def _trainer_state(output_dir: str) -> dict:
     return {} if checkpoint is None else read_saved_json(os.path.join(checkpoint, "trainer_state.json"))
 
 
-def training_lines(settings: dict, base_model: str, processes: int = 1) -> list[str]:
+def training_lines(settings: dict, base_model: str, processes: int) -> list[str]:
     method = training_method(settings)
     if method == "full-fine-tune":
         how = "full fine-tune: every weight trained"
@@ -261,7 +261,7 @@ def _intro(kind: str, base_model: str, dataset: str | None) -> str:
 
 
 def write_model_card(final_dir: str, metrics: dict, schema: dict | None, prompt: str, settings: dict,
-                     repo_id: str = "", processes: int = 1) -> str:
+                     processes: int, repo_id: str = "") -> str:
     """`final_dir/README.md`, replacing peft's generic card; written after scoring, whole or not at all.
     `processes`: how many trained together (the effective batch)."""
     base_model = adapter_base(final_dir)

@@ -5,7 +5,8 @@ import os
 from PIL import Image, ImageDraw, ImageFont
 
 from paligemma_json.files import replace_atomically
-from paligemma_json.metrics import FALLBACK_THRESHOLD, ScoredRow
+from paligemma_json.confidence import FALLBACK_THRESHOLD
+from paligemma_json.metrics import ScoredRow
 
 RIGHT, WRONG, MISSING, EXTRA = (20, 130, 50), (200, 30, 30), (215, 120, 0), (120, 60, 170)
 UNSURE = (255, 226, 120)  # the highlight behind a field whose confidence is below the threshold

@@ -37,7 +37,7 @@ from html import escape
 
 from paligemma_json.files import write_text_atomically
 from paligemma_json.html_report import page_head, thumbnail_data_uri
-from paligemma_json.metrics import score_row
+from paligemma_json.confidence import field_flags
 from paligemma_json.schema import label_layout
 
 # Small print on a phone photo is readable at 1024 px; a page of 100 documents is then ~15 MB.
@@ -62,7 +62,7 @@ def review_data(rows: list[dict], threshold: float, schema: dict | None, run_key
         "schema": schema_for_page(schema),
         "documents": [{"image": str(row.get("image", "")), "prefix": row.get("prefix", ""),
                        "prediction": row.get("prediction", ""), "truncated": bool(row.get("truncated")),
-                       "flags": score_row(row).flags(threshold),
+                       "flags": field_flags(row.get("confidence") or [], threshold),
                        "photo": thumbnail_data_uri(row.get("image_path"), PHOTO_SIZE)} for row in rows],
     }
 

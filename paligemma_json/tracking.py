@@ -73,4 +73,3 @@ def check_tracking_settings(report_to: str | list[str], early_stopping_patience:
     """REPORT_TO and EARLY_STOPPING_PATIENCE checked at start, before any data or model loads."""
     trackers(report_to)
     check_patience(early_stopping_patience)
-

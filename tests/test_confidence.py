@@ -11,11 +11,11 @@ import torch
 
 import finetune_paligemma2 as flow
 from paligemma_json import FlowError
-from paligemma_json.confidence import (calibrate, calibrate_fields, check_confidence_settings, describe_pick,
-                                       fit_temperature, pick_threshold, prediction_confidence, threshold_for,
-                                       training_threshold)
+from paligemma_json.confidence import (calibrate, calibrate_fields, check_confidence_settings, confidence_auroc,
+                                       confidence_ece, describe_pick, fit_temperature, marked_fields, pick_threshold,
+                                       prediction_confidence, threshold_for, training_threshold)
 from paligemma_json.evaluation import evaluate_file
-from paligemma_json.metrics import compute_metrics, confidence_auroc, confidence_ece, marked_fields, score_rows
+from paligemma_json.metrics import compute_metrics, score_rows
 from helpers import read_jsonl
 
 # (confidence, right): right fields at 0.9, 0.8, 0.6; wrong ones at 0.8 and 0.3.

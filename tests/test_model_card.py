@@ -45,7 +45,8 @@ def test_a_qlora_adapter_on_a_hub_base_and_its_merged_card(tmp_path):
                 "DATASET_DIR": str(tmp_path / "pallet-load-manifest-json-2")}
     schema = {"type": "object", "properties": {"route": {"type": "string"}, "products": {"type": "array"}},
               "required": ["route"]}
-    model_card.write_model_card(str(final), metrics, schema, "extract data in JSON format", settings, "someone/pallet")
+    model_card.write_model_card(str(final), metrics, schema, "extract data in JSON format", settings, 1,
+                                "someone/pallet")
     card = (final / "README.md").read_text()
     header = card_header(card)
     assert header == {"base_model": "google/paligemma2-3b-pt-448", "library_name": "peft", "license": "gemma",
