@@ -7,7 +7,8 @@ Both follow Donut's normalization: keys sorted, scalars compared as stripped str
 it unscored on both sides. A prediction that is not valid JSON counts as `{}`.
 
 Each row is parsed and matched once (`score_row`, a `ScoredRow`): the figures here, the pictures,
-`report.html`, the confidence threshold and the review page all read that.
+`report.html` and the confidence threshold all read that. (The review page flags `--predict`'s rows,
+which have no truth to match, from their confidences alone: `confidence.field_flags`.)
 """
 
 from collections import Counter
@@ -16,7 +17,7 @@ from functools import cached_property, lru_cache
 
 from rapidfuzz.distance import Levenshtein
 
-from paligemma_json.confidence import FALLBACK_THRESHOLD, confidence_figures, field_flags
+from paligemma_json.confidence import FALLBACK_THRESHOLD, confidence_figures
 from paligemma_json.json_text import key_paths, parse_json
 
 
@@ -160,10 +161,10 @@ def match(pairs: list[tuple[str, str]], pool: Counter) -> list[bool]:
 
 @dataclass(frozen=True)
 class ScoredRow:
-    """One prediction row, parsed and matched once: the metrics, the pictures, the HTML report, the
-    confidence threshold and the review page all read it. `statuses` and `confident` see the row as
-    Donut does (values as stripped strings, falsy ones dropped); `fields` keeps what that drops: each
-    predicted leaf's JSON value, its pointer (which list item) and empty values."""
+    """One prediction row, parsed and matched once: the metrics, the pictures, the HTML report and the
+    confidence threshold read it. `statuses` and `confident` see the row as Donut does (values as
+    stripped strings, falsy ones dropped); `raw["confidence"]` keeps what that drops: each predicted
+    leaf's JSON value, its pointer (which list item) and empty values."""
     raw: dict  # the row as read: image, texts, truncated, confidences
     prediction: object  # parsed: an object or array, None when the text is not JSON
     truth: object  # the parsed `suffix`; None when it is not JSON (a caption) or absent (--predict)
@@ -173,11 +174,6 @@ class ScoredRow:
     statuses: list[tuple[str, str, str, str]]
     confident: list[tuple[str, str, float]]  # (key path, value, confidence) per predicted leaf Donut scores
     marks: list[tuple[float, bool]]  # (confidence, right) for those; none where the truth is not JSON
-
-    @property
-    def fields(self) -> list[dict]:
-        """`{"field", "value", "confidence", "pointer"}` per predicted leaf, as decoding wrote them."""
-        return self.raw.get("confidence") or []
 
     @property
     def judged_prediction(self):
@@ -195,10 +191,6 @@ class ScoredRow:
         """The lowest confidence of a scored predicted leaf with this key path and value, to show
         beside its status."""
         return self._lowest_confidence.get((key, value), default)
-
-    def flags(self, threshold: float) -> dict[str, float]:
-        """`confidence.field_flags` of this row's predicted fields."""
-        return field_flags(self.fields, threshold)
 
 
 def score_row(row: dict) -> ScoredRow:
