@@ -27,10 +27,17 @@ def donut(tmp_path_factory):
         missing_check(f"DONUT REFERENCE NOT AVAILABLE, parity unchecked: pip download failed: {download.stderr[-300:]}")
     with zipfile.ZipFile(wheels[0]) as wheel:
         source = wheel.read("donut/util.py").decode()
-    # On the metric path Donut needs only zss and nltk; `datasets` is imported but never used there.
+    # On the metric path Donut needs only zss and nltk; `datasets` is imported but never used there. The
+    # stand-in lives only while Donut's file runs: left in sys.modules, it broke a later test's training
+    # (transformers asks `datasets.__spec__`) whenever this fixture ran first.
+    stand_in = "datasets" not in sys.modules
     sys.modules.setdefault("datasets", types.SimpleNamespace(load_dataset=None))
     module = types.ModuleType("donut_util")
-    exec(compile(source, "donut/util.py", "exec"), module.__dict__)
+    try:
+        exec(compile(source, "donut/util.py", "exec"), module.__dict__)
+    finally:
+        if stand_in:
+            del sys.modules["datasets"]
     return module.JSONParseEvaluator()
 
 
