@@ -13,7 +13,7 @@ import finetune_paligemma2 as flow
 from paligemma_json import FlowError
 from paligemma_json.confidence import (calibrate, calibrate_fields, check_confidence_settings, confidence_auroc,
                                        confidence_ece, describe_pick, fit_temperature, marked_fields, pick_threshold,
-                                       prediction_confidence, threshold_for, training_threshold)
+                                       field_flags, prediction_confidence, threshold_for, training_threshold)
 from paligemma_json.evaluation import evaluate_file
 from paligemma_json.metrics import compute_metrics, score_rows
 from helpers import read_jsonl
@@ -61,6 +61,18 @@ def test_the_metrics_report_auroc_ece_and_the_thresholds_source():
 
 def wrong_and_right(wrong, right):
     return [(confidence, False) for confidence in wrong] + [(confidence, True) for confidence in right]
+
+
+def test_a_confidence_on_the_threshold_is_sure_on_the_page_as_in_the_metrics():
+    """The review page flags below the threshold, as the metrics count: a raw confidence (4 decimals)
+    equal to a given threshold is sure in both, one just under it flagged in both."""
+    fields = [{"field": "copy", "value": "1", "confidence": 0.25, "pointer": "/copy"},
+              {"field": "total", "value": "7", "confidence": 0.2499, "pointer": "/total"},
+              {"field": "date", "value": "x", "confidence": 0.2501, "pointer": "/date"}]
+    row = {"prefix": "", "suffix": '{"copy": "1", "total": "7", "date": "x"}',
+           "prediction": '{"copy": "1", "total": "7", "date": "x"}', "confidence": fields}
+    assert field_flags(fields, 0.25) == {"/total": 0.2499}
+    assert compute_metrics([row], threshold=0.25)["unsure_field_share"] == pytest.approx(1 / 3)
 
 
 def test_the_picked_threshold_is_the_smallest_that_catches_the_share():

@@ -33,6 +33,17 @@ def test_the_rows_join_the_train_split_with_their_images(export, tmp_path):
     assert len(splits["valid"]) == 16 and len(splits["test"]) == 24  # held out as they were
 
 
+def test_the_rows_train_on_the_runs_prompt_not_the_exports(export, tmp_path):
+    """A run whose PROMPT changed since the review trains the corrected rows on the new prompt, as its
+    own split's rows (the export keeps the prompt the page was made with)."""
+    folder = str(tmp_path / "reviewed")
+    rows = [{**row, "prefix": "the export's old prompt"} for row in new_documents(folder)]
+    splits = flow.load_splits(export, PROMPT)
+    add_corrections(splits, write_export(folder, rows), PROMPT)
+    assert [entry["prefix"] for entry in splits["train"].entries[-2:]] == [PROMPT, PROMPT]
+    assert splits["train"].entries[0]["prefix"] == PROMPT
+
+
 def test_the_next_run_reads_the_exported_rows(export, tmp_path):
     """Through the script: the dataset line counts them (the model path does not exist, so it stops
     right after, in one line)."""

@@ -132,9 +132,14 @@ def test_a_step_compiled_again_and_again_falls_back_to_todays_path(models, proce
 
 def test_a_failing_fast_path_falls_back_once_with_the_same_rows(models, processor, test_images, monkeypatch, capsys):
     today = decode(models["plain"], processor, test_images, None, fast=None, max_new_tokens=8)
-    fast = static_cache_on_cpu()
-    monkeypatch.setattr(fast, "generate_kwargs", lambda *args: {"cache_implementation": "no-such-cache"})
+    fast, attempts = static_cache_on_cpu(), []
+
+    def failing_kwargs(*args):
+        attempts.append(args)
+        return {"cache_implementation": "no-such-cache"}
+    monkeypatch.setattr(fast, "generate_kwargs", failing_kwargs)
     assert decode(models["plain"], processor, test_images, None, fast=fast, max_new_tokens=8) == today  # today's path
+    assert len(attempts) == 1  # the second batch goes straight to today's path: no failed try, no decoding twice
     printed = capsys.readouterr().out.splitlines()
     assert len(printed) == 1 and printed[0].startswith("decoding: the static cache and compiled step failed (")
     assert "the rest of the run, with today's dynamic cache" in printed[0]

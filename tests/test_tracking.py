@@ -72,6 +72,13 @@ def test_secrets_are_masked_and_short_values_left_alone(monkeypatch):
     assert mask_secrets(f"https://host/?token={FAKE_KEY} a short word") == "https://host/?token=*** a short word"
 
 
+def test_a_key_of_exactly_the_shortest_length_is_masked(monkeypatch):
+    """The documented edge: shorter than SHORTEST_SECRET (8) is left alone, 8 characters are a key."""
+    monkeypatch.setenv("COMET_API_KEY", "k3y-8chr")
+    monkeypatch.setenv("WANDB_API_KEY", "7-chars")
+    assert mask_secrets("k3y-8chr and 7-chars") == "*** and 7-chars"
+
+
 def test_the_settings_line_never_shows_a_secret(monkeypatch, tmp_path, capsys):
     """A key pasted into a flag by mistake is printed as *** in the settings line and in the error."""
     monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)
