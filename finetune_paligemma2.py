@@ -49,6 +49,7 @@ DATASET_DIR = "pallet-load-manifest-json-2"  # a Roboflow JSONL export; download
 PROMPT = "extract data in JSON format"  # replaces each row's prefix (v2's is `<JSON>`); "" keeps it
 DATASET_REPORT = True  # sizes, label lengths, fields and leaks between splits, before any model loads
 STRICT = False  # a leak between splits (the same photo or label in two) stops the run
+SKIP_NON_JSON_LABELS = False  # where most labels are JSON, one that is not stops the run; True leaves such rows out
 SCHEMA = ""  # your JSON Schema for the labels; "" infers one from the train and valid labels
 CORRECTIONS = ""  # a review page's corrections.jsonl (beside its images): trained on with the train split
 
@@ -166,7 +167,7 @@ from torch.utils.data import Dataset
 from paligemma_json.constrained import compile_schema
 from paligemma_json.corrections import add_corrections  # a review page's export, trained on with train
 from paligemma_json.documents import DocumentDataset, read_annotations  # the shape every dataset here has
-from paligemma_json.schema import label_schema, warn_non_json_labels
+from paligemma_json.schema import check_json_labels, label_schema
 
 SPLITS = ("train", "valid", "test")
 
@@ -178,6 +179,7 @@ class JSONLDataset(Dataset, DocumentDataset):
         self.jsonl_file_path = jsonl_file_path
         self.image_directory_path = image_directory_path
         self.entries = read_annotations(jsonl_file_path, image_directory_path, prompt)
+        self.left_out = []  # "PATH line N: why" for each row SKIP_NON_JSON_LABELS leaves out
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -207,7 +209,7 @@ if __name__ == "__main__" and run.mode == "train":
     train_dataset, valid_dataset, test_dataset = splits["train"], splits["valid"], splits["test"]
     print("dataset: " + ", ".join(f"{split} {len(data)} rows" for split, data in splits.items())
           + (f" ({corrected} of train from {CORRECTIONS})" if corrected else ""))
-    warn_non_json_labels(splits)  # captions train too, but have no fields to score
+    check_json_labels(splits, SKIP_NON_JSON_LABELS)  # one broken label stops the run; captions train as they are
     # What constrained decoding holds generation to and schema_valid_rate checks; saved beside the model.
     schema = label_schema(splits, SCHEMA)
     if schema is not None and CONSTRAINED:

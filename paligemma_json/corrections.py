@@ -25,7 +25,7 @@ class Corrections:
         for where, row in jsonl_rows(path, "fix or remove the line"):
             image = check_row(row, folder, f"{where} (images are looked for beside the file)")
             self.entries.append(Entry({**row, "image": os.path.join(folder, row["image"]),
-                                       "prefix": prompt or row["prefix"]}, *image))
+                                       "prefix": prompt or row["prefix"]}, *image, where))
             self.where.append(where)
         if not self.entries:
             raise FlowError(f"{path}: no rows; mark documents reviewed on the review page before exporting")

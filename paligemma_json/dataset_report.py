@@ -133,6 +133,7 @@ def build_dataset_report(splits: dict, lengths: dict[str, list[int]], max_new_to
                 count, seen = fields.get(path, (0, set()))
                 fields[path] = (count + filled, seen | types)
     report["json_rows"] = json_rows
+    report["labels_left_out"] = {split: getattr(data, "left_out", []) for split, data in splits.items()}
     report["fields"] = {path: {"filled": count / json_rows, "types": sorted(types)}
                         for path, (count, types) in sorted(fields.items(), key=lambda item: item[1][0])}
     report["leaks"] = cross_split_leaks(splits, paths)

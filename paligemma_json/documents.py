@@ -32,13 +32,13 @@ class Entry(dict):
     run_settings.json or a hash takes from it. What loading learned rides beside them as attributes,
     never as keys, so nothing written from a row carries it: `label`, the suffix parsed once (None
     when it is not a JSON object or array), and the image's `image_size` and `image_mode` as its
-    header gives them, for the dataset report. Pixels are decoded per batch, never kept: thousands of
-    photos do not fit in memory."""
+    header gives them, for the dataset report, and `where` it was read ("PATH line N"), for messages
+    about its label. Pixels are decoded per batch, never kept: thousands of photos do not fit in memory."""
 
-    def __init__(self, row: dict, image_size: tuple[int, int], image_mode: str):
+    def __init__(self, row: dict, image_size: tuple[int, int], image_mode: str, where: str = ""):
         super().__init__(row)
         self.label = parse_json(self["suffix"])
-        self.image_size, self.image_mode = image_size, image_mode
+        self.image_size, self.image_mode, self.where = image_size, image_mode, where
 
 
 def check_image(path: str, where: str) -> tuple[tuple[int, int], str]:
@@ -66,7 +66,7 @@ def read_annotations(jsonl_path: str, image_dir: str, prompt: str = "") -> list[
     entries = []
     for where, row in jsonl_rows(jsonl_path, "fix or remove the line"):
         image = check_row(row, image_dir, where)
-        entries.append(Entry({**row, "prefix": prompt or row["prefix"]}, *image))
+        entries.append(Entry({**row, "prefix": prompt or row["prefix"]}, *image, where))
     if not entries:
         raise FlowError(f"{jsonl_path}: no rows; the split must hold at least one labelled image")
     return entries

@@ -202,6 +202,9 @@ def plan_run(settings: dict) -> RunPlan:
     if demo and launch.processes > 1:
         raise FlowError("--demo builds its data in one process: run it once without a launcher, then launch "
                         "with --dataset-dir OUTPUT_DIR/demo-dataset --model-id OUTPUT_DIR/demo-model")
+    if resume and mode == "train" and not present(output_dir, [CHECKPOINT, "final", "run_settings.json"]):
+        raise FlowError(f"{output_dir}: no run of this script to resume there (no run_settings.json, checkpoint or "
+                        "final/); check --output-dir, or drop --resume to start a new run")
     training_done = resume and os.path.isdir(os.path.join(output_dir, "final"))
     checkpoint = newest_checkpoint(output_dir) if resume and not training_done else None
     if resume:

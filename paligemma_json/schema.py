@@ -8,7 +8,7 @@ import os
 
 from paligemma_json import FlowError
 from paligemma_json.files import write_json_atomically
-from paligemma_json.json_text import json_type
+from paligemma_json.json_text import json_error_reason, json_type
 
 LENGTH_MARGIN = 0.5  # a string or list may be half again as long as the longest seen: real documents vary
 
@@ -86,10 +86,44 @@ def count_non_json_labels(dataset) -> int:
     return sum(entry.label is None for entry in dataset.entries)  # parsed once, when loaded (documents.Entry)
 
 
-def warn_non_json_labels(splits: dict) -> None:
-    non_json = sum(count_non_json_labels(data) for data in splits.values())
-    if non_json:
-        print(f"warning: {non_json} labels are not JSON objects or arrays; the JSON metrics leave them out")
+def label_problem(suffix: str) -> str:
+    """What keeps a label from being a JSON object or array, in the words a broken JSONL line gets."""
+    try:
+        value = json.loads(suffix)
+    except json.JSONDecodeError as error:
+        return f"not valid JSON ({json_error_reason(error)})"
+    return f"a JSON {json_type(value)}, not an object or array"
+
+
+def check_json_labels(splits: dict, skip: bool) -> list[str]:
+    """Labels that are not JSON where most are: a broken label, not another task. Each is named by
+    file and line with what is wrong; the run stops in one line unless `skip` (SKIP_NON_JSON_LABELS),
+    which leaves those rows out of their split, printed, and keeps them in its `left_out` for the
+    dataset report; returns them.
+    Where most labels are not JSON (captions, answers) they train as they are, said."""
+    bad = [(split, entry) for split, data in splits.items() for entry in data.entries if entry.label is None]
+    total = sum(len(data.entries) for data in splits.values())
+    if not bad:
+        return []
+    if 2 * len(bad) >= total:
+        print(f"warning: {len(bad)} labels are not JSON objects or arrays; the JSON metrics leave them out")
+        return []
+    named = [f"{entry.where}: the label is {label_problem(entry['suffix'])}" for _, entry in bad]
+    if not skip:
+        more = f"; also {', '.join(entry.where for _, entry in bad[1:6])}" if len(bad) > 1 else ""
+        more += f" and {len(bad) - 6} more" if len(bad) > 6 else ""
+        raise FlowError(f"{named[0]}, while {total - len(bad)} of {total} labels are JSON{more}; fix the "
+                        "label (or set SKIP_NON_JSON_LABELS, --skip-non-json-labels, to leave such rows out)")
+    for split, data in splits.items():
+        kept = [entry for entry in data.entries if entry.label is not None]
+        if not kept:
+            raise FlowError(f"{split}: no row left once labels that are not JSON are left out; fix the labels")
+        data.left_out = [line for line, (of, _) in zip(named, bad) if of == split]
+        data.entries[:] = kept
+    for line in named:
+        print(f"left out: {line}")
+    print(f"labels: {len(bad)} rows whose label is not JSON left out (SKIP_NON_JSON_LABELS)")
+    return named
 
 
 def save_label_schema(schema: dict | None, output_dir: str) -> None:

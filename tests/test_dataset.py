@@ -8,8 +8,9 @@ import pytest
 from PIL import Image
 
 import finetune_paligemma2 as flow
-from paligemma_json.schema import count_non_json_labels
-from helpers import run_script
+from paligemma_json.dataset_report import build_dataset_report, label_tokens
+from paligemma_json.schema import check_json_labels, count_non_json_labels
+from helpers import run_flow, run_script
 
 
 def rewrite_line(path, number, text):
@@ -98,12 +99,52 @@ def test_empty_split_is_named(export):
         flow.load_splits(export, prompt="")
 
 
-def test_non_json_labels_are_counted_not_refused(export):
-    annotations = os.path.join(export, "valid", "annotations.jsonl")
-    row = first_row(annotations)
-    rewrite_line(annotations, 1, json.dumps({**row, "suffix": "a caption, not JSON"}))
+def break_two_labels(export) -> tuple[str, str]:
+    """valid's line 1 a caption, test's line 3 a JSON string: two broken labels among 190 JSON ones."""
+    valid, test = (os.path.join(export, split, "annotations.jsonl") for split in ("valid", "test"))
+    rewrite_line(valid, 1, json.dumps({**first_row(valid), "suffix": "a caption, not JSON"}))
+    row = json.loads(open(test).read().splitlines()[2])
+    rewrite_line(test, 3, json.dumps({**row, "suffix": '"7"'}))
+    return valid, test
+
+
+def test_a_label_that_is_not_json_among_json_ones_stops_the_run_naming_each(export, tmp_path, monkeypatch):
+    """Through the flow, at step 3, before any model loads (the model path does not exist)."""
+    valid, test = break_two_labels(export)
+    with pytest.raises(flow.FlowError) as stopped:
+        run_flow(monkeypatch, "--dataset-dir", export, "--model-id", str(tmp_path / "no-model"),
+                 "--output-dir", str(tmp_path / "out"))
+    assert str(stopped.value) == (
+        f"{valid} line 1: the label is not valid JSON (expecting value at column 1), while 188 of 190 labels are "
+        f"JSON; also {test} line 3; fix the label (or set SKIP_NON_JSON_LABELS, --skip-non-json-labels, to leave "
+        "such rows out)")
+
+
+def test_a_setting_leaves_such_rows_out_named_and_counted(export, processor, capsys):
+    valid, test = break_two_labels(export)
     splits = flow.load_splits(export, prompt="")
-    assert count_non_json_labels(splits["valid"]) == 1
+    left_out = check_json_labels(splits, skip=True)
+    assert left_out == [f"{valid} line 1: the label is not valid JSON (expecting value at column 1)",
+                        f"{test} line 3: the label is a JSON string, not an object or array"]
+    assert [len(splits[split]) for split in flow.SPLITS] == [150, 15, 23]
+    assert all(entry.label is not None for data in splits.values() for entry in data.entries)
+    printed = capsys.readouterr().out
+    assert f"left out: {left_out[1]}" in printed and "labels: 2 rows whose label is not JSON left out" in printed
+    report = build_dataset_report(splits, label_tokens(splits, processor.tokenizer), max_new_tokens=400)
+    assert report["labels_left_out"] == {"train": [], "valid": left_out[:1], "test": left_out[1:]}
+    assert report["json_rows"] == 188
+
+
+def test_labels_mostly_not_json_train_as_they_are(export, capsys):
+    for split in flow.SPLITS:
+        path = os.path.join(export, split, "annotations.jsonl")
+        rows = [json.loads(line) for line in open(path)]
+        open(path, "w").writelines(json.dumps({**row, "suffix": "a caption"} if index % 2 else row) + "\n"
+                                   for index, row in enumerate(rows))
+    splits = flow.load_splits(export, prompt="")
+    assert check_json_labels(splits, skip=False) == []  # exactly half are captions: not "more than half JSON"
+    assert count_non_json_labels(splits["train"]) == 75
+    assert "warning: 95 labels are not JSON" in capsys.readouterr().out
 
 
 def test_broken_dataset_stops_the_script_in_one_line(export, tmp_path):

@@ -60,3 +60,20 @@ def test_a_gated_id_is_caught_before_loading(monkeypatch):
 def test_a_local_folder_never_asks_the_hub(demo_assets, monkeypatch):
     monkeypatch.setattr(HfApi, "model_info", lambda *a, **k: pytest.fail("asked the Hub"))
     assert hub.cache_only_for(demo_assets[1]) is False
+
+
+@pytest.mark.parametrize("model_id", ["./typo/model", "/nonexistent/model"])
+def test_a_mistyped_local_path_is_one_line_online_and_offline(monkeypatch, model_id):
+    """Offline (as the tests run) the loader names it; online the Hub check would, before any request.
+    Without the check, huggingface_hub's HFValidationError came two tracebacks deep by either route."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import validate_repo_id
+    expected = f"no model folder at {model_id}, and it is not a Hub id (owner/name); check --model-id"
+    with pytest.raises(flow.FlowError) as offline:
+        flow.load_processor(model_id)
+    assert str(offline.value) == expected
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(HfApi, "model_info", lambda self, repo_id, timeout=None: validate_repo_id(repo_id))  # as the real one
+    with pytest.raises(flow.FlowError) as online:
+        hub.cache_only_for(model_id)
+    assert str(online.value) == expected

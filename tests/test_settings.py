@@ -239,6 +239,26 @@ def test_resume_keeps_the_earlier_run(tmp_path):
     assert sorted(os.listdir(output_dir)) == ["checkpoint-10", "final", "metrics.json", "notes.txt"]
 
 
+@pytest.mark.parametrize("folder", ["empty", "mistyped"])
+def test_resume_where_no_run_is_refused_in_one_line(tmp_path, folder):
+    """Hours of training from the start on a GPU is no answer to a typo: refused before anything loads."""
+    output_dir = tmp_path / folder
+    if folder == "empty":
+        output_dir.mkdir()
+    with pytest.raises(flow.FlowError) as refused:
+        plan_run({**flow.DEFAULTS, "OUTPUT_DIR": str(output_dir), "RESUME": True})
+    assert str(refused.value) == (f"{output_dir}: no run of this script to resume there (no run_settings.json, "
+                                  "checkpoint or final/); check --output-dir, or drop --resume to start a new run")
+    assert not output_dir.exists() or not os.listdir(output_dir)
+
+
+def test_resume_of_a_run_cut_before_its_first_checkpoint_starts_again_saying_so(tmp_path, capsys):
+    (tmp_path / "run_settings.json").write_text("{}")
+    run = plan_run({**flow.DEFAULTS, "OUTPUT_DIR": str(tmp_path), "RESUME": True})
+    assert run.resume_checkpoint is None and not run.training_done
+    assert "resume: no checkpoint yet; training from the start" in capsys.readouterr().out
+
+
 def test_newest_checkpoint_skips_one_cut_off_while_saving(tmp_path):
     for step, complete in [(8, True), (16, True), (24, False)]:
         (tmp_path / f"checkpoint-{step}").mkdir()
