@@ -619,7 +619,8 @@ if __name__ == "__main__" and run.mode == "train":
         if torch.cuda.is_available():  # model FLOPs per second over this card's peak: paligemma_json/speed.py
             print(mfu_report(model.config, tokens_per_second, samples_per_second, USE_LORA, FREEZE_VISION,
                              run.processes, torch.cuda.get_device_name(), torch_dtype,
-                             sum(data.label_tokens["train"]) / len(train_dataset)))  # where the LM head runs
+                             sum(data.label_tokens["train"]) / len(train_dataset),  # where the LM head runs
+                             LORA_RANK, LORA_TARGET_MODULES))
         draw_training_curves(trainer.state.log_history, os.path.join(OUTPUT_DIR, "training_curves.png"),
                              trainer.state.best_global_step)
         print(f"saved: {final_dir}, {os.path.join(OUTPUT_DIR, 'training_curves.png')}")

@@ -220,12 +220,14 @@ def speed(config, inputs: dict, step_s: float, use_lora: bool) -> dict:
     """Tokens/s and MFU of the timed steps: every token is real (the synthetic batch has no padding)."""
     batch, tokens = inputs["input_ids"].shape
     head_positions = inputs["logits_to_keep"].shape[1]  # the label-only loss's, per sample
+    import finetune_paligemma2 as flow  # the adapters real_width.load gave the model
     peak = peak_flops(torch.cuda.get_device_name(), torch.bfloat16) if CUDA else None
     result = {"tokens_per_s": batch * tokens / step_s, "samples_per_s": batch / step_s,
               "lm_head_positions": head_positions, "peak_flops": peak}
     if peak is not None:
         result["mfu"] = mfu(config, result["tokens_per_s"], result["samples_per_s"], use_lora, freeze_vision=False,
-                            peak_flops=peak, lm_head_positions=head_positions)
+                            peak_flops=peak, lm_head_positions=head_positions, lora_rank=flow.LORA_RANK,
+                            lora_targets=flow.LORA_TARGET_MODULES)
     return result
 
 
