@@ -65,7 +65,7 @@ LORA_TARGET_MODULES = ["q_proj", "o_proj", "k_proj", "v_proj", "gate_proj", "up_
 # images, lr 2e-5). The tutorial's 3 epochs at an effective batch of 48 give only ~9 steps here.
 EPOCHS = 20.0  # passes over the training split; a fraction (2.5) stops part-way through the last
 MAX_STEPS = -1  # > 0 stops after this many optimizer steps (short runs, smoke tests)
-BATCH_SIZE = 2  # images per device per step
+BATCH_SIZE = 2  # images per device per step; 0: the largest that fits the card, keeping 2 x GRAD_ACCUM a step
 GRAD_ACCUM = 4  # batches per optimizer step: BATCH_SIZE × GRAD_ACCUM = effective batch 8
 GRADIENT_CHECKPOINTING = False  # recompute activations in the backward: less memory, ~30% slower steps (BENCHMARKS.md)
 LEARNING_RATE = 2e-5  # the measured run's; the tutorial's 5e-5 saw ~9 steps
@@ -242,7 +242,7 @@ from paligemma_json.devices import model_device_map, place_whole_copy, training_
 from paligemma_json.distributed import loading_device_map, prepare_fsdp_loading
 from paligemma_json.hub import cache_only_for, hub_load
 from paligemma_json.lora import adapter_base, lora_target_modules  # SigLIP has q/k/v_proj too: frozen, it gets none
-from paligemma_json.memory import check_fit, training_setting  # on a GPU: will it fit? (a CPU-derived estimate)
+from paligemma_json.memory import check_fit, largest_fitting_batch, training_setting  # on a GPU: will it fit?
 from paligemma_json.training import count_parameters, enable_gradient_checkpointing
 
 
@@ -324,6 +324,9 @@ if __name__ == "__main__" and run.mode == "train":
     if run.training_done:
         model = load_trained_model(os.path.join(OUTPUT_DIR, "final"), torch_dtype, USE_QLORA)
     else:
+        if BATCH_SIZE == 0:  # the largest micro-batch that fits this card, at 2 x GRAD_ACCUM images a step
+            settings.update(largest_fitting_batch(MODEL_ID, data.settings, torch_dtype, cache_only))
+            data.settings.update(BATCH_SIZE=settings["BATCH_SIZE"], GRAD_ACCUM=settings["GRAD_ACCUM"])
         if run.writes:  # before anything big loads; it warns and goes on
             check_fit(MODEL_ID, training_setting(data.settings, torch_dtype), cache_only=cache_only)
         model = load_model(MODEL_ID, USE_LORA, USE_QLORA, FREEZE_VISION, LORA_RANK, LORA_TARGET_MODULES,

@@ -214,5 +214,5 @@ def plan_run(settings: dict) -> RunPlan:
     inputs = [] if demo else [settings["DATASET_DIR"], settings["MODEL_ID"]]
     inputs += [settings["SCHEMA"], settings["CORRECTIONS"]]
     return RunPlan(mode, output_dir, launch, resume, settings["OVERWRITE"], demo, training_done, checkpoint,
-                   settings["BATCH_SIZE"] * settings["GRAD_ACCUM"] * launch.processes,
+                   (settings["BATCH_SIZE"] or 2) * settings["GRAD_ACCUM"] * launch.processes,  # 0: step 4 keeps 2's
                    reads=tuple(path for path in inputs if path))

@@ -227,3 +227,75 @@ def test_the_check_stays_quiet_without_a_gpu_and_skips_an_unreadable_config(monk
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     memory.check_fit("no-such/model", training_setting(RUN, torch.bfloat16), cache_only=True)
     assert capsys.readouterr().out.startswith("memory: check skipped, no config for no-such/model")
+
+
+def stand_in_card(monkeypatch, name: str, total_gib: float, capability: tuple, px: int = 448) -> None:
+    """A card of `total_gib` whose every model id resolves to the real 3B config at `px`."""
+    import transformers
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device=None: type("Properties", (), {"total_memory": int(total_gib * GIB)})())
+    monkeypatch.setattr(transformers.PaliGemmaConfig, "from_pretrained",
+                        classmethod(lambda cls, *args, **kwargs: paligemma2_config("3b", px)))
+
+
+@pytest.mark.parametrize("card, total_gib, capability, dtype", [
+    ("Tesla T4", 15.0, (7, 5), torch.float32), ("NVIDIA A100-SXM4-40GB", 39.4, (8, 0), torch.bfloat16),
+    ("NVIDIA H100 80GB HBM3", 79.2, (9, 0), torch.bfloat16)])
+def test_batch_size_0_takes_the_largest_that_fits_and_keeps_the_effective_batch(monkeypatch, capsys, card,
+                                                                                total_gib, capability, dtype):
+    """The 3B at 448 px under LoRA, the label-only loss, 150 label tokens: the chosen micro-batch times its
+    accumulation is 2 x GRAD_ACCUM; its estimate with the margin fits the card less the CUDA context, and
+    the next larger divisor's does not."""
+    stand_in_card(monkeypatch, card, total_gib, capability)
+    run = {**RUN, "BATCH_SIZE": 0, "FREEZE_VISION": False, "GRADIENT_CHECKPOINTING": False,
+           "LORA_TARGET_MODULES": ["q_proj", "o_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"],
+           "LORA_RANK": 8}
+    chosen = memory.largest_fitting_batch("any/model", run, dtype)
+    assert chosen["BATCH_SIZE"] * chosen["GRAD_ACCUM"] == 8
+    usable = total_gib * GIB - memory.CUDA_CONTEXT_BYTES
+    arch = architecture(paligemma2_config("3b", 448))
+
+    def needs(size):
+        return estimate(arch, training_setting({**run, "BATCH_SIZE": size, "GRAD_ACCUM": 8 // size}, dtype)).total * 1.1
+    larger = [size for size in (1, 2, 4, 8) if size > chosen["BATCH_SIZE"]]
+    assert chosen["BATCH_SIZE"] == 1 or needs(chosen["BATCH_SIZE"]) <= usable
+    assert not larger or needs(larger[0]) > usable
+    assert f"batch: {chosen['BATCH_SIZE']} x accumulation {chosen['GRAD_ACCUM']} = 8" in capsys.readouterr().out
+    if card.startswith("NVIDIA H100"):
+        assert chosen["BATCH_SIZE"] >= 4  # docs/gpu-memory.md: more than 2 images a step fit an 80 GB card
+    if card == "Tesla T4":
+        assert chosen["BATCH_SIZE"] == 1  # fp32 at 448 px: not even 2 fit 15 GiB
+
+
+def test_batch_size_0_is_2_on_a_cpu_said(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert memory.largest_fitting_batch("any/model", {**RUN, "BATCH_SIZE": 0, "GRAD_ACCUM": 3}, torch.float32) == {
+        "BATCH_SIZE": 2, "GRAD_ACCUM": 3}
+    assert capsys.readouterr().out == "batch: BATCH_SIZE 0 is 2 on a CPU, where no card bounds it: 2 x accumulation 3 = 6\n"
+
+
+def test_the_script_resolves_batch_size_0_before_the_fit_check_and_the_model(monkeypatch, capsys, demo_assets,
+                                                                             small_export, tmp_path):
+    """On a stand-in H100 with the real 3B-448 config: step 4 picks the batch, then the fit check
+    estimates that batch, then the model loads."""
+    import transformers
+    from transformers import Trainer, TrainingArguments  # noqa: F401  imported before CUDA is stood in for
+
+    import finetune_paligemma2  # noqa: F401
+
+    class Stop(Exception):
+        pass
+    stand_in_card(monkeypatch, "NVIDIA H100 80GB HBM3", 79.2, (9, 0))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(78 * GIB), int(79.2 * GIB)))
+    monkeypatch.setattr(transformers.PaliGemmaForConditionalGeneration, "from_pretrained",
+                        lambda *args, **kwargs: (_ for _ in ()).throw(Stop()))
+    with pytest.raises(Stop):
+        run_flow(monkeypatch, "--dataset-dir", small_export, "--model-id", demo_assets[1], "--output-dir",
+                 str(tmp_path / "out"), "--max-new-tokens", "150", "--no-dataset-report", "--batch-size", "0")
+    printed = capsys.readouterr().out
+    assert "effective batch: 8 (" in printed
+    picked = printed.index("batch: 4 x accumulation 2 = 8, the largest that fits")
+    assert picked < printed.index("memory: estimated peak") and "for LoRA, bf16, batch 4," in printed
