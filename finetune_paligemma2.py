@@ -67,6 +67,7 @@ EPOCHS = 20.0  # passes over the training split; a fraction (2.5) stops part-way
 MAX_STEPS = -1  # > 0 stops after this many optimizer steps (short runs, smoke tests)
 BATCH_SIZE = 2  # images per device per step; 0: the largest that fits the card, keeping 2 x GRAD_ACCUM a step
 GRAD_ACCUM = 4  # batches per optimizer step: BATCH_SIZE × GRAD_ACCUM = effective batch 8
+COMPILE_TRAINING = False  # torch.compile the step, batches padded to a few lengths; off until a GPU shows it faster
 GRADIENT_CHECKPOINTING = False  # recompute activations in the backward: less memory, ~30% slower steps (BENCHMARKS.md)
 LEARNING_RATE = 2e-5  # the measured run's; the tutorial's 5e-5 saw ~9 steps
 LR_SCHEDULER = "linear"  # any transformers scheduler name
@@ -348,7 +349,8 @@ if __name__ == "__main__" and run.mode == "train":
 from paligemma_json.training import label_only_inputs
 
 
-def collate_fn(batch, processor, dtype: torch.dtype, with_labels: bool = True):
+def collate_fn(batch, processor, dtype: torch.dtype, with_labels: bool = True, pad_multiple: int = 1):
+    """`pad_multiple`: lengths padded to a multiple of it, so a compiled step sees a few shapes, not one a batch."""
     images, entries = zip(*batch)
     inputs = processor(
         text=["<image>" + entry["prefix"] for entry in entries],
@@ -356,12 +358,13 @@ def collate_fn(batch, processor, dtype: torch.dtype, with_labels: bool = True):
         suffix=[entry["suffix"] for entry in entries] if with_labels else None,
         return_tensors="pt",
         padding="longest",  # never truncate: a cut label loses its EOS
+        pad_to_multiple_of=pad_multiple,
     )
     inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
     if not with_labels:
         inputs.pop("labels", None)  # the processor adds all -100 labels even without a suffix
     else:  # logits and loss on the label positions only: paligemma_json/training.py
-        inputs.update(label_only_inputs(inputs["labels"]))
+        inputs.update(label_only_inputs(inputs["labels"], pad_multiple))
     return inputs
 
 
@@ -497,7 +500,7 @@ from paligemma_json.pictures import draw_training_curves
 from paligemma_json.plan import RunPlan
 from paligemma_json.speed import mfu_report
 from paligemma_json.tracking import trackers
-from paligemma_json.training import ExtractionTrainer, early_stopping  # validation scored by what it extracts
+from paligemma_json.training import STEADY_MULTIPLE, ExtractionTrainer, early_stopping  # scored by what it extracts
 
 
 def training_arguments(output_dir: str, generation: GenerationSettings, settings: dict) -> TrainingArguments:
@@ -532,6 +535,7 @@ def training_arguments(output_dir: str, generation: GenerationSettings, settings
         ddp_find_unused_parameters=False,  # every trained weight gets a gradient: skip DDP's search
         use_cpu=not torch.cuda.is_available(),  # else torchrun on CPUs runs N separate, unsynced trainings
         dataloader_pin_memory=torch.cuda.is_available(),
+        torch_compile=settings["COMPILE_TRAINING"],
         seed=settings["SEED"],
     )
 
@@ -546,7 +550,9 @@ def build_trainer(model, processor, train_dataset, valid_dataset, generation: Ge
         train_dataset=train_dataset,
         eval_dataset=valid_dataset,
         processing_class=processor,  # saved into every checkpoint, so each one loads on its own
-        data_collator=functools.partial(collate_fn, processor=processor, dtype=generation.dtype),
+        # Compiled, each batch padded to a multiple of STEADY_MULTIPLE tokens: a few shapes, a few compilations.
+        data_collator=functools.partial(collate_fn, processor=processor, dtype=generation.dtype,
+                                        pad_multiple=STEADY_MULTIPLE if arguments.torch_compile else 1),
         # Free decoding: the raw model's learning signal, which a constraint would hide.
         predict_rows=functools.partial(predict_rows, generation=generation, with_confidence=False),
         callbacks=early_stopping(early_stopping_patience),  # on validation field F1
