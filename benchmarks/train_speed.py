@@ -43,7 +43,7 @@ def measure(request: dict) -> dict:
     model = flow.PaliGemmaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32)
     processor = flow.load_processor(model_dir)
     generation = flow.GenerationSettings(torch.float32, 16, 1, 8)
-    arguments = flow.training_arguments(os.path.join(request["work_dir"], f"run-{request['compiled']}"), generation, {
+    arguments = flow.training_arguments(os.path.join(request["work_dir"], f"run-{request['lever']}"), generation, {
         **flow.DEFAULTS, "MAX_STEPS": STEPS, "BATCH_SIZE": 8, "GRAD_ACCUM": 1, "LEARNING_RATE": 2e-3,
         "WARMUP_STEPS": 0, "SAVE_STEPS": 10 * STEPS, "LOGGING_STEPS": 1, "REPORT_TO": ["none"], "SEED": 3})
     compiled, steady = "compiled" in request["lever"], "steady" in request["lever"]

@@ -274,7 +274,8 @@ def test_batch_size_0_is_2_on_a_cpu_said(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert memory.largest_fitting_batch("any/model", {**RUN, "BATCH_SIZE": 0, "GRAD_ACCUM": 3}, torch.float32) == {
         "BATCH_SIZE": 2, "GRAD_ACCUM": 3}
-    assert capsys.readouterr().out == "batch: BATCH_SIZE 0 is 2 on a CPU, where no card bounds it: 2 x accumulation 3 = 6\n"
+    assert capsys.readouterr().out == ("batch: BATCH_SIZE 0 is 2 on a CPU, where no card bounds it: "
+                                       "2 x accumulation 3 = 6\n")
 
 
 def test_the_script_resolves_batch_size_0_before_the_fit_check_and_the_model(monkeypatch, capsys, demo_assets,

@@ -86,6 +86,32 @@ def test_label_only_inputs_also_hold_for_right_padding():
     assert none["logits_to_keep"].shape == (2, 1) and (none["shift_labels"] == -100).all()
 
 
+def test_steady_shapes_pad_to_a_few_lengths_with_the_same_loss_and_gradients(demo_assets, processor, splits):
+    """COMPILE_TRAINING's padding: every length a multiple of STEADY_MULTIPLE, the label span too, and the
+    step's loss and gradients those of the batch padded to its own longest row (padding scores nothing and
+    is never attended to)."""
+    rows = [splits["train"][i] for i in range(4)]
+    plain = flow.collate_fn(rows, processor, torch.float32)
+    steady = flow.collate_fn(rows, processor, torch.float32, pad_multiple=flow.STEADY_MULTIPLE)
+    assert steady["input_ids"].shape[1] % flow.STEADY_MULTIPLE == 0
+    assert steady["input_ids"].shape[1] > plain["input_ids"].shape[1]
+    assert steady["logits_to_keep"].shape[1] % flow.STEADY_MULTIPLE == 0
+    assert torch.equal(steady["labels"][:, -plain["labels"].shape[1]:], plain["labels"])
+    results = []
+    for batch in (plain, steady):
+        model = load(demo_assets, "lora")
+        loss = model(**batch).loss
+        loss.backward()
+        results.append((float(loss.detach()), trained_gradients(model)))
+    assert results[1][0] == pytest.approx(results[0][0], rel=1e-5)
+    assert_gradients_equal(results[0][1], results[1][1])
+    pairs = [[splits["train"][i], splits["train"][i + 1]] for i in range(0, 40, 2)]
+    own = {flow.collate_fn(pair, processor, torch.float32)["input_ids"].shape[1] for pair in pairs}
+    padded = {flow.collate_fn(pair, processor, torch.float32, pad_multiple=flow.STEADY_MULTIPLE)["input_ids"].shape[1]
+              for pair in pairs}
+    assert len(own) > 10 and len(padded) <= 2  # the demo's first 20 batches of two: 14 lengths, then 2
+
+
 @pytest.mark.parametrize("mode", ["full", "lora"])
 def test_label_only_loss_and_gradients_equal_the_full_logits_ones(demo_assets, processor, splits, mode):
     batch = flow.collate_fn([splits["train"][i] for i in range(4)], processor, torch.float32)
