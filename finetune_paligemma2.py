@@ -67,6 +67,7 @@ EPOCHS = 20.0  # passes over the training split; a fraction (2.5) stops part-way
 MAX_STEPS = -1  # > 0 stops after this many optimizer steps (short runs, smoke tests)
 BATCH_SIZE = 2  # images per device per step; 0: the largest that fits the card, keeping 2 x GRAD_ACCUM a step
 GRAD_ACCUM = 4  # batches per optimizer step: BATCH_SIZE × GRAD_ACCUM = effective batch 8
+FLEX_ATTENTION = False  # on CUDA, Gemma 2 through flex_attention; off until a GPU shows it faster
 COMPILE_TRAINING = False  # torch.compile the step, batches padded to a few lengths; off until a GPU shows it faster
 GRADIENT_CHECKPOINTING = False  # recompute activations in the backward: less memory, ~30% slower steps (BENCHMARKS.md)
 LEARNING_RATE = 2e-5  # the measured run's; the tutorial's 5e-5 saw ~9 steps
@@ -219,11 +220,12 @@ if __name__ == "__main__" and run.mode == "train":
 # %% [markdown]
 # ## 4. Load PaliGemma 2 with LoRA, QLoRA or a frozen vision tower
 # bf16 where the GPU has it natively, else fp32 (Gemma 2 overflows in fp16). A 4-bit model is placed by
-# loading, never moved with `.to()`. No attention argument: Gemma 2 gets `eager` (its soft-capping has no
-# SDPA path), SigLIP `sdpa`. Before the model loads: the data checked with its tokenizer (label lengths,
-# the generation budget, a `--resume` against the run it continues, and the dataset report in
-# `OUTPUT_DIR/dataset_report.json`: image sizes, field fill rates, leaks between splits), then on a GPU
-# the estimated peak memory against the card's (docs/gpu-memory.md, "Will it fit on my GPU?").
+# loading, never moved with `.to()`. Gemma 2 gets `eager` (its soft-capping has no SDPA path; on CUDA
+# `FLEX_ATTENTION` offers flex_attention), SigLIP `sdpa`. Before the model loads: the data checked
+# with its tokenizer (label lengths, the generation budget, a `--resume` against the run it continues,
+# and the dataset report in `OUTPUT_DIR/dataset_report.json`: image sizes, field fill rates, leaks
+# between splits), then on a GPU the estimated peak memory against the card's (docs/gpu-memory.md,
+# "Will it fit on my GPU?"); with `BATCH_SIZE = 0`, the largest micro-batch that fits.
 
 # %%
 import logging
@@ -239,7 +241,8 @@ from transformers import (BitsAndBytesConfig, PaliGemmaConfig, PaliGemmaForCondi
 
 from paligemma_json import import_or_stop  # a library that cannot load: one line, with what to do
 from paligemma_json.dataset_report import check_data  # the data's checks that need the tokenizer
-from paligemma_json.devices import model_device_map, place_whole_copy, training_dtype  # bf16 from 8.0, else fp32
+from paligemma_json.devices import (attention_implementation, model_device_map, place_whole_copy,
+                                    training_dtype)  # bf16 from 8.0, else fp32
 from paligemma_json.distributed import loading_device_map, prepare_fsdp_loading
 from paligemma_json.hub import cache_only_for, hub_load
 from paligemma_json.lora import adapter_base, lora_target_modules  # SigLIP has q/k/v_proj too: frozen, it gets none
@@ -279,7 +282,8 @@ def load_processor(model_id: str, cache_only: bool = False) -> PaliGemmaProcesso
 
 
 def load_model(model_id: str, use_lora: bool, use_qlora: bool, freeze_vision: bool, lora_rank: int,
-               lora_targets: list[str], dtype: torch.dtype, cache_only: bool = False, checkpoint: str | None = None):
+               lora_targets: list[str], dtype: torch.dtype, cache_only: bool = False, checkpoint: str | None = None,
+               flex_attention: bool = False):
     """`checkpoint`: a full fine-tune resumes from its weights, loaded here (`load_best_checkpoint` says
     why); adapters the Trainer restores."""
     # A full fine-tune keeps fp32 weights (bf16 runs as autocast): AdamW steps of ~1e-5 are below
@@ -289,7 +293,8 @@ def load_model(model_id: str, use_lora: bool, use_qlora: bool, freeze_vision: bo
                      checkpoint if checkpoint and not use_lora else model_id,
                      dtype=dtype if use_lora or use_qlora else torch.float32, use_safetensors=True,
                      device_map=loading_device_map(model_device_map()), local_files_only=cache_only,
-                     quantization_config=quantization_config(dtype) if use_qlora else None)
+                     quantization_config=quantization_config(dtype) if use_qlora else None,
+                     attn_implementation=attention_implementation(flex_attention))
     if use_qlora and not torch.cuda.is_available():
         keep_4bit_layers_unpacked(model)
     if freeze_vision:
@@ -331,7 +336,7 @@ if __name__ == "__main__" and run.mode == "train":
         if run.writes:  # before anything big loads; it warns and goes on
             check_fit(MODEL_ID, training_setting(data.settings, torch_dtype), cache_only=cache_only)
         model = load_model(MODEL_ID, USE_LORA, USE_QLORA, FREEZE_VISION, LORA_RANK, LORA_TARGET_MODULES,
-                           torch_dtype, cache_only, checkpoint=run.resume_checkpoint)
+                           torch_dtype, cache_only, checkpoint=run.resume_checkpoint, flex_attention=FLEX_ATTENTION)
         if GRADIENT_CHECKPOINTING:  # here, not in TrainingArguments: see enable_gradient_checkpointing
             enable_gradient_checkpointing(model)
     trainable, total = count_parameters(model)

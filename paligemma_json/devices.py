@@ -29,6 +29,20 @@ def native_bf16() -> bool:
     return torch.cuda.is_available() and has_native_bf16(torch.cuda.get_device_capability())
 
 
+def attention_implementation(flex_attention: bool) -> dict | None:
+    """FLEX_ATTENTION: Gemma 2's attention through flex_attention, which does its soft-cap and
+    PaliGemma's bidirectional prefix (sdpa refuses the soft-cap, FlashAttention the prefix); SigLIP keeps
+    sdpa. CUDA only: on a CPU flex_attention has no backward, so the text tower stays eager, said. None:
+    transformers' own choice, eager for Gemma 2."""
+    if not flex_attention:
+        return None
+    if not torch.cuda.is_available():
+        print("attention: FLEX_ATTENTION is for CUDA (flex_attention has no backward on a CPU): eager here")
+        return None
+    print("attention: Gemma 2 through flex_attention (FLEX_ATTENTION), SigLIP through sdpa")
+    return {"text_config": "flex_attention", "vision_config": "sdpa", "": "eager"}
+
+
 def training_dtype() -> torch.dtype:
     if native_bf16():
         return torch.bfloat16

@@ -121,3 +121,47 @@ def test_resume_with_the_gpus_optimizer_and_autocast_repeats_the_losses(demo_ass
     # Step 4's loss follows step 3's update, which AdamW's restored moments shape.
     assert [step for step, _ in resumed] == [1, 2, 3, 4]
     assert [loss for _, loss in resumed] == pytest.approx([loss for _, loss in straight], rel=1e-4)
+
+
+# --- flex_attention (FLEX_ATTENTION) --------------------------------------------------------------
+
+def test_flex_attention_is_asked_for_on_cuda_only_said_once_each(monkeypatch, capsys):
+    from paligemma_json.devices import attention_implementation
+    assert attention_implementation(False) is None
+    assert attention_implementation(True) is None  # a CPU: eager, said
+    assert "FLEX_ATTENTION is for CUDA" in capsys.readouterr().out
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert attention_implementation(True) == {"text_config": "flex_attention", "vision_config": "sdpa", "": "eager"}
+
+
+@pytest.mark.slow  # flex_attention's kernels compile for minutes on a CPU
+def test_flex_attentions_logits_equal_eagers_with_softcap_left_padding_and_the_prefix(demo_assets, processor, splits):
+    """What can be checked without a GPU: the forward. The demo's tiny model with Gemma 2's soft-caps
+    turned on, low enough (1 and 5, where the 3B has 50 and 30) to bite at its random weights, a
+    left-padded batch of three whose image and prompt attend both ways (token_type_ids), loaded with each
+    implementation from the same weights. Its backward raises on a CPU ("FlexAttention does not support
+    backward on CPU"): loss and gradients are the GPU check's."""
+    from transformers import PaliGemmaConfig
+
+    from paligemma_json.training import without_label_only
+
+    config = PaliGemmaConfig.from_pretrained(demo_assets[1])
+    config.text_config.attn_logit_softcapping, config.text_config.final_logit_softcapping = 1.0, 5.0
+    batch = without_label_only(flow.collate_fn([splits["train"][i] for i in range(3)], processor, torch.float32))
+    assert (batch["attention_mask"] == 0).any() and (batch["token_type_ids"] == 0).any()  # padded, with a prefix
+    logits = {}
+    for flex in (False, True):
+        monkeypatch = pytest.MonkeyPatch()
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: flex)  # attention_implementation's CUDA gate
+        implementation = flow.attention_implementation(flex)
+        monkeypatch.undo()
+        model = flow.PaliGemmaForConditionalGeneration.from_pretrained(
+            demo_assets[1], config=config, dtype=torch.float32, attn_implementation=implementation).eval()
+        assert model.config.text_config._attn_implementation == ("flex_attention" if flex else "eager")
+        with torch.no_grad():
+            logits[flex] = model(**batch).logits
+    real = batch["attention_mask"].bool()
+    assert torch.allclose(logits[True][real], logits[False][real], atol=1e-5)
+    uncapped = flow.PaliGemmaForConditionalGeneration.from_pretrained(demo_assets[1], dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert (uncapped(**batch).logits[real] - logits[False][real]).abs().max() > 1e-2  # the caps bite
