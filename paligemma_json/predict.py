@@ -239,7 +239,7 @@ class Backlog:
     def say(self, resume: bool, cut_off: bool) -> None:
         if self.continuing:
             torn = f"; a torn last line dropped ({len(self.torn)} part{'s' * (len(self.torn) > 1)})" if self.torn else ""
-            gone = f"; {self.gone} rows of images no longer in the folder dropped" if self.gone else ""
+            gone = f"; {self.gone} rows of images gone or changed dropped" if self.gone else ""
             print(f"resume: kept {self.kept} rows, predicting {len(self.todo)} ({self.partial}{torn}{gone})")
         elif resume:
             print(f"resume: nothing to continue in {self.partial}; predicting every image from the beginning")
