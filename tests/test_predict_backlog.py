@@ -143,6 +143,22 @@ def test_resume_with_nothing_to_continue_predicts_from_the_beginning(final_run, 
     assert "resume: nothing to continue in" in capsys.readouterr().out
 
 
+def test_without_resume_a_cut_off_partial_is_discarded(final_run, tmp_path, capsys):
+    """A row the cut-off run left, with the very settings of this run, is predicted again all the same."""
+    folder = tmp_path / "images"
+    write_images(folder, image_names(2))
+    partial = os.path.join(final_run, PARTIAL)
+    os.makedirs(partial)
+    recorded = prediction_settings(os.path.join(final_run, "final"), PROMPT, 6, None, True, 1, False)
+    json.dump(recorded, open(os.path.join(partial, "settings.json"), "w"))
+    left = {"image": "IMG_00000.png", "prediction": "left by the cut-off run", "file_bytes": os.path.getsize(
+        folder / "IMG_00000.png")}
+    open(os.path.join(partial, "part-0000.jsonl"), "w").write(json.dumps(left) + "\n")
+    rows = predict(final_run, folder)
+    assert "predict: starting over; the cut-off" in capsys.readouterr().out
+    assert len(rows) == 2 and rows[0]["prediction"] != left["prediction"]
+
+
 def test_resume_applies_to_the_predict_output_only_and_is_refused_with_evaluate_or_merge(tmp_path, capsys):
     (tmp_path / "final").mkdir()  # a finished run: with --predict, --resume must not mention training
     settings = {**flow.DEFAULTS, "OUTPUT_DIR": str(tmp_path), "RESUME": True}
