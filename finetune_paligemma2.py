@@ -78,7 +78,7 @@ SEED = 42  # fixed before the adapters are created, so runs repeat
 OUTPUT_DIR = "paligemma2_json_extraction"  # checkpoints, final model, predictions, metrics, TensorBoard
 REPORT_TO = ["tensorboard"]  # experiment trackers: wandb, mlflow, trackio..., several, or none; keys: environment only
 OVERWRITE = False  # replace a finished run in OUTPUT_DIR instead of refusing
-RESUME = False  # continue a cut-off run in OUTPUT_DIR: from its newest checkpoint, then missing predictions
+RESUME = False  # continue a cut-off run in OUTPUT_DIR: from its newest checkpoint, then missing predictions; or a --predict
 
 # Inference
 MAX_NEW_TOKENS = 0  # 0: the longest train/valid label in tokens + 25% (printed); the tutorial's 256 cut manifests off
@@ -677,9 +677,11 @@ if __name__ == "__main__" and run.mode == "evaluate":
 # ## 10. Use the trained model: read new documents, export a merged model
 # `--predict PATH` reads an image, or every image in a folder, with `OUTPUT_DIR/final/` into
 # `OUTPUT_DIR/predict.jsonl`: each prediction (held to `final/schema.json` unless `--no-constrained`),
-# whether it parses, and each field's value with its confidence. `--merge` folds a LoRA adapter into its
-# base in fp32 (never 4-bit or bf16, which change or drop the adapter's small changes): `OUTPUT_DIR/merged/`
-# is a standalone model with its processor that `from_pretrained` loads without peft.
+# whether it parses, and each field's value with its confidence. Rows are written batch by batch, so a
+# cut-off run continues with `--resume`; under torchrun each process reads its share. `--merge` folds a
+# LoRA adapter into its base in fp32 (never 4-bit or bf16, which change or drop the adapter's small
+# changes): `OUTPUT_DIR/merged/` is a standalone model with its processor that `from_pretrained` loads
+# without peft.
 
 # %%
 from paligemma_json.confidence import prediction_confidence

@@ -220,9 +220,14 @@ def test_memory_per_document_stays_under_its_bound(tmp_path, capsys):
 
 # --- Slow: a backlog of 2,000 images, and several processes --------------------------------------------------
 
-def script_predict(output_dir, folder, *extra, processes=1, wait=True):
-    launcher = [sys.executable] if processes == 1 else [sys.executable, "-m", "torch.distributed.run",
-                                                        f"--nproc_per_node={processes}", f"--master-port={free_port()}"]
+LAUNCHERS = {"torchrun": ["-m", "torch.distributed.run", "--nproc_per_node=2", "--master-port={port}"],
+             # `--multi_gpu` is accelerate's working two-CPU-process form (tests/test_launchers.py)
+             "accelerate": ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                            "--main_process_port={port}"]}
+
+
+def script_predict(output_dir, folder, *extra, launcher=None, wait=True):
+    launcher = [sys.executable, *(arg.format(port=free_port()) for arg in LAUNCHERS.get(launcher, []))]
     command = [*launcher, SCRIPT, "--output-dir", str(output_dir), "--predict", str(folder), "--max-new-tokens", "4",
                "--eval-batch-size", "8", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -260,7 +265,7 @@ def test_a_2000_image_predict_killed_and_resumed_equals_an_uninterrupted_one(fin
     assert 0 < written < 2000, written
     assert (cut / "predict.jsonl").read_text() == '{"image": "an earlier run"}\n'  # whole until the end
 
-    result = script_predict(cut, folder, "--resume", processes=2)
+    result = script_predict(cut, folder, "--resume", launcher="torchrun")
     kept = int(result.stdout.split("resume: kept ")[1].split(" rows")[0])
     assert written - 1 <= kept <= written and f"predicting {2000 - kept}" in result.stdout
     assert read_jsonl(cut / "predict.jsonl") == expected
@@ -268,15 +273,17 @@ def test_a_2000_image_predict_killed_and_resumed_equals_an_uninterrupted_one(fin
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_give_the_rows_of_one(final_run, tmp_path):
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_two_gloo_processes_give_the_rows_of_one(final_run, tmp_path, launcher):
     folder = tmp_path / "images"
     write_images(folder, image_names(21))
     (folder / "IMG_00005.jpg").write_bytes(b"")  # an unreadable one lands in one process's share
     outputs = []
-    for processes in (1, 2):
-        output = tmp_path / f"out-{processes}"
+    for how in (None, launcher):
+        output = tmp_path / f"out-{how}"
         shutil.copytree(os.path.join(final_run, "final"), output / "final")
-        result = script_predict(output, folder, processes=processes)
+        result = script_predict(output, folder, launcher=how)
         assert "predicted: 22 images" in result.stdout and "1 unreadable" in result.stdout
+        assert f"| {22 if how is None else 11}/{22 if how is None else 11} [" in result.stderr  # the first's share
         outputs.append(read_jsonl(output / "predict.jsonl"))
     assert outputs[0] == outputs[1] and len(outputs[0]) == 22
