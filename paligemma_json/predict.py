@@ -32,7 +32,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
@@ -51,7 +51,7 @@ SETTINGS = "settings.json"
 BUDGET_RECORD = "generation.json"  # in final/: the token budget the run trained and evaluated with
 FALLBACK_BUDGET = 1024  # a final/ saved before it recorded its budget
 FILE_BYTES = "file_bytes"  # in a part's rows only: with `image`, the image's identity
-BYTES_PER_DOCUMENT = 1024  # the bound on what the run keeps per document (measured ~0.5 KB: tests/test_predict_backlog.py)
+BYTES_PER_DOCUMENT = 1024  # the bound on what the run keeps per document (623 B measured: tests/test_predict_backlog.py)
 SAMPLE = 1 << 20  # bytes of a weights file read at its start, middle and end for its fingerprint
 DESCRIBED = {"model": "the model (final/'s weights)", "use_qlora": "the 4-bit base (USE_QLORA)",
              "prompt": "the prompt", "max_new_tokens": "the token budget (MAX_NEW_TOKENS)",
@@ -176,14 +176,13 @@ class Tally:
     kept: int = 0
     said: str = ""
     target: str = ""
-    extra: list = field(default_factory=list)
 
     def add(self, row: dict) -> None:
         self.rows += 1
         self.parsed += bool(row.get("parsed"))
         self.truncated += bool(row.get("truncated"))
         self.unreadable += "unreadable" in row
-        self.unsure += sum(field["confidence"] < self.threshold for field in row.get("confidence") or [])
+        self.unsure += sum(leaf["confidence"] < self.threshold for leaf in row.get("confidence") or [])
 
     def lines(self) -> list[str]:
         rate = self.new / self.seconds if self.seconds else 0.0
