@@ -56,6 +56,7 @@ SAMPLE = 1 << 20  # bytes of a weights file read at its start, middle and end fo
 DESCRIBED = {"model": "the model (final/'s weights)", "use_qlora": "the 4-bit base (USE_QLORA)",
              "prompt": "the prompt", "max_new_tokens": "the token budget (MAX_NEW_TOKENS)",
              "constraint": "the constraint (CONSTRAINED, final/schema.json)", "num_beams": "the beams (NUM_BEAMS)"}
+HASHED = ("model", "constraint")  # named, not quoted: their values are fingerprints
 
 
 def record_budget(final_path: str, max_new_tokens: int) -> None:
@@ -208,11 +209,13 @@ class Backlog:
         recorded = read_saved_json(os.path.join(self.partial, SETTINGS)) if os.path.isdir(self.partial) else None
         self.continuing = resume and recorded is not None
         if self.continuing:
-            changed = [DESCRIBED.get(name, name) for name in sorted(set(settings) | set(recorded))
-                       if settings.get(name) != recorded.get(name)]
+            changed = [DESCRIBED.get(name, name) + ("" if name in HASHED else f" ({recorded.get(name)!r}, now "
+                                                    f"{settings.get(name)!r})")
+                       for name in sorted(set(settings) | set(recorded)) if settings.get(name) != recorded.get(name)]
             if changed:
-                raise FlowError(f"--resume: {self.partial} was predicted with another {', '.join(changed)}: pass "
-                                "the settings it was made with, or run without --resume to predict every image again")
+                raise FlowError(f"--resume: {self.partial} was predicted with other settings; changed: "
+                                f"{', '.join(changed)}. Pass the settings it was made with, or run without --resume "
+                                "to predict every image again")
         self.parts = sorted(name for name in os.listdir(self.partial) if name.startswith("part-")) \
             if self.continuing else []
         done, self.torn = set(), []

@@ -129,11 +129,16 @@ def test_resume_refuses_changed_settings_before_the_model_loads(final_run, tmp_p
     recorded = prediction_settings(os.path.join(final_run, "final"), PROMPT, 6, None, True, 1, False)
     json.dump(recorded, open(os.path.join(partial, "settings.json"), "w"))
     monkeypatch.setattr(flow, "load_trained_model", lambda *args, **kwargs: pytest.fail("the model loaded"))
-    with pytest.raises(FlowError, match=r"another the token budget \(MAX_NEW_TOKENS\): pass the settings"):
+    with pytest.raises(FlowError, match=r"changed: the token budget \(MAX_NEW_TOKENS\) \(6, now 7\)\. Pass the"):
         predict(final_run, folder, resume=True, tokens=7)
-    with pytest.raises(FlowError, match=r"another the prompt: pass"):
+    with pytest.raises(FlowError, match=r"changed: the prompt \('extract data in JSON format', now 'read it'\)\. Pass"):
         predict(final_run, folder, resume=True, prompt="read it")
-    assert os.listdir(partial) == ["settings.json"]  # left as it was, to be resumed with the right settings
+    (tmp_path / "other").mkdir()
+    other = prediction_settings(str(tmp_path / "other"), PROMPT, 6, None, True, 1, False)  # no weights: another model
+    json.dump({**recorded, "model": other["model"]}, open(os.path.join(partial, "settings.json"), "w"))
+    with pytest.raises(FlowError, match=r"changed: the model \(final/'s weights\)\. Pass"):
+        predict(final_run, folder, resume=True)
+    assert os.listdir(partial) == ["settings.json"]  # left there, to be resumed with the right settings
 
 
 def test_resume_with_nothing_to_continue_predicts_from_the_beginning(final_run, tmp_path, capsys):
