@@ -350,7 +350,7 @@ def predict(context: Context) -> dict:
 def decoding(context: Context) -> dict:
     """The decoding issue's test-set row: `--predict` on the demo's 24 test pages with the real-width
     run's adapter at the labels' budget (218 tokens), today's path (`--no-fast-decoding`) and then the
-    fast one, whose wall time includes its compilation. Each run's own "decoded N images in S s" line."""
+    fast one, whose wall time includes its compilation. Each run's own "predicted N images in S s" line."""
     lora_dir = context.needs("lora_dir", "real-width-lora")
     images = test_images(context, "demo_export", "decoding-images", 4 if context.smoke else None)
     figures = {"images": len(os.listdir(images))}
@@ -359,9 +359,10 @@ def decoding(context: Context) -> dict:
                              "8" if context.smoke else "218", "--eval-batch-size", "8", *flags], context,
                             f"decoding-{label}")
         succeeded(result, f"decoding-{label}")
-        decoded = re.search(r"decoded \d+ images in ([\d.]+) s", result["stdout"])
+        # --predict's own line since it streams (issue 33); a per-decoding "decoded" line, where there is one
+        decoded = re.search(r"(?:decoded|predicted) \d+ images in ([\d.]+) s", result["stdout"])
         if decoded is None:
-            raise RuntimeError(f"decoding-{label}: no 'decoded N images in S s' line")
+            raise RuntimeError(f"decoding-{label}: no 'predicted N images in S s' line")
         figures[f"{label}_s"] = float(decoded.group(1))
         fell_back = re.search(r"decoding: .*", result["stdout"])
         if fell_back:

@@ -84,7 +84,9 @@ def check_row(row, image_dir: str, where: str) -> tuple[tuple[int, int], str]:
 
 
 class DocumentImages(Dataset, DocumentDataset):
-    """New documents: an image file, or every image in a folder, each with the prompt and no label."""
+    """New documents: an image file, or every image in a folder (in name order), each with the prompt and
+    no label. Listed, not read: `--predict` reads each image with its batch, and one that cannot be read
+    becomes a row marked unreadable, not a stop (paligemma_json/predict.py)."""
 
     def __init__(self, path: str, prompt: str):
         if os.path.isdir(path):
@@ -98,8 +100,6 @@ class DocumentImages(Dataset, DocumentDataset):
             raise FlowError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
         if not prompt:
             raise FlowError("--predict needs the prompt the model was trained with: pass --prompt")
-        for name in names:
-            check_image(os.path.join(self.image_directory_path, name), path)
         self.entries = [{"image": name, "prefix": prompt, "suffix": ""} for name in names]
 
     def __len__(self) -> int:

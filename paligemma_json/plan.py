@@ -39,6 +39,7 @@ RUN_OUTPUTS = {
     "predictions.png": "derived",
     "report.html": "derived",
     "predict.jsonl": "derived",  # --predict
+    "predict.jsonl.partial": "derived",  # a --predict's rows so far, which --predict --resume continues
     "review.html": "derived",  # --predict's page for checking and correcting it
     "merged": "derived",  # --merge
 }
@@ -195,6 +196,9 @@ def plan_run(settings: dict) -> RunPlan:
     mode = run_mode(settings["EVALUATE"], settings["PREDICT"], settings["MERGE"])
     if resume and settings["OVERWRITE"]:
         raise FlowError("--resume continues the run in OUTPUT_DIR and --overwrite replaces it: pass one")
+    if resume and mode in ("evaluate", "merge"):
+        raise FlowError(f"--resume continues a training run or a cut-off --predict; --{mode} has nothing to "
+                        "continue: drop --resume")
     check_confidence_settings(settings["CONFIDENCE_THRESHOLD"], settings["FLAG_WRONG_SHARE"])
     if mode == "train":  # a tracker that is not installed stops the run now, not after the model has loaded
         check_tracking_settings(settings["REPORT_TO"], settings["EARLY_STOPPING_PATIENCE"])
@@ -202,12 +206,13 @@ def plan_run(settings: dict) -> RunPlan:
     if demo and launch.processes > 1:
         raise FlowError("--demo builds its data in one process: run it once without a launcher, then launch "
                         "with --dataset-dir OUTPUT_DIR/demo-dataset --model-id OUTPUT_DIR/demo-model")
-    if resume and mode == "train" and not present(output_dir, [CHECKPOINT, "final", "run_settings.json"]):
+    resume_training = resume and mode == "train"  # with --predict it continues that alone (paligemma_json/predict.py)
+    if resume_training and not present(output_dir, [CHECKPOINT, "final", "run_settings.json"]):
         raise FlowError(f"{output_dir}: no run of this script to resume there (no run_settings.json, checkpoint or "
                         "final/); check --output-dir, or drop --resume to start a new run")
-    training_done = resume and os.path.isdir(os.path.join(output_dir, "final"))
-    checkpoint = newest_checkpoint(output_dir) if resume and not training_done else None
-    if resume:
+    training_done = resume_training and os.path.isdir(os.path.join(output_dir, "final"))
+    checkpoint = newest_checkpoint(output_dir) if resume_training and not training_done else None
+    if resume_training:
         print("resume: " + ("training finished; predicting what is missing" if training_done
                             else f"training from {checkpoint}" if checkpoint
                             else "no checkpoint yet; training from the start"))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import finetune_paligemma2 as flow
-from helpers import run_flow, short_run_args
+from helpers import read_jsonl, run_flow, short_run_args
 from paligemma_json.json_text import parse_json
 from paligemma_json.metrics import compute_metrics
 
@@ -67,8 +67,8 @@ def test_caption_labels_run_free_and_the_json_metrics_leave_them_out(caption_exp
 
     # --predict with this run's final/, which has no schema.json: free decoding, not an error
     images = os.path.join(caption_export, "test")
-    predicted = flow.predict_documents(str(output_dir), images, PROMPT, flow.GenerationSettings(torch.float32, 400),
-                                       threshold=0.8)
+    predicted = read_jsonl(flow.predict_documents(str(output_dir), images, PROMPT,
+                                                  flow.GenerationSettings(torch.float32, 400), threshold=0.8))
     assert "decoding: free, no schema" in capsys.readouterr().out
     assert [row["image"] for row in predicted] == sorted(row["image"] for row in rows)
     by_image = {row["image"]: row["prediction"] for row in rows}

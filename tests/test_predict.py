@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import finetune_paligemma2 as flow
-from helpers import run_script
+from helpers import read_jsonl, run_script
 from paligemma_json.confidence import calibrate
 from paligemma_json.json_text import parse_json
 from paligemma_json.schema import with_layout
@@ -72,9 +72,9 @@ def test_predict_no_constrained_decodes_free(demo_assets, tmp_path, capsys):
     images = str(images)
 
     def predict(constrained):
-        rows = flow.predict_documents(str(tmp_path), images, "extract data in JSON format",
-                                      flow.GenerationSettings(torch.float32, 30, batch_size=3), constrained=constrained,
-                                      threshold=0.8)
+        rows = read_jsonl(flow.predict_documents(str(tmp_path), images, "extract data in JSON format",
+                                                 flow.GenerationSettings(torch.float32, 30, batch_size=3),
+                                                 constrained=constrained, threshold=0.8))
         return rows, capsys.readouterr().out
     held, printed = predict(True)
     assert "decoding: constrained" in printed and all(row["parsed"] for row in held)

@@ -146,6 +146,7 @@ def test_overwrite_removes_every_output_of_the_run_it_replaces(run, tmp_path):
     old = tmp_path / "old"
     shutil.copytree(run[0], old)
     (old / "predict.jsonl").write_text("{}\n")
+    (old / "predict.jsonl.partial").mkdir()  # a cut-off --predict's rows
     (old / "merged").mkdir()
     (old / "final.tmp").mkdir()  # a write the earlier run was cut off in
     (old / "notes.txt").write_text("the user's own file")
