@@ -34,6 +34,12 @@ if TYPE_CHECKING:  # metrics imports this module: its row type, for the annotati
     from paligemma_json.metrics import ScoredRow
 
 FALLBACK_THRESHOLD = 0.8  # the threshold when none is given, picked or saved
+
+
+def shown(threshold: float) -> str:
+    """A threshold as printed and drawn: 4 significant digits (a picked one is the float just above a
+    wrong field's confidence, 0.13980783571249336). The flags compare the unrounded value."""
+    return f"{threshold:.4g}"
 MINIMUM_WRONG_FIELDS = 5  # fewer wrong validation fields than this say nothing about a share of them
 RECORD_NAME = "confidence.json"
 VALIDATION_PREDICTIONS = "validation_predictions.jsonl"  # in OUTPUT_DIR, beside predictions.jsonl
@@ -242,7 +248,7 @@ def _chosen(setting: float, saved) -> dict:
     looked_in = []
     for folder, record in saved:
         if record is not None:
-            print(f"confidence threshold: {record['threshold']} ({record['source']}), from "
+            print(f"confidence threshold: {shown(record['threshold'])} ({record['source']}), from "
                   f"{os.path.join(folder, RECORD_NAME)}")
             return record
         looked_in.append(folder)
@@ -322,7 +328,7 @@ def training_threshold(setting: float, flag_wrong_share: float, final_dir: str, 
     `path` and returns, with raw confidences. What is newly given or fitted is saved in `final_dir`."""
     saved = read_threshold(final_dir)
     if saved is not None and not setting:
-        print(f"confidence threshold: {saved['threshold']} ({saved['source']}), saved in {final_dir}; reused")
+        print(f"confidence threshold: {shown(saved['threshold'])} ({saved['source']}), saved in {final_dir}; reused")
         return {"temperature": None, **saved}
     if setting:  # the temperature a resumed run's rows were calibrated with, so its new rows match
         record = {"threshold": setting, "source": "given", "temperature": (saved or {}).get("temperature")}
@@ -348,12 +354,12 @@ def prediction_confidence(setting: float, final_dir: str) -> tuple[float, float 
 
 def describe_pick(record: dict) -> str:
     if record["source"] == "fallback":
-        return (f"confidence threshold: {record['threshold']}, the fallback: only {record['validation_wrong_fields']} "
+        return (f"confidence threshold: {shown(record['threshold'])}, the fallback: only {record['validation_wrong_fields']} "
                 f"wrong fields on the validation split, fewer than {MINIMUM_WRONG_FIELDS} to pick one by")
     calibration = (f"calibrated with temperature {record['temperature']:.3f}, " if record.get("temperature")
                    else f"uncalibrated (no temperature: fewer than {MINIMUM_WRONG_FIELDS} right or wrong fields, "
                         "or confidence ranks the wrong ones higher), ")
-    return (f"confidence threshold: {record['threshold']}, {calibration}picked on the validation split: it flags "
+    return (f"confidence threshold: {shown(record['threshold'])}, {calibration}picked on the validation split: it flags "
             f"{record['validation_wrong_fields_flagged']:.0%} of its {record['validation_wrong_fields']} wrong "
             f"fields (FLAG_WRONG_SHARE={record['flag_wrong_share']}) and {record['validation_fields_flagged']:.0%} "
             f"of all its {record['validation_fields']} fields")

@@ -5,7 +5,7 @@ import os
 from PIL import Image, ImageDraw, ImageFont
 
 from paligemma_json.files import replace_atomically
-from paligemma_json.confidence import FALLBACK_THRESHOLD
+from paligemma_json.confidence import FALLBACK_THRESHOLD, shown
 from paligemma_json.metrics import ScoredRow
 
 RIGHT, WRONG, MISSING, EXTRA = (20, 130, 50), (200, 30, 30), (215, 120, 0), (120, 60, 170)
@@ -90,7 +90,7 @@ def draw_predictions(rows: list[ScoredRow], path: str, max_cards: int = 8, colum
     draw = ImageDraw.Draw(sheet)
     x = 10
     for text, colour in [("✓ right", RIGHT), ("✗ wrong: predicted → true", WRONG), ("– missing", MISSING),
-                         ("+ extra", EXTRA), (f"? confidence < {threshold:.3g}", (60, 60, 60)),
+                         ("+ extra", EXTRA), (f"? confidence < {shown(threshold)}", (60, 60, 60)),
                          (f"first {len(cards)} of {len(rows)} test rows", (60, 60, 60))]:
         if text.startswith("?"):
             draw.rectangle((x - 2, 6, x + draw.textlength(text, font=bold) + 2, 22), fill=UNSURE)

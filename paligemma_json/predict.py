@@ -40,6 +40,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from paligemma_json import FlowError
+from paligemma_json.confidence import shown
 from paligemma_json.distributed import end_distributed
 from paligemma_json.documents import DocumentDataset, DocumentImages, document_row
 from paligemma_json.files import read_saved_json, replace_atomically, write_json_atomically
@@ -190,7 +191,7 @@ class Tally:
         return [f"predicted {self.new} images in {self.seconds:.1f} s ({rate:.2f} images/s)"
                 + (f"; {self.kept} kept from the cut-off run" if self.kept else ""),
                 f"predicted: {self.rows} images, {self.parsed} parsed as JSON, {self.unsure} fields below confidence "
-                f"{self.threshold} to check, {self.truncated} cut off at the token budget, {self.unreadable} "
+                f"{shown(self.threshold)} to check, {self.truncated} cut off at the token budget, {self.unreadable} "
                 f"unreadable; {self.said} {self.target}"]
 
 

@@ -13,7 +13,7 @@ import finetune_paligemma2 as flow
 from paligemma_json import FlowError
 from paligemma_json.confidence import (calibrate, calibrate_fields, check_confidence_settings, confidence_auroc,
                                        confidence_ece, describe_pick, fit_temperature, marked_fields, pick_threshold,
-                                       field_flags, prediction_confidence, threshold_for, training_threshold)
+                                       field_flags, prediction_confidence, shown, threshold_for, training_threshold)
 from paligemma_json.evaluation import evaluate_file
 from paligemma_json.metrics import compute_metrics, score_rows
 from helpers import read_jsonl
@@ -73,6 +73,16 @@ def test_a_confidence_on_the_threshold_is_sure_on_the_page_as_in_the_metrics():
            "prediction": '{"copy": "1", "total": "7", "date": "x"}', "confidence": fields}
     assert field_flags(fields, 0.25) == {"/total": 0.2499}
     assert compute_metrics([row], threshold=0.25)["unsure_field_share"] == pytest.approx(1 / 3)
+
+
+def test_a_threshold_is_shown_to_4_significant_digits_and_compared_unrounded():
+    record = {"threshold": 0.13980783571249336, "source": "validation", "temperature": 0.5, "flag_wrong_share": 0.9,
+              "validation_wrong_fields_flagged": 0.9, "validation_wrong_fields": 10, "validation_fields_flagged": 0.8,
+              "validation_fields": 20}
+    assert shown(record["threshold"]) == "0.1398" and shown(0.8) == "0.8"
+    assert describe_pick(record).startswith("confidence threshold: 0.1398, calibrated")
+    fields = [{"field": "a", "value": "1", "confidence": 0.1398, "pointer": "/a"}]
+    assert field_flags(fields, record["threshold"]) == {"/a": 0.1398}  # below the unrounded threshold
 
 
 def test_the_picked_threshold_is_the_smallest_that_catches_the_share():

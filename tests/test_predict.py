@@ -31,9 +31,9 @@ def test_predict_reads_a_folder_or_one_image_with_the_final_model(demo_run):
     assert f"predicted: 24 images, {sum(row['parsed'] for row in rows)} parsed as JSON" in result.stdout
     # The threshold picked on validation and saved with the model (tests/test_confidence.py), not 0.8.
     chosen = json.load(open(os.path.join(output_dir, "final", "confidence.json")))
-    assert f"confidence threshold: {chosen['threshold']} (validation), from {output_dir}" in result.stdout
+    assert f"confidence threshold: {chosen['threshold']:.4g} (validation), from {output_dir}" in result.stdout
     unsure = sum(field["confidence"] < chosen["threshold"] for row in rows for field in row["confidence"])
-    assert f"{unsure} fields below confidence {chosen['threshold']} to check" in result.stdout
+    assert f"{unsure} fields below confidence {chosen['threshold']:.4g} to check" in result.stdout
     assert all(field["confidence"] == calibrate(field["raw_confidence"], chosen["temperature"])
                for row in rows for field in row["confidence"])  # as the test set was calibrated
     assert not os.path.exists(os.path.join(output_dir, "predict.jsonl.tmp"))
