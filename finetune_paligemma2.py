@@ -50,7 +50,7 @@ PROMPT = "extract data in JSON format"  # replaces each row's prefix (v2's is `<
 DATASET_REPORT = True  # sizes, label lengths, fields and leaks between splits, before any model loads
 STRICT = False  # a leak between splits (the same photo or label in two) stops the run
 SCHEMA = ""  # your JSON Schema for the labels; "" infers one from the train and valid labels
-CORRECTIONS = ""  # a review page's corrections.jsonl (beside its images): trained on with the train split
+CORRECTIONS = []  # review pages' exports (files, or a folder of them): trained on with the train split
 
 # Model
 MODEL_ID = "google/paligemma2-3b-pt-224"  # the tutorial's; for documents 448 px reads far better
@@ -164,7 +164,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from paligemma_json.constrained import compile_schema
-from paligemma_json.corrections import add_corrections  # a review page's export, trained on with train
+from paligemma_json.corrections import add_corrections, corrections_paths  # review pages' exports, trained on
 from paligemma_json.documents import DocumentDataset, read_annotations  # the shape every dataset here has
 from paligemma_json.schema import label_schema, warn_non_json_labels
 
@@ -206,7 +206,7 @@ if __name__ == "__main__" and run.mode == "train":
     corrected = add_corrections(splits, CORRECTIONS, PROMPT) if CORRECTIONS else 0
     train_dataset, valid_dataset, test_dataset = splits["train"], splits["valid"], splits["test"]
     print("dataset: " + ", ".join(f"{split} {len(data)} rows" for split, data in splits.items())
-          + (f" ({corrected} of train from {CORRECTIONS})" if corrected else ""))
+          + (f" ({corrected} of train from {', '.join(corrections_paths(CORRECTIONS))})" if corrected else ""))
     warn_non_json_labels(splits)  # captions train too, but have no fields to score
     # What constrained decoding holds generation to and schema_valid_rate checks; saved beside the model.
     schema = label_schema(splits, SCHEMA)

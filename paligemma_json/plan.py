@@ -209,7 +209,8 @@ def plan_run(settings: dict) -> RunPlan:
                             else f"training from {checkpoint}" if checkpoint
                             else "no checkpoint yet; training from the start"))
     inputs = [] if demo else [settings["DATASET_DIR"], settings["MODEL_ID"]]
-    inputs += [settings["SCHEMA"], settings["CORRECTIONS"]]
+    corrections = settings["CORRECTIONS"]  # a list of files and folders; one path as a string in a notebook
+    inputs += [settings["SCHEMA"], *([corrections] if isinstance(corrections, str) else corrections)]
     return RunPlan(mode, output_dir, launch, resume, settings["OVERWRITE"], demo, training_done, checkpoint,
                    settings["BATCH_SIZE"] * settings["GRAD_ACCUM"] * launch.processes,
                    reads=tuple(path for path in inputs if path))
