@@ -683,7 +683,7 @@ from paligemma_json.confidence import prediction_confidence
 from paligemma_json.documents import DocumentImages, document_row
 from paligemma_json.model_card import write_merged_card
 from paligemma_json.plan import trained_run  # a finished run's final/, or a one-line reason
-from paligemma_json.review import CORRECTIONS_NAME, write_review_page  # flagged fields, edited, exported
+from paligemma_json.review import write_review  # pages of flagged fields, edited, exported
 from paligemma_json.schema import read_saved_schema
 
 
@@ -703,12 +703,9 @@ def predict_documents(output_dir: str, path: str, prompt: str, generation: Gener
     unsure = sum(field["confidence"] < threshold for row in rows for field in row["confidence"])
     print(f"predicted: {len(rows)} images, {sum(row['parsed'] for row in rows)} parsed as JSON, {unsure} fields "
           f"below confidence {threshold} to check; {said} {target}")
-    # The review loop: check the flagged fields in a browser, export corrections.jsonl, train on it.
-    review = os.path.join(output_dir, "review.html")
-    write_review_page(rows, review, threshold=threshold, schema=read_saved_schema(final_dir),
-                      run_key=os.path.abspath(target), source_dir=documents.image_directory_path)
-    print(f"review: open {review} in a browser, correct and mark documents, export {CORRECTIONS_NAME} into "
-          f"{documents.image_directory_path}, then train again with --corrections")
+    # The review loop: check the flagged fields in a browser, export corrections, train on them.
+    print(write_review(target, output_dir, threshold=threshold, schema=read_saved_schema(final_dir),
+                       source_dir=documents.image_directory_path))
     return rows
 
 

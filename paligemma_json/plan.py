@@ -15,6 +15,7 @@ from paligemma_json.confidence import VALIDATION_PREDICTIONS, check_confidence_s
 from paligemma_json.tracking import check_tracking_settings
 
 CHECKPOINT = "checkpoint-*"  # every checkpoint the Trainer keeps
+REVIEW_PAGES = "review-*.html"  # every page of a review too long for one (review.PAGE_NAME)
 
 # Everything a run writes into OUTPUT_DIR, by its role:
 # - "trained": the training's results; a new run with other settings would be mixed with them;
@@ -39,7 +40,8 @@ RUN_OUTPUTS = {
     "predictions.png": "derived",
     "report.html": "derived",
     "predict.jsonl": "derived",  # --predict
-    "review.html": "derived",  # --predict's page for checking and correcting it
+    "review.html": "derived",  # --predict's page (or index of pages) for checking and correcting it
+    REVIEW_PAGES: "derived",  # review.html's pages, for more than one page of documents
     "merged": "derived",  # --merge
 }
 
@@ -49,12 +51,15 @@ def outputs_with(*roles: str) -> list[str]:
 
 
 def present(output_dir: str, names: list[str]) -> list[str]:
-    """Which of `names` are in `output_dir`, in their order; the checkpoint pattern stands for every checkpoint."""
+    """Which of `names` are in `output_dir`, in their order; the checkpoint and review-page patterns
+    stand for every checkpoint and page."""
     if not os.path.isdir(output_dir):
         return []
     checkpoints = sorted(name for name in os.listdir(output_dir) if re.fullmatch(r"checkpoint-\d+", name))
+    pages = sorted(name for name in os.listdir(output_dir) if re.fullmatch(r"review-\d{3,}\.html", name))
     return [found for name in names for found in (
-        checkpoints if name == CHECKPOINT else [name] if os.path.exists(os.path.join(output_dir, name)) else [])]
+        checkpoints if name == CHECKPOINT else pages if name == REVIEW_PAGES
+        else [name] if os.path.exists(os.path.join(output_dir, name)) else [])]
 
 
 def earlier_run_outputs(output_dir: str) -> list[str]:
