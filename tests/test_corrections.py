@@ -77,13 +77,14 @@ def test_a_missing_export_or_image_is_named(export, tmp_path):
 
 
 def test_several_exports_a_folder_and_a_document_corrected_twice(export, tmp_path, capsys):
-    """Files in the order given, a folder's oldest first; a document in two files is trained on once,
-    as the last file read has it, said in one line; a file named twice is read once."""
+    """Files in the order given, a folder's oldest first (by name, the browser's renamed second
+    download would come first); a document in two files is trained on once, as the last file read has
+    it, said in one line; a file named twice is read once."""
     folder = str(tmp_path / "reviewed")
     rows = new_documents(folder, count=3)
     again = {**rows[1], "suffix": rows[1]["suffix"].replace('"copy": "', '"copy": "X')}
     older = write_export(folder, rows[:2], "corrections-review-001.jsonl")
-    newer = write_export(folder, [again, rows[2]], "corrections-review-002.jsonl")
+    newer = write_export(folder, [again, rows[2]], "corrections-review-001 (1).jsonl")  # a browser's second download
     os.utime(older, (1_000_000, 1_000_000))
     os.utime(newer, (2_000_000, 2_000_000))
     write_export(folder, [{"image": "not-read.jpg"}], "notes.jsonl")  # not an export's name: not read

@@ -438,25 +438,29 @@ def test_a_backlog_is_paged_most_needed_first_under_an_index(tmp_path):
 
 def test_a_page_of_large_noisy_photos_holds_its_size_bound(tmp_path):
     """Noise is JPEG's worst case: each photo still fits PHOTO_BOX and PHOTO_BYTES, so each page fits
-    the stated bound; the full image stays one click away."""
+    the stated bound; a large plain scan is fitted into the box; the full image stays one click away."""
     rng = random.Random(3)
     os.makedirs(tmp_path / "photos")
     rows = []
-    for k in range(6):
+    for k in range(7):
         path = str(tmp_path / "photos" / f"scan-{k}.png")
-        Image.frombytes("RGB", (900, 1400), rng.randbytes(900 * 1400 * 3)).save(path, compress_level=0)
+        plain = Image.new("RGB", (2000, 3000), (230, 228, 220))  # compresses to little: only the box shrinks it
+        (plain if k == 6 else Image.frombytes("RGB", (900, 1400), rng.randbytes(900 * 1400 * 3))).save(
+            path, compress_level=0 if k < 6 else 6)
         text = json.dumps(make_manifest(random.Random(k)))
         rows.append({"image": f"scan-{k}.png", "image_path": path, "prefix": PROMPT, "prediction": text,
                      "truncated": False, "confidence": confidences(text, {}), "parsed": True})
     write_review(write_predictions(str(tmp_path), rows), str(tmp_path), threshold=THRESHOLD, schema=None,
                  source_dir=str(tmp_path / "photos"), page_size=4)
     pages = pages_of(tmp_path)
-    assert [len(page["documents"]) for page in pages.values()] == [4, 2]
+    assert [len(page["documents"]) for page in pages.values()] == [4, 3]
     for name, page in pages.items():
         for document in page["documents"]:
             assert len(document["photo"]) <= PHOTO_BYTES
             photo = Image.open(io.BytesIO(base64.b64decode(document["photo"].split(",", 1)[1])))
             assert photo.width <= PHOTO_BOX[0] and photo.height <= PHOTO_BOX[1]
+            if document["image"] == "scan-6.png":
+                assert photo.size == (640, 960)
             assert document["full"] == f"photos/{document['image']}"
         assert os.path.getsize(tmp_path / name) <= page_bound(str(tmp_path), name, rows), name
 
