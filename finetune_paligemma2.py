@@ -51,7 +51,7 @@ DATASET_REPORT = True  # sizes, label lengths, fields and leaks between splits, 
 STRICT = False  # a leak between splits (the same photo or label in two) stops the run
 SKIP_NON_JSON_LABELS = False  # where most labels are JSON, one that is not stops the run; True leaves such rows out
 SCHEMA = ""  # your JSON Schema for the labels; "" infers one from the train and valid labels
-CORRECTIONS = ""  # a review page's corrections.jsonl (beside its images): trained on with the train split
+CORRECTIONS = []  # review pages' exports (files, or a folder of them): trained on with the train split
 
 # Model
 MODEL_ID = "google/paligemma2-3b-pt-224"  # the tutorial's; for documents 448 px reads far better
@@ -167,7 +167,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from paligemma_json.constrained import compile_schema
-from paligemma_json.corrections import add_corrections  # a review page's export, trained on with train
+from paligemma_json.corrections import add_corrections, corrections_paths  # review pages' exports, trained on
 from paligemma_json.documents import DocumentDataset, read_annotations  # the shape every dataset here has
 from paligemma_json.schema import check_json_labels, label_schema
 
@@ -210,7 +210,7 @@ if __name__ == "__main__" and run.mode == "train":
     corrected = add_corrections(splits, CORRECTIONS, PROMPT) if CORRECTIONS else 0
     train_dataset, valid_dataset, test_dataset = splits["train"], splits["valid"], splits["test"]
     print("dataset: " + ", ".join(f"{split} {len(data)} rows" for split, data in splits.items())
-          + (f" ({corrected} of train from {CORRECTIONS})" if corrected else ""))
+          + (f" ({corrected} of train from {', '.join(corrections_paths(CORRECTIONS))})" if corrected else ""))
     check_json_labels(splits, SKIP_NON_JSON_LABELS)  # one broken label stops the run; captions train as they are
     # What constrained decoding holds generation to and schema_valid_rate checks; saved beside the model.
     schema = label_schema(splits, SCHEMA)
@@ -705,8 +705,8 @@ from paligemma_json.confidence import prediction_confidence
 from paligemma_json.documents import DocumentImages
 from paligemma_json.model_card import write_merged_card
 from paligemma_json.plan import Launch, trained_run  # a finished run's final/, or a one-line reason
-from paligemma_json.predict import Backlog, prediction_settings, predicted_rows, trained_budget  # streamed, resumable
-from paligemma_json.review import CORRECTIONS_NAME, write_review_page  # flagged fields, edited, exported
+from paligemma_json.predict import Backlog, prediction_settings, trained_budget  # streamed, resumable
+from paligemma_json.review import write_review  # pages of flagged fields, edited, exported
 from paligemma_json.schema import read_saved_schema
 
 
@@ -727,12 +727,9 @@ def predict_documents(output_dir: str, path: str, prompt: str, generation: Gener
     tally = backlog.finish(decode, generation.batch_size, threshold)  # appended per batch, then merged in order
     if tally is None:
         return None
-    # The review loop: check the flagged fields in a browser, export corrections.jsonl, train on it.
-    review = os.path.join(output_dir, "review.html")
-    write_review_page(list(predicted_rows(tally.target)), review, threshold=threshold, schema=schema,
-                      run_key=os.path.abspath(tally.target), source_dir=documents.image_directory_path)
-    print(f"review: open {review} in a browser, correct and mark documents, export {CORRECTIONS_NAME} into "
-          f"{documents.image_directory_path}, then train again with --corrections")
+    # The review loop: check the flagged fields in a browser, export corrections, train on them.
+    print(write_review(tally.target, output_dir, threshold=threshold, schema=schema,
+                       source_dir=documents.image_directory_path))
     return tally.target
 
 

@@ -1,9 +1,16 @@
-"""CORRECTIONS: the rows a review page exported (`review.html`, written by `--predict`), trained on
-with the export's training split. The export is a Roboflow-style `{"image", "prefix", "suffix"}` JSONL
-saved beside the images it names, so the dataset folder stays as Roboflow exported it and a run's
-inputs say what it trained on. A corrected photo must never be scored: one that is also in the
-validation or test split stops the run, whatever STRICT and DATASET_REPORT say."""
+"""CORRECTIONS: the rows review pages exported (`review.html` and its pages, written by `--predict`),
+trained on with the export's training split. Each page exports its own Roboflow-style
+`{"image", "prefix", "suffix"}` JSONL, plus `folder`, where the page read the images, so the dataset
+folder stays as Roboflow exported it and a run's inputs say what it trained on. A corrected photo must
+never be scored: one that is also in the validation or test split stops the run, whatever STRICT and
+DATASET_REPORT say.
 
+CORRECTIONS is a list of files and folders, read in the order given; a folder stands for every
+`corrections*.jsonl` in it, oldest first (a browser's renamed second download, `... (1).jsonl`, is
+then read after the first). A document (an image, by its full path) in several files is trained on
+once, as the last file read has it, said in one line."""
+
+import glob
 import os
 
 from paligemma_json import FlowError
@@ -11,24 +18,70 @@ from paligemma_json.dataset_report import cross_split_leaks
 from paligemma_json.documents import Entry, check_row
 from paligemma_json.json_text import jsonl_rows
 
+PATTERN = "corrections*.jsonl"  # what a review page's export is named: corrections-review-002.jsonl
+
+
+def corrections_paths(setting) -> list[str]:
+    """The setting as a list: one path written as a string (in a notebook) is a list of one."""
+    return [setting] if isinstance(setting, str) else list(setting)
+
+
+def correction_files(setting) -> list[str]:
+    """Every file the setting names, a folder's `corrections*.jsonl` oldest first, each once."""
+    files = []
+    for path in corrections_paths(setting):
+        if os.path.isdir(path):
+            found = sorted(glob.glob(os.path.join(glob.escape(path), PATTERN)),
+                           key=lambda name: (os.path.getmtime(name), name))
+            if not found:
+                raise FlowError(f"{path}: no {PATTERN} in this folder; save the review pages' exports there, or "
+                                "name the files")
+            files += found
+        elif os.path.isfile(path):
+            files.append(path)
+        else:
+            raise FlowError(f"{path}: no such file or folder; CORRECTIONS names review pages' exports "
+                            f"({PATTERN}) or a folder of them")
+    unique = {}  # a file named twice (itself and its folder) is read once, at its first place
+    for path in files:
+        unique.setdefault(os.path.realpath(path), path)
+    return list(unique.values())
+
+
+def image_folder(row, beside: str, where: str) -> str:
+    """Where the row's image is: the folder the export carries, where the page read it; else beside
+    the file (the photos moved, and the export with them)."""
+    carried = row.get("folder") if isinstance(row, dict) else None
+    if isinstance(carried, str) and isinstance(row.get("image"), str) and \
+            os.path.isfile(os.path.join(carried, row["image"])):
+        return carried
+    if isinstance(carried, str) and not os.path.isfile(os.path.join(beside, str(row.get("image")))):
+        raise FlowError(f"{where}: image {row.get('image')} is in neither {carried} (where the review read it) "
+                        f"nor {beside} (beside the file); restore it or remove the line")
+    return beside
+
 
 class Corrections:
-    """The export's rows, each image named by its full path (the training split's are relative to
+    """The exports' rows, each image named by its full path (the training split's are relative to
     its own folder), and where each came from (`file line N`)."""
 
-    def __init__(self, path: str, prompt: str = ""):
-        if not os.path.isfile(path):
-            raise FlowError(f"{path}: no such file; CORRECTIONS names the corrections.jsonl a review page exported, "
-                            "saved beside the images it names")
-        folder = os.path.dirname(os.path.abspath(path))
-        self.entries, self.where = [], []
-        for where, row in jsonl_rows(path, "fix or remove the line"):
-            image = check_row(row, folder, f"{where} (images are looked for beside the file)")
-            self.entries.append(Entry({**row, "image": os.path.join(folder, row["image"]),
-                                       "prefix": prompt or row["prefix"]}, *image, where))
-            self.where.append(where)
-        if not self.entries:
-            raise FlowError(f"{path}: no rows; mark documents reviewed on the review page before exporting")
+    def __init__(self, setting, prompt: str = ""):
+        rows = {}  # full image path -> (entry, where): a later file's row replaces an earlier one
+        self.replaced = 0
+        for path in correction_files(setting):
+            beside, lines = os.path.dirname(os.path.abspath(path)), 0
+            for where, row in jsonl_rows(path, "fix or remove the line"):
+                lines += 1
+                folder = image_folder(row, beside, where)
+                image = check_row(row, folder, f"{where} (images are looked for in its folder, else beside the file)")
+                full = os.path.abspath(os.path.join(folder, row["image"]))
+                self.replaced += rows.pop(full, None) is not None
+                rows[full] = (Entry({"image": full, "prefix": prompt or row["prefix"], "suffix": row["suffix"]},
+                                    *image, where), where)
+            if not lines:
+                raise FlowError(f"{path}: no rows; mark documents reviewed on the review page before exporting")
+        self.entries = [entry for entry, _ in rows.values()]
+        self.where = [where for _, where in rows.values()]
 
 
 def refuse_scored_photos(corrections: Corrections, splits: dict) -> None:
@@ -45,9 +98,12 @@ def refuse_scored_photos(corrections: Corrections, splits: dict) -> None:
                             f"the model on what it trained on; remove the line (or the photo from {split})")
 
 
-def add_corrections(splits: dict, path: str, prompt: str) -> int:
-    """Appends the export's rows to the training split, once none of its photos is held out; how many."""
-    corrections = Corrections(path, prompt)
+def add_corrections(splits: dict, setting, prompt: str) -> int:
+    """Appends the exports' rows to the training split, once none of their photos is held out; how many."""
+    corrections = Corrections(setting, prompt)
     refuse_scored_photos(corrections, splits)
+    if corrections.replaced:
+        print(f"corrections: {corrections.replaced} documents are in more than one file; each is trained on as "
+              "the last file read has it (files in the order given, a folder's oldest first)")
     splits["train"].entries.extend(corrections.entries)  # absolute image paths: os.path.join keeps them
     return len(corrections.entries)

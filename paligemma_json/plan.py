@@ -15,6 +15,7 @@ from paligemma_json.confidence import VALIDATION_PREDICTIONS, check_confidence_s
 from paligemma_json.tracking import check_tracking_settings
 
 CHECKPOINT = "checkpoint-*"  # every checkpoint the Trainer keeps
+REVIEW_PAGES = "review-*.html"  # every page of a review too long for one (review.PAGE_NAME)
 
 # Everything a run writes into OUTPUT_DIR, by its role:
 # - "trained": the training's results; a new run with other settings would be mixed with them;
@@ -40,7 +41,8 @@ RUN_OUTPUTS = {
     "report.html": "derived",
     "predict.jsonl": "derived",  # --predict
     "predict.jsonl.partial": "derived",  # a --predict's rows so far, which --predict --resume continues
-    "review.html": "derived",  # --predict's page for checking and correcting it
+    "review.html": "derived",  # --predict's page (or index of pages) for checking and correcting it
+    REVIEW_PAGES: "derived",  # review.html's pages, for more than one page of documents
     "merged": "derived",  # --merge
 }
 
@@ -50,12 +52,15 @@ def outputs_with(*roles: str) -> list[str]:
 
 
 def present(output_dir: str, names: list[str]) -> list[str]:
-    """Which of `names` are in `output_dir`, in their order; the checkpoint pattern stands for every checkpoint."""
+    """Which of `names` are in `output_dir`, in their order; the checkpoint and review-page patterns
+    stand for every checkpoint and page."""
     if not os.path.isdir(output_dir):
         return []
     checkpoints = sorted(name for name in os.listdir(output_dir) if re.fullmatch(r"checkpoint-\d+", name))
+    pages = sorted(name for name in os.listdir(output_dir) if re.fullmatch(r"review-\d{3,}\.html", name))
     return [found for name in names for found in (
-        checkpoints if name == CHECKPOINT else [name] if os.path.exists(os.path.join(output_dir, name)) else [])]
+        checkpoints if name == CHECKPOINT else pages if name == REVIEW_PAGES
+        else [name] if os.path.exists(os.path.join(output_dir, name)) else [])]
 
 
 def earlier_run_outputs(output_dir: str) -> list[str]:
@@ -217,7 +222,8 @@ def plan_run(settings: dict) -> RunPlan:
                             else f"training from {checkpoint}" if checkpoint
                             else "no checkpoint yet; training from the start"))
     inputs = [] if demo else [settings["DATASET_DIR"], settings["MODEL_ID"]]
-    inputs += [settings["SCHEMA"], settings["CORRECTIONS"]]
+    corrections = settings["CORRECTIONS"]  # a list of files and folders; one path as a string in a notebook
+    inputs += [settings["SCHEMA"], *([corrections] if isinstance(corrections, str) else corrections)]
     return RunPlan(mode, output_dir, launch, resume, settings["OVERWRITE"], demo, training_done, checkpoint,
                    (settings["BATCH_SIZE"] or 2) * settings["GRAD_ACCUM"] * launch.processes,  # 0: step 4 keeps 2's
                    reads=tuple(path for path in inputs if path))

@@ -1,10 +1,19 @@
-"""`review.html`: the page where a person checks `--predict`'s documents and exports what they fixed
-as `corrections.jsonl`, training rows in the labels' own layout.
+"""`review.html`: where a person checks `--predict`'s documents and exports what they fixed as
+training rows in the labels' own layout.
 
-One self-contained file that opens from disk: no server, no network, no framework. The rows go in as
-JSON inside `<script type="application/json">` with `<`, `>` and `&` escaped, and the page's script
-renders them with `textContent` and `input.value` only, so a prediction holding `</script>` or
-`<img onerror=...>` is data, shown as text and exported unchanged.
+A review that scales to a backlog: documents are ordered by how much they need a look (`needs_a_look`),
+and cut into pages of at most PAGE_SIZE. With one page, `review.html` is that page; with more it is an
+index linking `review-001.html`, `review-002.html`, ..., each page one file of its own. Each page
+exports its own `corrections-<page>.jsonl` (`corrections-review-002.jsonl`), so downloads do not
+collide, and `--corrections` takes several of them or their folder (corrections.py). The pages are
+written from `predict.jsonl` as it lies on disk, one page's rows at a time: what is kept per document
+while ordering is a sort key and the row's place in the file.
+
+Each page is a self-contained file that opens from disk: no server, no network, no framework. The
+rows go in as JSON inside `<script type="application/json">` with `<`, `>` and `&` escaped, and the
+page's script renders them with `textContent` and `input.value` only, so a prediction holding
+`</script>` or `<img onerror=...>` is data, shown as text and exported unchanged. The only files it
+links to are its sibling pages and, one click away, each photo's own file where it still is on disk.
 
 What the page does (its script, PAGE_SCRIPT, below):
 - Fields whose confidence is below the threshold are flagged: listed first in each document,
@@ -14,12 +23,17 @@ What the page does (its script, PAGE_SCRIPT, below):
 - Values keep their JSON type: a number field takes only a JSON number (anything else is marked and
   blocks that document's export), a boolean is chosen from true/false, a string stays a string.
   An emptied field becomes null.
+- A row marked `"unreadable": "<reason>"` (a file `--predict` could not read) is a card with its
+  reason and nothing to edit; a row marked `"held_out": "<split>'s <image>"` (a photo the trained run
+  held out) says so on its card and is never exported, since the next run would refuse it.
 - Edits and "reviewed" marks are kept in the browser's localStorage under
-  `paligemma-json-review:<run_key>`, one entry per document, dropped when that document's prediction
+  `paligemma-json-review:<run_key>`, one entry for all of a run's pages, holding only the documents a
+  person touched (the edited tree, or just the marks), each dropped when that document's prediction
   changed (a new --predict run).
-- Export downloads `corrections.jsonl`: one `{"image", "prefix", "suffix"}` line per reviewed
-  document that passes the labels' schema, the suffix written as Python's
-  `json.dumps(value, separators=(item, key))` writes it, byte for byte.
+- Export downloads the page's own file: one `{"image", "prefix", "suffix", "folder"}` line per
+  reviewed document that passes the labels' schema, the suffix written as Python's
+  `json.dumps(value, separators=(item, key))` writes it, byte for byte; `folder` is where the image
+  was read, so the file works wherever the browser saved it.
 
 Limits of the page's own JSON reader, writer and schema check (kept small on purpose):
 - NaN and Infinity, which Python's json reads, are refused: such a prediction opens as text to fix.
@@ -30,19 +44,38 @@ Limits of the page's own JSON reader, writer and schema check (kept small on pur
   anyOf, allOf); other keywords (`$ref`, `pattern`, `format`, ...) are not checked here.
 """
 
+import base64
+import io
 import json
 import os
-import shlex
+import re
+import urllib.request
 from html import escape
 
+from PIL import Image
+
+from paligemma_json import FlowError
+from paligemma_json.confidence import field_flags, shown
 from paligemma_json.files import write_text_atomically
-from paligemma_json.html_report import page_head, thumbnail_data_uri
-from paligemma_json.confidence import field_flags
+from paligemma_json.html_report import page_head
+from paligemma_json.json_text import parse_json
 from paligemma_json.schema import label_layout
 
-# Small print on a phone photo is readable at 1024 px; a page of 100 documents is then ~15 MB.
-PHOTO_SIZE = 1024
-CORRECTIONS_NAME = "corrections.jsonl"
+INDEX_NAME = "review.html"
+PAGE_NAME = re.compile(r"review-\d{3,}\.html")  # an index's pages; an earlier run's extra ones are removed
+PAGE_SIZE = 100  # documents a page: with PHOTO_BYTES, at most ~10 MB, which a browser opens at once
+PHOTO_BOX = (640, 1280)  # px: the photo's widest on the page (640 CSS px); a long receipt stops at 1280 tall
+PHOTO_BYTES = 100_000  # the most a photo adds to its page (base64 JPEG): its quality, then its size, lowered to fit
+PHOTO_QUALITIES = (80, 65, 50, 35)
+PAGE_OWN_BYTES = 64_000  # the page's own style, script, help and links, whatever it shows (a test holds it)
+# Why a document needs a look, in the order the pages show them; within a kind, the most flagged
+# fields first, then the lowest confidence, then the folder's order.
+KINDS = ("unreadable", "not valid JSON or cut off", "flagged", "nothing flagged")
+
+
+def export_name(page_name: str) -> str:
+    """The file a page's export downloads as: `corrections-review-002.jsonl` for `review-002.html`."""
+    return f"corrections-{os.path.splitext(page_name)[0]}.jsonl"
 
 
 def schema_for_page(schema: dict | None) -> dict | None:
@@ -53,18 +86,84 @@ def schema_for_page(schema: dict | None) -> dict | None:
     return {key: value for key, value in schema.items() if key not in ("$schema", "$id")}
 
 
-def review_data(rows: list[dict], threshold: float, schema: dict | None, run_key: str) -> dict:
-    """Everything the page's script reads."""
-    return {
-        "run_key": run_key,
-        "threshold": threshold,
-        "layout": label_layout(schema),
-        "schema": schema_for_page(schema),
-        "documents": [{"image": str(row.get("image", "")), "prefix": row.get("prefix", ""),
-                       "prediction": row.get("prediction", ""), "truncated": bool(row.get("truncated")),
-                       "flags": field_flags(row.get("confidence") or [], threshold),
-                       "photo": thumbnail_data_uri(row.get("image_path"), PHOTO_SIZE)} for row in rows],
-    }
+def parsed(row: dict) -> bool:
+    return row["parsed"] if "parsed" in row else parse_json(str(row.get("prediction") or "")) is not None
+
+
+def needs_a_look(row: dict, threshold: float) -> tuple[int, int, float]:
+    """The row's place in the review, smallest first: its kind (KINDS), minus its flagged fields,
+    its lowest flagged confidence."""
+    flags = field_flags(row.get("confidence") or [], threshold)
+    kind = (0 if row.get("unreadable") else 1 if row.get("truncated") or not parsed(row)
+            else 2 if flags else 3)
+    return kind, -len(flags), min(flags.values(), default=1.0)
+
+
+def review_order(predict_path: str, threshold: float) -> list[tuple]:
+    """`(kind, -flags, lowest confidence, row number, byte offset)` of every row of `predict_path`,
+    in the order the review shows them: a few numbers a document, never its prediction."""
+    order, number, offset = [], 0, 0
+    with open(predict_path, "rb") as file:
+        for line, raw in enumerate(file, start=1):
+            if raw.strip():
+                row = read_row(raw, f"{predict_path} line {line}")
+                order.append((*needs_a_look(row, threshold), number, offset))
+                number += 1
+            offset += len(raw)
+    return sorted(order)
+
+
+def read_row(raw: bytes, where: str) -> dict:
+    try:
+        row = json.loads(raw)
+    except ValueError:
+        row = None
+    if not isinstance(row, dict):
+        raise FlowError(f"{where}: not a --predict row; run --predict again to write the file whole")
+    return row
+
+
+def photo_data_uri(path: str | None) -> str | None:
+    """The photo fitted into PHOTO_BOX as a JPEG data URI of at most PHOTO_BYTES, or None when it is
+    gone or unreadable: a predictions file outlives its images."""
+    try:
+        with Image.open(path) as image:
+            image.draft("RGB", PHOTO_BOX)  # a large JPEG decodes at a fraction of its size: fast
+            image = image.convert("RGB")
+    except Exception:
+        return None
+    image.thumbnail(PHOTO_BOX)
+    while True:
+        for quality in PHOTO_QUALITIES:
+            buffer = io.BytesIO()
+            image.save(buffer, format="JPEG", quality=quality)
+            uri = "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+            if len(uri) <= PHOTO_BYTES:
+                return uri
+        image = image.resize((max(1, image.width // 2), max(1, image.height // 2)))  # noise-like: smaller still
+
+
+def file_link(path, page_dir: str) -> str | None:
+    """A relative URL from the page to the photo's own file (it still opens when the run folder and
+    the photos move together), or None when the file is gone."""
+    if not isinstance(path, str) or not os.path.isfile(path):
+        return None
+    try:
+        return urllib.request.pathname2url(os.path.relpath(os.path.abspath(path), page_dir))
+    except ValueError:  # another drive, on Windows
+        return "file:" + urllib.request.pathname2url(os.path.abspath(path))
+
+
+def document_data(row: dict, number: int, threshold: float, page_dir: str) -> dict:
+    """What the page's script reads of one row; any row, whatever it lacks, makes a card."""
+    document = {"row": number, "image": str(row.get("image", "")), "prefix": str(row.get("prefix") or ""),
+                "prediction": str(row.get("prediction") or ""), "truncated": bool(row.get("truncated")),
+                "full": file_link(row.get("image_path"), page_dir)}
+    if row.get("unreadable"):
+        return {**document, "unreadable": str(row["unreadable"]), "flags": {}, "photo": None}
+    held_out = {"held_out": str(row["held_out"])} if row.get("held_out") else {}
+    return {**document, **held_out, "flags": field_flags(row.get("confidence") or [], threshold),
+            "photo": photo_data_uri(row.get("image_path"))}
 
 
 def embedded_json(data) -> str:
@@ -74,29 +173,112 @@ def embedded_json(data) -> str:
             .replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026"))
 
 
-def write_review_page(rows: list[dict], path: str, *, threshold: float, schema: dict | None, run_key: str,
-                      source_dir: str) -> None:
-    """`review.html` at `path` for the `predict.jsonl` rows of one run (`run_key` keeps its edits
-    apart from other runs' in the browser); the export is to be saved in `source_dir`, the folder
-    of the predicted images, which its rows name."""
-    data = review_data(rows, threshold, schema, run_key)
-    flagged = sum(len(document["flags"]) for document in data["documents"])
-    source_dir = os.path.abspath(source_dir)  # the page is opened from anywhere: a relative path would mislead
-    target = os.path.join(source_dir, CORRECTIONS_NAME)
+def write_review(predict_path: str, output_dir: str, *, threshold: float, schema: dict | None, source_dir: str,
+                 page_size: int = PAGE_SIZE) -> str:
+    """The review of `predict_path`'s rows (the images read from `source_dir`) in `output_dir`: its
+    pages, then `review.html`, each written whole; an earlier review's extra pages removed. Returns
+    the line that says what to open and what to do with the exports."""
+    order = review_order(predict_path, threshold)
+    pages = [order[start:start + page_size] for start in range(0, len(order), page_size)] or [[]]
+    names = [INDEX_NAME] if len(pages) == 1 else [f"review-{k:03d}.html" for k in range(1, len(pages) + 1)]
+    context = {"threshold": threshold, "schema": schema, "run_key": os.path.abspath(predict_path),
+               "folder": os.path.abspath(source_dir), "total": len(order)}
+    start = 0
+    with open(predict_path, "rb") as file:
+        for number, (name, page) in enumerate(zip(names, pages)):
+            rows = []
+            for *_, row_number, offset in page:  # one page's rows in memory at a time
+                file.seek(offset)
+                row = read_row(file.readline(), f"{predict_path} at byte {offset}")
+                rows.append(document_data(row, row_number, threshold, os.path.abspath(output_dir)))
+            nav = None if len(pages) == 1 else (number, names, start)
+            write_review_page(rows, os.path.join(output_dir, name), nav=nav, **context)
+            start += len(page)
+    if len(pages) > 1:
+        write_text_atomically(index_html(pages, names, **context), os.path.join(output_dir, INDEX_NAME))
+    for stale in sorted(os.listdir(output_dir)):
+        if PAGE_NAME.fullmatch(stale) and stale not in names:
+            os.remove(os.path.join(output_dir, stale))
+    index = os.path.join(output_dir, INDEX_NAME)
+    what = (f"{len(pages)} pages of up to {page_size} documents, the most flagged first; each page exports "
+            f"its own corrections-review-NNN.jsonl" if len(pages) > 1 else f"it exports {export_name(INDEX_NAME)}")
+    return (f"review: open {index} in a browser ({what}); correct and mark documents, export, then train again "
+            f"with --corrections and the exported files, or the folder you saved them in")
+
+
+def page_summary(page: list[tuple]) -> str:
+    """What one page holds, by kind: `3 unreadable, 97 flagged (12 to 4 fields)`."""
+    parts = []
+    for kind, name in enumerate(KINDS):
+        flags = [-place[1] for place in page if place[0] == kind]
+        if not flags:
+            continue
+        if kind == KINDS.index("flagged"):
+            name += f" ({max(flags)} to {min(flags)} fields)" if max(flags) > min(flags) else f" ({flags[0]} each)"
+        parts.append(f"{len(flags)} {name}")
+    return ", ".join(parts)
+
+
+def index_html(pages: list[list[tuple]], names: list[str], *, threshold: float, folder: str, total: int,
+               **_) -> str:
+    """`review.html` over several pages: what each holds, linked; no script, nothing embedded."""
+    rows, start = [], 0
+    for name, page in zip(names, pages):
+        rows.append(f'<tr><td><a href="{escape(name)}">{escape(name)}</a></td><td>{start + 1}–{start + len(page)}'
+                    f"</td><td>{sum(-place[1] for place in page)}</td><td>{escape(page_summary(page))}</td></tr>")
+        start += len(page)
+    everything = [place for page in pages for place in page]
+    return f"""{page_head("Review predictions", PAGE_STYLE)}
+<h1>Review: {total} documents in {len(pages)} pages, the ones that most need a look first</h1>
+<p>{escape(page_summary(everything))} (fields with confidence below {shown(threshold)} are flagged; the unrounded threshold decides). Pages are
+ordered: files that could not be read, then predictions that are not valid JSON or were cut off, then the
+documents with the most flagged fields (ties: the lowest confidence first), then those with nothing flagged.</p>
+<div class="help"><p>Each page keeps its edits in this browser and exports its own file
+(<code>corrections-review-001.jsonl</code>, ...). Its rows name the images in <code>{escape(folder)}</code>
+and carry that folder, so an export works wherever your browser saved it. Train on them with
+<code class="command">--corrections FILE FILE ...</code>, or with <code>--corrections FOLDER</code> for
+every <code>corrections*.jsonl</code> in the folder you saved them in.</p></div>
+<table class="pages"><thead><tr><th>page</th><th>documents</th><th>flagged fields</th><th>what it holds</th></tr></thead>
+<tbody>{"".join(rows)}</tbody></table>
+</body></html>
+"""
+
+
+def write_review_page(documents: list[dict], path: str, *, threshold: float, schema: dict | None, run_key: str,
+                      folder: str, total: int, nav: tuple | None = None) -> None:
+    """One page at `path` over `documents` (`document_data`'s, in order): `nav` is `(page number,
+    every page's name, how many documents come before)` when there are several pages; `run_key`
+    keeps a run's edits apart from other runs' in the browser; `folder` is where the images were read."""
+    name = os.path.basename(path)
+    data = {"run_key": run_key, "threshold": threshold, "layout": label_layout(schema),
+            "schema": schema_for_page(schema), "export_name": export_name(name), "folder": folder,
+            "documents": documents}
+    flagged = sum(len(document["flags"]) for document in documents)
+    if nav is None:
+        title, links = f"{len(documents)} documents", ""
+    else:
+        number, names, before = nav
+        title = f"page {number + 1} of {len(names)}, documents {before + 1}–{before + len(documents)} of {total}"
+        around = [(INDEX_NAME, "all pages")] + ([(names[number - 1], "← previous page")] if number else []) + \
+            ([(names[number + 1], "next page →")] if number + 1 < len(names) else [])
+        links = '<nav class="pages">' + " · ".join(f'<a href="{escape(href)}">{text}</a>' for href, text in around) + "</nav>"
     page = f"""{page_head("Review predictions", PAGE_STYLE)}
-<h1>Review: {len(rows)} documents, {flagged} fields flagged (confidence below {threshold:g})</h1>
+{links}
+<h1>Review: {title}, {flagged} fields flagged (confidence below {shown(threshold)}; the unrounded threshold decides)</h1>
 <div class="help">
-<p>Flagged fields come first in each document, highlighted: check each against the photo (click the photo
-to zoom). <b>show all fields</b> opens the others, where list rows can be added and deleted; <b>edit as
-JSON</b> opens the whole document as text, for a prediction that is not valid JSON or was cut off.</p>
+<p>The documents that most need a look come first: unreadable files, then predictions that are not valid JSON
+or were cut off, then the most flagged fields. Flagged fields come first in each document, highlighted: check
+each against the photo (click the photo to see the full image). <b>show all fields</b> opens the others, where
+list rows can be added and deleted; <b>edit as JSON</b> opens the whole document as text, for a prediction that
+is not valid JSON or was cut off.</p>
 <p>Values keep their type: a number field takes a number only (anything else is marked in red and blocks
 that document's export); <b>an emptied field becomes null</b>. Tick <b>reviewed</b> when a document is
 right: only reviewed documents that pass the labels' schema are exported.</p>
 <p>Edits are kept in this browser: they survive a reload and a restart, not a change of browser or
 clearing its site data, nor a new <code>--predict</code> run that reads a document differently.
-Save the export as <code class="target">{escape(target)}</code> (its rows name the images in
-<code>{escape(source_dir)}</code>), then train with
-<code class="command">--corrections {escape(shlex.quote(target))}</code>.</p>
+<b>Export</b> downloads <code class="target">{escape(data["export_name"])}</code>: its rows name the images in
+<code>{escape(folder)}</code> and carry that folder, so it works wherever it is saved. Train with
+<code class="command">--corrections</code> and this file (with other pages' files, or the folder they are in).</p>
 </div>
 <div class="controls">
 <span id="status"></span>
@@ -124,9 +306,13 @@ code { overflow-wrap: anywhere; background: #f0f0f0; padding: 0 3px; }
 .card.is-reviewed { border-color: #14822e; box-shadow: 0 0 0 1px #14822e; }
 .card header { display: flex; flex-wrap: wrap; gap: 12px; align-items: baseline; margin-bottom: 8px; }
 .card .note { color: #c96f00; }
+.card.unreadable { border-color: #c41e1e; } .card .held-out { color: #c41e1e; font-weight: bold; }
+.photo figcaption { font-size: 12px; }
+nav.pages { margin: 4px 0; } table.pages { border-collapse: collapse; }
+table.pages td, table.pages th { padding: 2px 10px; text-align: left; border-bottom: 1px solid #ddd; }
 .body { display: flex; flex-wrap: wrap; gap: 16px; align-items: flex-start; }
 .photo { flex: 1 1 420px; max-width: 640px; margin: 0; }
-.photo img { width: 100%; height: auto; cursor: zoom-in; border: 1px solid #ddd; }
+.photo img { max-width: 100%; height: auto; cursor: zoom-in; border: 1px solid #ddd; }  /* never blown up */
 .fields { flex: 1 1 380px; min-width: 0; }
 .fields h3 { font-size: 14px; margin: 4px 0; }
 .field { display: grid; grid-template-columns: minmax(7em, 13em) minmax(0, 1fr) auto; gap: 2px 8px;
@@ -466,27 +652,44 @@ function initialState(source) {
   return {tree, raw: tree ? null : source.prediction, rawError, reviewed: false, showAll: false, showRaw: !tree};
 }
 
-const SAVED_KEYS = ["tree", "raw", "rawError", "reviewed", "showAll", "showRaw"];
-const documents = DATA.documents.map((source, index) => {
+// What is saved of a document a person touched: its marks, and its text only once edited (a
+// backlog's "reviewed" marks then fit the browser's few MB of storage).
+const MARKS = ["reviewed", "showAll", "showRaw"], EDITS = ["tree", "raw", "rawError"];
+// An unreadable file has nothing to edit: it is shown with its reason and left out of the rest.
+const documents = DATA.documents.filter(source => !source.unreadable).map(source => {
   const first = initialState(source);
-  const key = index + ":" + fingerprint(source.image + "\n" + source.prediction);
-  return {...source, index, key, generatedJson: first.tree !== null, ...first};
+  // Keyed by the image, not the page: a document keeps its edits when a new order moves it to another page.
+  const key = source.image + "\n" + fingerprint(source.image + "\n" + source.prediction);
+  return {...source, source, key, touched: false, edited: false, generatedJson: first.tree !== null, ...first};
 });
-const THRESHOLD = String(Number(DATA.threshold.toPrecision(6)));  // 0.41, not a picked 0.41000000000000003
+const THRESHOLD = String(Number(DATA.threshold.toPrecision(4)));  // as confidence.shown: 0.1398, not 0.13980783571249336
+
+function stored() {
+  const saved = JSON.parse(localStorage.getItem(STORE_KEY) || "{}");
+  return saved && typeof saved === "object" ? saved : {};
+}
 
 function restore() {
   let saved = {};
-  try { saved = JSON.parse(localStorage.getItem(STORE_KEY) || "{}"); } catch (error) { storageTrouble(); }
+  try { saved = stored(); } catch (error) { storageTrouble(); }
   for (const doc of documents) {
     const mine = own(saved, doc.key) ? saved[doc.key] : null;
-    if (mine && typeof mine === "object") for (const key of SAVED_KEYS) if (own(mine, key)) doc[key] = mine[key];
+    if (!mine || typeof mine !== "object") continue;
+    for (const key of MARKS.concat(EDITS)) if (own(mine, key)) doc[key] = mine[key];
+    doc.touched = true;
+    doc.edited = own(mine, "tree");
   }
 }
 
 function save() {
+  // One entry for all of a run's pages: this page's documents are replaced in it, the others' kept.
   try {
-    localStorage.setItem(STORE_KEY, JSON.stringify(Object.fromEntries(documents.map(doc =>
-      [doc.key, Object.fromEntries(SAVED_KEYS.map(key => [key, doc[key]]))]))));
+    const saved = stored();
+    for (const doc of documents) {
+      if (!doc.touched) { delete saved[doc.key]; continue; }
+      saved[doc.key] = Object.fromEntries((doc.edited ? MARKS.concat(EDITS) : MARKS).map(key => [key, doc[key]]));
+    }
+    localStorage.setItem(STORE_KEY, JSON.stringify(saved));
   } catch (error) { storageTrouble(); }
 }
 
@@ -524,6 +727,7 @@ function carryFlags(before, after) {
 
 function problems(doc) {
   // Why this document cannot be exported as it is: [] when it can.
+  if (doc.held_out) return [`a photo the trained run held out (${doc.held_out}): the next run would refuse its correction`];
   if (doc.rawError) return [`its JSON text does not parse: ${doc.rawError}`];
   const found = Array.from(leaves(doc.tree)).filter(([leaf]) => leaf.error)
     .map(([leaf, , label]) => `${label}: ${leaf.error}`);
@@ -551,6 +755,7 @@ function leafInput(doc, leaf) {
   input.leaf = leaf;
   input.addEventListener(leaf.kind === "boolean" ? "change" : "input", () => {
     setLeaf(leaf, input.value);
+    doc.edited = true;
     doc.raw = null;
     doc.rawError = null;
     showLeaf(doc, leaf);
@@ -641,6 +846,7 @@ function renderFields(doc) {
 }
 
 function structureChanged(doc) {
+  doc.edited = true;
   doc.raw = null;
   doc.rawError = null;
   renderFields(doc);
@@ -652,9 +858,10 @@ function buildCard(doc) {
   reviewed.addEventListener("change", () => { doc.reviewed = reviewed.checked; refresh(doc); });
   const notes = [doc.generatedJson ? "" : "not valid JSON as generated",
                  doc.truncated ? "cut off at MAX_NEW_TOKENS" : ""].filter(Boolean);
-  const photo = doc.photo ? el("img", {src: doc.photo, alt: "the photo of " + doc.image, title: "click to zoom"})
+  const photo = doc.photo ? el("img", {src: doc.photo, alt: "the photo of " + doc.image, title: "click for the full image"})
                           : el("p", {className: "no-photo", textContent: "(image not found: moved or deleted since)"});
-  if (doc.photo) photo.addEventListener("click", () => zoom(doc.photo));
+  if (doc.photo) photo.addEventListener("click", () => zoom(doc.full, doc.photo));
+  const caption = doc.full ? el("figcaption", {}, el("a", {href: doc.full, target: "_blank", textContent: "the image file"})) : "";
   const showAll = el("input", {type: "checkbox", className: "show-all"});
   const showRaw = el("input", {type: "checkbox", className: "show-raw"});
   const textarea = el("textarea", {spellcheck: false});
@@ -664,12 +871,13 @@ function buildCard(doc) {
     flagged: el("div", {className: "flagged-list"}), all: el("div", {className: "all-fields"}),
     raw: el("div", {className: "raw"}), rawProblem: el("p", {className: "problem"}),
     problems: el("ul", {className: "problems"})};
-  view.card.dataset.index = doc.index;
+  view.card.dataset.index = doc.row;  // its row in predict.jsonl: the page's order is the review's
   view.raw.append(textarea, view.rawProblem);
   view.card.append(
     el("header", {}, el("h2", {textContent: doc.image}), el("span", {className: "note", textContent: notes.join(" · ")}),
+       el("span", {className: "held-out", textContent: doc.held_out ? "held out: " + doc.held_out + ", not exported" : ""}),
        el("label", {}, reviewed, " reviewed")),
-    el("div", {className: "body"}, el("figure", {className: "photo"}, photo),
+    el("div", {className: "body"}, el("figure", {className: "photo"}, photo, caption),
        el("div", {className: "fields"}, view.flagged, view.problems,
           el("div", {className: "toggles"}, el("label", {}, showAll, " show all fields"),
              el("label", {}, showRaw, " edit as JSON"), reset),
@@ -677,6 +885,7 @@ function buildCard(doc) {
   showAll.addEventListener("change", () => { doc.showAll = showAll.checked; refresh(doc); });
   showRaw.addEventListener("change", () => { doc.showRaw = showRaw.checked; refresh(doc); });
   textarea.addEventListener("input", () => {
+    doc.edited = true;
     doc.raw = textarea.value;
     try {
       const tree = parseDocument(doc.raw);
@@ -688,15 +897,16 @@ function buildCard(doc) {
     refresh(doc);
   });
   reset.addEventListener("click", () => {
-    Object.assign(doc, initialState(DATA.documents[doc.index]));
+    Object.assign(doc, initialState(doc.source), {edited: false});
     renderFields(doc);
-    refresh(doc);
+    refresh(doc, false);  // as it came: nothing of it kept
   });
   doc.view = view;
   return view.card;
 }
 
-function refresh(doc) {
+function refresh(doc, touched = true) {  // after a person's change to the document
+  doc.touched = touched;
   refreshCard(doc);
   save();
   refreshStatus();
@@ -719,6 +929,15 @@ function refreshCard(doc) {
   view.problems.replaceChildren(...found.map(problem => el("li", {textContent: problem})));
 }
 
+function unreadableCard(source) {
+  // A file --predict could not read: its name and why, nothing to edit or export.
+  const card = el("section", {className: "card unreadable"}, el("header", {}, el("h2", {textContent: source.image}),
+    el("span", {className: "note", textContent: "unreadable: " + source.unreadable})));
+  card.dataset.index = source.row;
+  if (source.full) card.append(el("a", {href: source.full, target: "_blank", textContent: "the file"}));
+  return card;
+}
+
 function refreshStatus() {
   let flagged = 0, untouched = 0;
   for (const doc of documents) {
@@ -730,7 +949,7 @@ function refreshStatus() {
   document.getElementById("status").textContent =
     `${reviewed.length} of ${documents.length} documents reviewed · ${untouched} of ${flagged} flagged fields untouched`;
   const button = document.getElementById("export");
-  button.textContent = `Export ${reviewed.length - blocked.length} reviewed documents (corrections.jsonl)`;
+  button.textContent = `Export ${reviewed.length - blocked.length} reviewed documents (${DATA.export_name})`;
   button.disabled = reviewed.length === blocked.length;
   document.getElementById("blocked").replaceChildren(...blocked.map(([doc, found]) =>
     el("li", {textContent: `not exported: ${doc.image}: ${found.join("; ")}`})));
@@ -739,22 +958,24 @@ function refreshStatus() {
 function exportLines() {
   // One JSON line per reviewed document that passes, as Python's json.dumps(row) writes it.
   return documents.filter(doc => doc.reviewed && !problems(doc).length).map(doc =>
-    "{" + [["image", doc.image], ["prefix", doc.prefix], ["suffix", dumps(doc.tree, LABEL_LAYOUT)]]
+    "{" + [["image", doc.image], ["prefix", doc.prefix], ["suffix", dumps(doc.tree, LABEL_LAYOUT)], ["folder", DATA.folder]]
       .map(([key, value]) => pyString(key) + ": " + pyString(String(value))).join(", ") + "}\n");
 }
 
 function download() {
   const file = new Blob(exportLines(), {type: "application/jsonl"});
-  const link = el("a", {href: URL.createObjectURL(file), download: "corrections.jsonl"});
+  const link = el("a", {href: URL.createObjectURL(file), download: DATA.export_name});
   document.body.append(link);
   link.click();
   link.remove();
   setTimeout(() => URL.revokeObjectURL(link.href), 60000);
 }
 
-function zoom(source) {
-  const box = document.getElementById("zoom");
-  box.querySelector("img").src = source;
+function zoom(file, photo) {
+  // The image's own file where it still is, else the page's copy.
+  const box = document.getElementById("zoom"), image = box.querySelector("img");
+  image.onerror = () => { if (image.src !== photo) image.src = photo; };
+  image.src = file || photo;
   box.hidden = false;
 }
 
@@ -764,7 +985,9 @@ document.addEventListener("keydown", event => {
 });
 document.getElementById("export").addEventListener("click", download);
 restore();
-document.getElementById("cards").append(...documents.map(buildCard));
+const byRow = new Map(documents.map(doc => [doc.row, doc]));
+document.getElementById("cards").append(...DATA.documents.map(source =>
+  source.unreadable ? unreadableCard(source) : buildCard(byRow.get(source.row))));
 for (const doc of documents) { renderFields(doc); refreshCard(doc); }
 refreshStatus();
 """

@@ -1,28 +1,31 @@
 """review.html: one file that fetches nothing, whose data cannot break out of its JSON block, and
 in a real browser: flagged fields first, typed edits, rows deleted and added, a prediction fixed as
 text, the export byte-equal to Python's json.dumps in the labels' layout, and every edit still there
-after a reload."""
+after a reload. A backlog: the documents that most need a look first, in pages of a bounded size
+under an index, each page exporting its own file, and the next run taking two pages' exports."""
 
 import base64
 import contextlib
 import io
 import json
+import os
 import random
+import re
 
 import pytest
 from PIL import Image
 
 from paligemma_json.confidence import leaf_spans
 from paligemma_json.demo import make_manifest
-from paligemma_json.review import write_review_page
+from paligemma_json.review import PAGE_OWN_BYTES, PAGE_SIZE, PHOTO_BOX, PHOTO_BYTES, review_order, write_review
 from paligemma_json.schema import infer_schema, with_layout
 from helpers import PageParser, collect_problems, launch_chromium, new_documents, run_script
 
 PROMPT = "extract data in JSON format"
 THRESHOLD = 0.5
-RUN_KEY = "/runs/manifests-7"
 HOSTILE_IMAGE = '"><img src=x onerror=alert(3)>.jpg'
 ON_HOLD = {"dock": None}  # one label without a dock: the inferred schema lets dock be null
+SHOWN = [2, 1, 0, 3, 4]  # the fixture's rows as the page shows them: cut off, then 3, 2, 1 and 0 fields flagged
 
 
 def data_block(parser):
@@ -30,12 +33,26 @@ def data_block(parser):
     return json.loads(parser.scripts[0])
 
 
+def write_predictions(folder, rows) -> str:
+    """`rows` as --predict writes them, in `folder`/predict.jsonl."""
+    path = os.path.join(folder, "predict.jsonl")
+    with open(path, "w") as out:
+        out.writelines(json.dumps(row) + "\n" for row in rows)
+    return path
+
+
 def page_from(tmp_path, rows, schema):
+    """The review of `rows` (few: one page, review.html) and its parsed HTML."""
+    write_review(write_predictions(tmp_path, rows), str(tmp_path), threshold=THRESHOLD, schema=schema,
+                 source_dir=str(tmp_path))
     path = tmp_path / "review.html"
-    write_review_page(rows, str(path), threshold=THRESHOLD, schema=schema, run_key=RUN_KEY, source_dir=str(tmp_path))
     parser = PageParser()
     parser.feed(path.read_text(encoding="utf-8"))
     return path, parser
+
+
+def run_key(tmp_path) -> str:
+    return str(tmp_path / "predict.jsonl")
 
 
 def confidences(text: str, low: dict) -> list[dict]:
@@ -107,15 +124,18 @@ def test_the_embedded_data_round_trips(review):
     parser = PageParser()
     parser.feed(path.read_text(encoding="utf-8"))
     data = data_block(parser)
-    assert (data["run_key"], data["threshold"], data["layout"]) == (RUN_KEY, THRESHOLD, [", ", ": "])
+    assert (data["run_key"], data["threshold"], data["layout"]) == (str(path.parent / "predict.jsonl"), THRESHOLD,
+                                                                    [", ", ": "])
+    assert (data["export_name"], data["folder"]) == ("corrections-review.jsonl", str(path.parent))
     assert data["schema"] == {key: value for key, value in schema.items() if key != "$schema"}
-    assert [(d["image"], d["prefix"], d["prediction"], d["truncated"]) for d in data["documents"]] == [
-        (row["image"], row["prefix"], row["prediction"], row["truncated"]) for row in rows]
+    assert [(d["row"], d["image"], d["prefix"], d["prediction"], d["truncated"]) for d in data["documents"]] == [
+        (k, rows[k]["image"], rows[k]["prefix"], rows[k]["prediction"], rows[k]["truncated"]) for k in SHOWN]
     assert [d["flags"] for d in data["documents"]] == [
-        {"/salesman": 0.31, "/products/1/cases": 0.42},
-        {"/products/0/description": 0.2, "/products/1/layers": 0.3, "/total_cases": 0.45}, {}, {"/salesman": 0.1}, {}]
-    photo = Image.open(io.BytesIO(base64.b64decode(data["documents"][0]["photo"].split(",", 1)[1])))
-    assert photo.size == (1024, 731)  # 1400 × 1000 fitted into 1024: readable, not the report's 360
+        {}, {"/products/0/description": 0.2, "/products/1/layers": 0.3, "/total_cases": 0.45},
+        {"/salesman": 0.31, "/products/1/cases": 0.42}, {"/salesman": 0.1}, {}]
+    photo = Image.open(io.BytesIO(base64.b64decode(data["documents"][2]["photo"].split(",", 1)[1])))
+    assert photo.size == (640, 457)  # 1400 × 1000 fitted into the page's 640 px; the file is a click away
+    assert data["documents"][2]["full"] == "m0.jpg" and data["documents"][3]["full"] is None
     assert data["documents"][3]["photo"] is None  # no such image: the page says so
 
 
@@ -159,10 +179,10 @@ def flagged(page, index):
     return card(page, index).locator(".flagged-list .field").evaluate_all("rows => rows.map(row => row.dataset.pointer)")
 
 
-def exported(page) -> bytes:
+def exported(page, name="corrections-review.jsonl") -> bytes:
     with page.expect_download() as info:
         page.click("#export")
-    assert info.value.suggested_filename == "corrections.jsonl"
+    assert info.value.suggested_filename == name
     with open(info.value.path(), "rb") as file:
         return file.read()
 
@@ -175,10 +195,13 @@ def test_edits_export_as_python_writes_them_and_survive_a_reload(chromium, revie
         assert page.text_content("#status") == "0 of 5 documents reviewed · 6 of 6 flagged fields untouched"
         assert flagged(page, 0) == ["/salesman", "/products/1/cases"]  # in document order, the rest hidden
         assert card(page, 0).locator(".all-fields").is_hidden() and card(page, 2).locator("textarea").is_visible()
-        assert str(tmp_path / "corrections.jsonl") in page.text_content(".help")
-        assert page.evaluate("document.querySelector('section.card img').naturalWidth") == 1024
-        card(page, 0).locator("img").click()
+        assert "corrections-review.jsonl" in page.text_content(".help") and str(tmp_path) in page.text_content(".help")
+        assert page.locator("section.card").evaluate_all("cards => cards.map(card => Number(card.dataset.index))") == SHOWN
+        assert card(page, 0).locator("img").evaluate("img => img.naturalWidth") == 640
+        card(page, 0).locator("img").click()  # the full image, from its file
         assert page.locator("#zoom").is_visible()
+        page.wait_for_function("document.querySelector('#zoom img').complete")
+        assert page.evaluate("document.querySelector('#zoom img').naturalWidth") == 1400
         page.keyboard.press("Escape")
         assert page.locator("#zoom").is_hidden()
 
@@ -222,14 +245,14 @@ def test_edits_export_as_python_writes_them_and_survive_a_reload(chromium, revie
 
         status = "5 of 5 documents reviewed · 3 of 5 flagged fields untouched"
         assert page.text_content("#status") == status
-        lines = [json.dumps({"image": row["image"], "prefix": PROMPT, "suffix": json.dumps(value, separators=layout)})
-                 for row, value in zip(rows, expected)]
+        lines = [json.dumps({"image": rows[k]["image"], "prefix": PROMPT, "suffix": json.dumps(expected[k], separators=layout),
+                             "folder": str(tmp_path)}) for k in SHOWN]
         first = exported(page)
         assert first.decode("ascii").splitlines() == lines  # row by row, byte for byte
         assert first == ("\n".join(lines) + "\n").encode()
 
         page.reload()
-        assert page.evaluate("Object.keys(localStorage)") == ["paligemma-json-review:" + RUN_KEY]
+        assert page.evaluate("Object.keys(localStorage)") == ["paligemma-json-review:" + run_key(tmp_path)]
         assert page.text_content("#status") == status
         assert field(page, 0, "/salesman", "flagged-list").input_value() == "Ana Müller"
         assert field(page, 0, "/dock").input_value() == "" and field(page, 0, "/products/1/cases").input_value() == "17"
@@ -239,8 +262,8 @@ def test_edits_export_as_python_writes_them_and_survive_a_reload(chromium, revie
 
         # Predicted again, document 0 reads differently: its old edits do not apply, the others' do.
         changed = {**records[0], "route": "R000"}
-        write_review_page([{**rows[0], "prediction": json.dumps(changed)}, *rows[1:]], str(path), threshold=THRESHOLD,
-                          schema=review[3], run_key=RUN_KEY, source_dir=str(tmp_path))
+        write_review(write_predictions(tmp_path, [{**rows[0], "prediction": json.dumps(changed)}, *rows[1:]]),
+                     str(tmp_path), threshold=THRESHOLD, schema=review[3], source_dir=str(tmp_path))
         page.reload()
         assert field(page, 0, "/salesman", "flagged-list").input_value() == records[0]["salesman"]
         assert not card(page, 0).locator(".reviewed").is_checked() and card(page, 1).locator(".reviewed").is_checked()
@@ -267,7 +290,8 @@ def test_the_page_writes_numbers_and_strings_as_python_does(chromium, tmp_path):
 def test_the_loop_on_the_demo_predict_review_export_and_train_on_it(chromium, demo_run, demo_assets, tmp_path):
     """The README's three commands on the demo's model: --predict on new pages writes review.html; in
     the browser a flagged string and a number are corrected, a line item deleted, two pages marked
-    reviewed, the export saved where the page says; the next run's train split takes those rows."""
+    reviewed, the export saved in another folder, as a browser's download is; the next run's train
+    split takes those rows, their photos found in the folder the export carries."""
     import finetune_paligemma2 as flow
     from paligemma_json.corrections import add_corrections
     folder = str(tmp_path / "new-pages")
@@ -297,12 +321,224 @@ def test_the_loop_on_the_demo_predict_review_export_and_train_on_it(chromium, de
     assert problems == []
     value.update(salesman="Ana Müller", pallet_number=7)
     value["products"] = value["products"][1:]
-    lines = [json.loads(line) for line in export.decode("ascii").splitlines()]
-    assert [line["image"] for line in lines] == [rows[first]["image"], rows[second]["image"]]
-    assert json.loads(lines[0]["suffix"]) == value and lines[0]["suffix"] == json.dumps(value)
-    assert lines[1]["suffix"] == json.dumps(json.loads(rows[second]["prediction"]))
-    (tmp_path / "new-pages" / "corrections.jsonl").write_bytes(export)  # where the page says to save it
+    lines = {line["image"]: line for line in map(json.loads, export.decode("ascii").splitlines())}
+    assert sorted(lines) == sorted([rows[first]["image"], rows[second]["image"]])  # in the page's order
+    assert {line["folder"] for line in lines.values()} == {folder}
+    assert json.loads(lines[rows[first]["image"]]["suffix"]) == value
+    assert lines[rows[first]["image"]]["suffix"] == json.dumps(value)
+    assert lines[rows[second]["image"]]["suffix"] == json.dumps(json.loads(rows[second]["prediction"]))
+    (tmp_path / "downloads").mkdir()
+    (tmp_path / "downloads" / "corrections-review.jsonl").write_bytes(export)
     splits = flow.load_splits(demo_assets[0], PROMPT)
     before = len(splits["train"])
-    assert add_corrections(splits, f"{folder}/corrections.jsonl", PROMPT) == 2
-    assert splits["train"][before][1]["suffix"] == lines[0]["suffix"]
+    assert add_corrections(splits, [str(tmp_path / "downloads" / "corrections-review.jsonl")], PROMPT) == 2
+    assert {entry["image"]: entry["suffix"] for entry in splits["train"].entries[before:]} == {
+        os.path.join(folder, image): line["suffix"] for image, line in lines.items()}
+
+
+# --- A backlog: ordered, paged, bounded --------------------------------------------------------
+
+UNREADABLE = {7: "empty file (0 bytes)", 130: "cannot identify image file", 249: "image file is truncated"}
+HELD_OUT = 11  # a photo the trained run held out: shown, never exported
+
+
+def backlog(folder, count=250) -> list[dict]:
+    """`count` rows as --predict writes them over small generated photos in `folder`/photos: three
+    unreadable, one held out, every 50th cut off, the rest with 0 to 6 fields below THRESHOLD (at
+    random confidences), written to `folder`/predict.jsonl."""
+    rng, photos = random.Random(5), os.path.join(folder, "photos")
+    os.makedirs(photos)
+    rows = []
+    for k in range(count):
+        name = f"doc-{k:04d}.jpg"
+        path = os.path.join(photos, name)
+        row = {"image": name, "image_path": path, "prefix": PROMPT, "truncated": False}
+        if k in UNREADABLE:
+            open(path, "wb").close()
+            rows.append({**row, "prediction": "", "confidence": [], "parsed": False, "unreadable": UNREADABLE[k]})
+            continue
+        Image.new("RGB", (48, 64), (rng.randrange(256), 200, 120)).save(path)
+        text = json.dumps(make_manifest(random.Random(k)))
+        if k % 50 == 3:
+            rows.append({**row, "prediction": text[:120], "truncated": True, "confidence": [], "parsed": False})
+            continue
+        pointers = [pointer for *_, pointer in leaf_spans(text)]
+        flagged = 6 if k == HELD_OUT else rng.randrange(7)  # the held-out one on page 1
+        low = {pointer: rng.uniform(0.05, THRESHOLD - 0.01) for pointer in rng.sample(pointers, flagged)}
+        rows.append({**row, "prediction": text, "confidence": confidences(text, low), "parsed": True,
+                     **({"held_out": "test's IMG_0014.jpg"} if k == HELD_OUT else {})})
+    write_predictions(folder, rows)
+    return rows
+
+
+def most_needed_first(rows) -> list[int]:
+    """The promised order: unreadable files, predictions that are not JSON or were cut off, then the
+    most flagged fields (ties: the lowest confidence), then nothing flagged; the folder's order last."""
+    def need(k):
+        row = rows[k]
+        flags = [field["confidence"] for field in row["confidence"] if field["confidence"] < THRESHOLD]
+        kind = 0 if "unreadable" in row else 1 if not row["parsed"] else 2 if flags else 3
+        return kind, -len(flags), min(flags, default=1.0), k
+    return sorted(range(len(rows)), key=need)
+
+
+def pages_of(folder) -> dict:
+    """Each review page's name and data, in name order."""
+    pages = {}
+    for name in sorted(os.listdir(folder)):
+        if re.fullmatch(r"review-\d+\.html", name):
+            parser = PageParser()
+            parser.feed(open(os.path.join(folder, name), encoding="utf-8").read())
+            pages[name] = data_block(parser)
+    return pages
+
+
+def page_bound(folder, name, rows) -> int:
+    """The stated bound: the page's own bytes, the photos' folder (in its help and data), and per
+    document its photo, its predict.jsonl line six times (the escapes at worst) and its link's paths."""
+    documents = pages_of(folder)[name]["documents"]
+    lines = [len(json.dumps(rows[document["row"]])) + 1 for document in documents]
+    links = [3 * (len(os.path.abspath(rows[document["row"]]["image_path"])) + len(os.path.abspath(folder)))
+             for document in documents]
+    return (PAGE_OWN_BYTES + 12 * len(os.path.abspath(os.path.join(folder, "photos")))
+            + sum(PHOTO_BYTES + 6 * line + link + 200 for line, link in zip(lines, links)))
+
+
+def test_a_backlog_is_paged_most_needed_first_under_an_index(tmp_path):
+    rows = backlog(str(tmp_path))
+    said = write_review(str(tmp_path / "predict.jsonl"), str(tmp_path), threshold=THRESHOLD, schema=None,
+                        source_dir=str(tmp_path / "photos"))
+    assert said.startswith(f"review: open {tmp_path}/review.html in a browser (3 pages of up to 100 documents")
+    pages = pages_of(tmp_path)
+    assert list(pages) == ["review-001.html", "review-002.html", "review-003.html"]
+    assert [len(page["documents"]) for page in pages.values()] == [PAGE_SIZE, PAGE_SIZE, 50]
+    shown = [document["row"] for page in pages.values() for document in page["documents"]]
+    assert shown == most_needed_first(rows)
+    assert shown[:3] == sorted(UNREADABLE)  # always shown, first, with their reason
+    assert [(d["unreadable"], d["photo"]) for d in pages["review-001.html"]["documents"][:3]] == [
+        (UNREADABLE[k], None) for k in sorted(UNREADABLE)]
+    assert [page["export_name"] for page in pages.values()] == [f"corrections-review-00{k}.jsonl" for k in (1, 2, 3)]
+    held = [d for page in pages.values() for d in page["documents"] if d.get("held_out")]
+    assert [(d["row"], d["held_out"]) for d in held] == [(HELD_OUT, "test's IMG_0014.jpg")]
+    index = (tmp_path / "review.html").read_text(encoding="utf-8")
+    assert re.findall(r'<a href="([^"]+)">', index) == list(pages)
+    assert "<script" not in index and "data:" not in index
+    for name in pages:
+        assert os.path.getsize(tmp_path / name) <= page_bound(str(tmp_path), name, rows), name
+
+    # Fewer documents the next time: review.html is the one page, and the earlier pages are gone.
+    write_predictions(str(tmp_path), rows[:40])
+    write_review(str(tmp_path / "predict.jsonl"), str(tmp_path), threshold=THRESHOLD, schema=None,
+                 source_dir=str(tmp_path / "photos"))
+    assert sorted(name for name in os.listdir(tmp_path) if name.endswith(".html")) == ["review.html"]
+    parser = PageParser()
+    parser.feed((tmp_path / "review.html").read_text(encoding="utf-8"))
+    assert [d["row"] for d in data_block(parser)["documents"]] == most_needed_first(rows[:40])
+
+
+def test_a_page_of_large_noisy_photos_holds_its_size_bound(tmp_path):
+    """Noise is JPEG's worst case: each photo still fits PHOTO_BOX and PHOTO_BYTES, so each page fits
+    the stated bound; a large plain scan is fitted into the box; the full image stays one click away."""
+    rng = random.Random(3)
+    os.makedirs(tmp_path / "photos")
+    rows = []
+    for k in range(7):
+        path = str(tmp_path / "photos" / f"scan-{k}.png")
+        plain = Image.new("RGB", (2000, 3000), (230, 228, 220))  # compresses to little: only the box shrinks it
+        (plain if k == 6 else Image.frombytes("RGB", (900, 1400), rng.randbytes(900 * 1400 * 3))).save(
+            path, compress_level=0 if k < 6 else 6)
+        text = json.dumps(make_manifest(random.Random(k)))
+        rows.append({"image": f"scan-{k}.png", "image_path": path, "prefix": PROMPT, "prediction": text,
+                     "truncated": False, "confidence": confidences(text, {}), "parsed": True})
+    write_review(write_predictions(str(tmp_path), rows), str(tmp_path), threshold=THRESHOLD, schema=None,
+                 source_dir=str(tmp_path / "photos"), page_size=4)
+    pages = pages_of(tmp_path)
+    assert [len(page["documents"]) for page in pages.values()] == [4, 3]
+    for name, page in pages.items():
+        for document in page["documents"]:
+            assert len(document["photo"]) <= PHOTO_BYTES
+            photo = Image.open(io.BytesIO(base64.b64decode(document["photo"].split(",", 1)[1])))
+            assert photo.width <= PHOTO_BOX[0] and photo.height <= PHOTO_BOX[1]
+            if document["image"] == "scan-6.png":
+                assert photo.size == (640, 960)
+            assert document["full"] == f"photos/{document['image']}"
+        assert os.path.getsize(tmp_path / name) <= page_bound(str(tmp_path), name, rows), name
+
+
+def test_ordering_a_backlog_keeps_a_few_numbers_a_document(tmp_path):
+    """The order is taken from predict.jsonl on disk, never holding the rows: what it keeps grows by
+    under 400 bytes a document (measured about 160), between 200 and 1,200 rows of 2 KB each."""
+    import tracemalloc
+    text = json.dumps(make_manifest(random.Random(0)))
+    kept = {}
+    for count in (200, 1200):
+        rows = [{"image": f"IMG_{k:05d}.jpg", "image_path": f"/photos/IMG_{k:05d}.jpg", "prefix": PROMPT,
+                 "prediction": text, "truncated": False, "confidence": confidences(text, {"/dock": k / count}),
+                 "parsed": True} for k in range(count)]
+        path = write_predictions(str(tmp_path), rows)
+        tracemalloc.start()
+        order = review_order(path, THRESHOLD)
+        kept[count] = tracemalloc.get_traced_memory()[0]
+        tracemalloc.stop()
+        assert len(order) == count
+    assert (kept[1200] - kept[200]) / 1000 < 400
+
+
+def test_overwrite_removes_every_review_page(tmp_path):
+    from paligemma_json.plan import prepare_output_dir
+    for name in ("final", "review-001.html", "review-002.html", "review.html", "notes-review-1.html"):
+        (tmp_path / name).mkdir() if name == "final" else (tmp_path / name).write_text("")
+    prepare_output_dir(str(tmp_path), overwrite=True, resume=False, demo=False)
+    assert os.listdir(tmp_path) == ["notes-review-1.html"]  # the user's own file stays
+
+
+def test_page_two_exports_its_own_file_and_the_next_run_takes_two_pages(chromium, demo_assets, tmp_path):
+    """In Chromium: the index links the pages; page 2 shows its documents in the promised order; an
+    edit there reaches its own export; page 1 shows the unreadable files and refuses to export the
+    held-out photo; page 2's edit outlives page 1's saves; both exports, saved elsewhere (as a
+    browser's downloads are), join the next run's train split with their photos found."""
+    import finetune_paligemma2 as flow
+    from paligemma_json.corrections import add_corrections
+    rows, photos = backlog(str(tmp_path)), str(tmp_path / "photos")
+    write_review(str(tmp_path / "predict.jsonl"), str(tmp_path), threshold=THRESHOLD, schema=None, source_dir=photos)
+    pages = pages_of(tmp_path)
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    with review_page(chromium, tmp_path / "review.html") as (page, problems):
+        assert page.locator("table.pages tbody tr").count() == 3
+        page.click('a[href="review-002.html"]')
+        shown = [document["row"] for document in pages["review-002.html"]["documents"]]
+        assert page.locator("section.card").evaluate_all("cards => cards.map(card => Number(card.dataset.index))") == shown
+        assert page.text_content("h1").startswith("Review: page 2 of 3, documents 101–200 of 250, ")
+        edited = shown[0]
+        card(page, edited).locator(".show-all").check()
+        field(page, edited, "/salesman").fill("Ana Müller")
+        card(page, edited).locator(".reviewed").check()
+        second = exported(page, "corrections-review-002.jsonl")
+        (downloads / "corrections-review-002.jsonl").write_bytes(second)
+
+        page.click("text=← previous page")
+        assert page.locator("section.card.unreadable").all_text_contents() == [
+            f"doc-{k:04d}.jpgunreadable: {UNREADABLE[k]}the file" for k in sorted(UNREADABLE)]
+        card(page, HELD_OUT).locator(".reviewed").check()
+        assert "held out" in card(page, HELD_OUT).locator(".held-out").text_content()
+        assert page.text_content("#blocked").startswith("not exported: doc-0011.jpg: a photo the trained run held out")
+        kept = next(d["row"] for d in pages["review-001.html"]["documents"] if d["flags"] and d["row"] != HELD_OUT)
+        card(page, kept).locator(".reviewed").check()
+        first = exported(page, "corrections-review-001.jsonl")
+        (downloads / "corrections-review-001.jsonl").write_bytes(first)
+
+        page.click("text=next page →")  # page 2's edit is still there after page 1 saved its own
+        assert field(page, edited, "/salesman").input_value() == "Ana Müller"
+        assert card(page, edited).locator(".reviewed").is_checked()
+    assert problems == []
+    lines = [json.loads(line) for export in (first, second) for line in export.decode("ascii").splitlines()]
+    assert [(line["image"], line["folder"]) for line in lines] == [(rows[kept]["image"], photos),
+                                                                   (rows[edited]["image"], photos)]
+    assert json.loads(lines[1]["suffix"])["salesman"] == "Ana Müller"
+    assert lines[0]["suffix"] == rows[kept]["prediction"]
+    splits = flow.load_splits(demo_assets[0], PROMPT)
+    before = len(splits["train"])
+    assert add_corrections(splits, [str(downloads)], PROMPT) == 2  # the folder: both pages' files, oldest first
+    assert [(entry["image"], entry["suffix"]) for entry in splits["train"].entries[before:]] == [
+        (os.path.join(photos, line["image"]), line["suffix"]) for line in (lines[1], lines[0])]
