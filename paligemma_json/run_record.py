@@ -15,7 +15,7 @@ RECORD_NAME = "run_settings.json"
 # What shapes the trained weights and the checkpoint kept as best. MAX_NEW_TOKENS and NUM_BEAMS are
 # here too: validation generates with them, and its field F1 chooses the best checkpoint.
 # SAVE_STEPS sets where validation runs, so it also decides which checkpoint is kept.
-TRAINING = ("MODEL_ID", "PROMPT", "TRAIN_DATA", "USE_LORA", "USE_QLORA", "FREEZE_VISION", "LORA_RANK",
+TRAINING = ("MODEL_ID", "PROMPT", "TRAIN_DATA", "CORRECTIONS", "USE_LORA", "USE_QLORA", "FREEZE_VISION", "LORA_RANK",
             "LORA_TARGET_MODULES", "LEARNING_RATE", "EFFECTIVE_BATCH", "EPOCHS", "MAX_STEPS", "LR_SCHEDULER",
             "WARMUP_STEPS", "WEIGHT_DECAY", "SEED", "SAVE_STEPS", "EARLY_STOPPING_PATIENCE", "MAX_NEW_TOKENS",
             "NUM_BEAMS")
@@ -25,6 +25,7 @@ PREDICTION = ("MODEL_ID", "PROMPT", "USE_QLORA", "MAX_NEW_TOKENS", "NUM_BEAMS", 
 
 DESCRIBED = {"EFFECTIVE_BATCH": "the effective batch (BATCH_SIZE x GRAD_ACCUM x processes)",
              "TRAIN_DATA": "the train/valid rows (a hash of their images and labels)",
+             "CORRECTIONS": "the review exports trained on (as given)",
              "SCHEMA": "the labels' schema (a hash)"}
 
 
@@ -48,6 +49,9 @@ def run_settings(settings: dict, schema: dict | None, splits: dict, effective_ba
     this version lacks."""
     rows = [(entry["image"], entry["suffix"]) for split in ("train", "valid") for entry in splits[split].entries]
     values = {name: settings[name] for name in TRAINING + PREDICTION if name in settings}
+    # The review exports as given (files or folders), beside TRAIN_DATA, the hash their rows enter.
+    given = settings.get("CORRECTIONS") or []  # a notebook may give one path as a string
+    values["CORRECTIONS"] = [given] if isinstance(given, str) else list(given)
     values.update(MODEL_ID=model_name(settings["MODEL_ID"], settings["OUTPUT_DIR"]), TRAIN_DATA=short_hash(rows),
                   SCHEMA=short_hash(schema), EFFECTIVE_BATCH=effective_batch)
     ignored = ["LORA_RANK", "LORA_TARGET_MODULES"] if not values["USE_LORA"] else []  # a full fine-tune has no adapter

@@ -72,6 +72,7 @@ def test_the_record_holds_what_shapes_the_training_and_the_predictions(finished_
     rows = [json.loads(line) for split in ("train", "valid")
             for line in open(os.path.join(small_export, split, "annotations.jsonl"))]
     assert training["TRAIN_DATA"] == short_hash([(row["image"], row["suffix"]) for row in rows])
+    assert training["CORRECTIONS"] == []  # none given; else each export or folder as given
     assert os.path.isdir(training["MODEL_ID"])  # a local model, by its absolute path
     # Unrecorded, so free to differ: what changes neither; what does nothing in this mode.
     recorded = set(training) | set(prediction)
@@ -192,3 +193,17 @@ def test_an_older_run_without_a_record_resumes_with_a_note(finished_run, tmp_pat
     resume(output_dir, "--learning-rate", "1e-3")
     assert f"has no {RECORD_NAME}" in capsys.readouterr().out
     assert record(output_dir)["training"]["LEARNING_RATE"] == 1e-3  # checked against from now on
+
+
+def test_the_record_names_each_corrections_path_as_given(tmp_path):
+    """A run trained on review exports says which, beside the hash of the rows they added."""
+    from types import SimpleNamespace
+
+    import finetune_paligemma2 as flow
+    from paligemma_json.run_record import run_settings
+    splits = {split: SimpleNamespace(entries=[]) for split in ("train", "valid")}
+    given = ["reviewed/corrections-review-001.jsonl", "downloads/"]
+    settings = {**flow.DEFAULTS, "OUTPUT_DIR": str(tmp_path), "CORRECTIONS": given}
+    assert run_settings(settings, None, splits, 8)["training"]["CORRECTIONS"] == given
+    one = run_settings({**settings, "CORRECTIONS": "reviewed/corrections.jsonl"}, None, splits, 8)  # a notebook's string
+    assert one["training"]["CORRECTIONS"] == ["reviewed/corrections.jsonl"]
