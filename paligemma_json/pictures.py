@@ -1,6 +1,7 @@
 """Pictures of a run: test predictions field by field, and the training curves."""
 
 import os
+import textwrap
 
 from PIL import Image, ImageDraw, ImageFont
 
@@ -56,25 +57,44 @@ def _draw_card(scored: ScoredRow, font, bold, threshold: float) -> Image.Image:
             y += LINE
             draw.text((x, y), text[start:start + 60], fill=(60, 60, 60), font=font)
         return card
+    lines = field_lines(scored, threshold, (bottom - y) // LINE)
+    for number, (text, colour, sureness) in enumerate(lines):
+        y += LINE if number else 0
+        if sureness is not None:  # the model itself was unsure: worth a second look, right or wrong
+            draw.rectangle((x - 2, y, x + draw.textlength(text, font=font) + 2, y + LINE - 1), fill=UNSURE)
+        draw.text((x, y), text, fill=colour, font=font if number else bold)
+    return card
+
+
+MARKS = {"right": ("✓", RIGHT), "wrong": ("✗", WRONG), "missing": ("–", MISSING), "extra": ("+", EXTRA)}
+
+
+def field_lines(scored: ScoredRow, threshold: float, room: int) -> list[tuple[str, tuple, float | None]]:
+    """A card's text lines, `(text, colour, confidence below the threshold or None)`, at most `room` + 1:
+    a count, then each field, errors first. When they do not all fit, the right fields come first as
+    a list of their names (so what the model reads shows on every card), then as many errors as fit."""
     statuses = scored.statuses
     wrong = sum(status != "right" for status, _, _, _ in statuses)
-    draw.text((x, y), f"{len(statuses) - wrong} right, {wrong} wrong, missing or extra", fill="black", font=bold)
-    marks = {"right": ("✓", RIGHT), "wrong": ("✗", WRONG), "missing": ("–", MISSING), "extra": ("+", EXTRA)}
+    lines = [(f"{len(statuses) - wrong} right, {wrong} wrong, missing or extra", (0, 0, 0), None)]
     ordered = sorted(statuses, key=lambda s: s[0] == "right")  # errors first: they matter most
+    if len(ordered) > room:
+        names = list(dict.fromkeys(key for status, key, _, _ in statuses if status == "right"))
+        wrapped = textwrap.wrap("✓ " + ", ".join(names), 70) if names else []
+        lines += [(text, RIGHT, None) for text in wrapped[:2]]  # at most two lines of names
+        if len(wrapped) > 2:
+            lines[-1] = (lines[-1][0] + " …", RIGHT, None)
+        ordered = [status for status in ordered if status[0] != "right"]
     for number, (status, key, true, predicted) in enumerate(ordered):
-        y += LINE
-        if y > bottom:
-            draw.text((x, y), f"... {len(ordered) - number} more", fill=(90, 90, 90), font=font)
+        if len(lines) > room:
+            lines[-1] = (f"... {len(ordered) - number + 1} more", (90, 90, 90), None)
             break
-        mark, colour = marks[status]
+        mark, colour = MARKS[status]
         value = f"{predicted} → {true}" if status == "wrong" else true or predicted
         text = f"{mark} {key}: {value}"[:70]
         sureness = scored.confidence_of(key, predicted, default=1.0)
-        if sureness < threshold:  # the model itself was unsure: worth a second look, right or wrong
-            text += f"  ? {sureness:.2f}"
-            draw.rectangle((x - 2, y, x + draw.textlength(text, font=font) + 2, y + LINE - 1), fill=UNSURE)
-        draw.text((x, y), text, fill=colour, font=font)
-    return card
+        unsure = sureness < threshold
+        lines.append((text + (f"  ? {sureness:.2f}" if unsure else ""), colour, sureness if unsure else None))
+    return lines
 
 
 def draw_predictions(rows: list[ScoredRow], path: str, max_cards: int = 8, columns: int = 2,

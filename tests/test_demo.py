@@ -184,3 +184,21 @@ def test_the_metrics_table_is_printed(run, metrics):
     assert [line.split() for line in printed[written - len(expected):written]] == expected
     accuracies = [field["accuracy"] for _, field in fields]
     assert accuracies == sorted(accuracies)  # worst first
+
+
+def test_the_predictions_picture_shows_what_the_model_reads_on_every_card(run):
+    """The demo's model reads one field, `copy`; its cards have more fields than fit, errors first. Each
+    drawn card whose `copy` is right names it among the right fields, whatever was cut."""
+    from paligemma_json.metrics import score_rows
+    from paligemma_json.pictures import CARD_HEIGHT, LINE, RIGHT, field_lines
+    scored = score_rows([json.loads(line) for line in open(os.path.join(run[0], "predictions.jsonl"))])[:8]
+    room = (CARD_HEIGHT - 2 * LINE - 4 - 30) // LINE  # as _draw_card lays a card out
+    shown = 0
+    for row in scored:
+        lines = field_lines(row, 0.5, room)
+        assert len(lines) <= room + 1
+        right = " ".join(text for text, colour, _ in lines if colour == RIGHT)
+        copy_right = any(status == "right" and key == "copy" for status, key, _, _ in row.statuses)
+        assert ("copy" in right) == copy_right
+        shown += copy_right
+    assert shown >= 5  # the colour is read on at least 75% of test pages (test_reads_the_page.py)
