@@ -151,9 +151,10 @@ def download_dataset(dataset_dir: str, workspace: str, project: str, version: in
 
 if __name__ == "__main__" and run.mode == "train":
     if DEMO:
-        from paligemma_json.demo import build_demo
+        from paligemma_json.demo import build_demo, new_pages_dir
         build_demo(OUTPUT_DIR, SEED, reuse=RESUME)
-        print(f"demo: dataset in {DATASET_DIR}, tiny model in {MODEL_ID}")
+        print(f"demo: dataset in {DATASET_DIR}, tiny model in {MODEL_ID}; new pages to try --predict on in "
+              f"{new_pages_dir(OUTPUT_DIR)}")
     else:
         download_dataset(DATASET_DIR, ROBOFLOW_WORKSPACE, ROBOFLOW_PROJECT, ROBOFLOW_VERSION)
 
@@ -704,6 +705,7 @@ if __name__ == "__main__" and run.mode == "evaluate":
 from paligemma_json.confidence import prediction_confidence
 from paligemma_json.documents import DocumentImages
 from paligemma_json.model_card import write_merged_card
+from paligemma_json.dataset_report import held_out_marker
 from paligemma_json.plan import Launch, trained_run  # a finished run's final/, or a one-line reason
 from paligemma_json.predict import Backlog, prediction_settings, trained_budget  # streamed, resumable
 from paligemma_json.review import write_review  # pages of flagged fields, edited, exported
@@ -722,8 +724,11 @@ def predict_documents(output_dir: str, path: str, prompt: str, generation: Gener
     processor, model = load_processor(final_dir), load_trained_model(final_dir, generation.dtype, use_qlora)
     constraint = build_constraint(schema, processor, constrained)
 
+    held_out = held_out_marker(output_dir)  # a document that is one of the run's valid or test photos
+
     def decode(batch):  # where --predict decodes: one batch of readable images at a time
-        return predict_rows(model, processor, batch, generation, constraint=constraint, temperature=temperature)
+        rows = predict_rows(model, processor, batch, generation, constraint=constraint, temperature=temperature)
+        return held_out(rows)
     tally = backlog.finish(decode, generation.batch_size, threshold)  # appended per batch, then merged in order
     if tally is None:
         return None

@@ -7,7 +7,7 @@ import statistics
 from dataclasses import dataclass
 
 from paligemma_json import FlowError
-from paligemma_json.files import write_json_atomically
+from paligemma_json.files import read_saved_json, write_json_atomically
 from paligemma_json.json_text import json_type, key_paths
 from paligemma_json.plan import RunPlan
 from paligemma_json.run_record import check_run_settings
@@ -66,6 +66,41 @@ def fingerprints(paths: list[str]) -> list:
         pixels = np.asarray(grey.resize((64, 64), Image.BILINEAR), dtype=np.float32)
         prints.append((imagehash.phash(grey, hash_size=HASH_SIZE), (pixels - pixels.mean()) / (pixels.std() + 1e-6)))
     return prints
+
+
+HELD_OUT_NAME = "held_out.json"  # in OUTPUT_DIR, never final/: --push-to-hub uploads final/
+HELD_OUT_BITS = 12  # a re-encoded or resized copy measured within 12 bits; distinct manifests 16 or more apart
+
+
+def save_held_out(splits: dict, output_dir: str) -> None:
+    """The validation and test photos' perceptual hashes (hashes alone, no pixels), by which --predict
+    marks a document that is one of them: the review page then says its correction would be refused."""
+    records = []
+    for split in ("valid", "test"):
+        data = splits[split]
+        paths = [os.path.join(data.image_directory_path, entry["image"]) for entry in data.entries]
+        for entry, (photo_hash, _) in zip(data.entries, fingerprints(paths)):
+            records.append({"split": split, "image": entry["image"], "hash": str(photo_hash)})
+    write_json_atomically(records, os.path.join(output_dir, HELD_OUT_NAME))
+
+
+def held_out_marker(output_dir: str):
+    """`mark(rows)`: each --predict row whose photo is one the trained run held out gets `held_out`
+    ("test's IMG_0014…"), by its perceptual hash alone (the run's pixels are not kept); no record, no marks."""
+    import imagehash
+    records = read_saved_json(os.path.join(output_dir, HELD_OUT_NAME)) or []
+    known = [(imagehash.hex_to_hash(record["hash"]), f"{record['split']}'s {record['image']}") for record in records]
+
+    def mark(rows) -> list[dict]:
+        rows = list(rows)  # predict_rows yields them
+        if not known:
+            return rows
+        for row, (photo_hash, _) in zip(rows, fingerprints([row["image_path"] for row in rows])):
+            distance, name = min((photo_hash - held, name) for held, name in known)
+            if distance <= HELD_OUT_BITS:
+                row["held_out"] = name
+        return rows
+    return mark
 
 
 def cross_split_leaks(splits: dict, paths: dict) -> dict:
@@ -204,6 +239,7 @@ def check_data(splits: dict, tokenizer, settings: dict, run: RunPlan, schema: di
     check_run_settings(as_run, run, schema, splits)  # then OUTPUT_DIR/run_settings.json
     if run.writes:
         save_label_schema(schema, run.output_dir)
+        save_held_out(splits, run.output_dir)  # so --predict can say which documents were held out
         if settings["DATASET_REPORT"]:
             report_dataset(splits, lengths, max_new_tokens, run.output_dir, settings["STRICT"])
     return CheckedData(lengths, max_new_tokens, as_run)

@@ -248,6 +248,18 @@ def demo_paths(output_dir: str) -> tuple[str, str]:
     return os.path.join(output_dir, "demo-dataset"), os.path.join(output_dir, "demo-model")
 
 
+NEW_PAGES = 6  # unlabelled pages the demo leaves to try --predict and the review page on
+
+
+def write_new_pages(folder: str, seed: int = 0, count: int = NEW_PAGES) -> None:
+    """Pages in no split, made as the others but from their own random stream, so the demo's dataset and
+    figures are the same with or without them: `new-page-1.jpg` ..."""
+    rng = random.Random(seed + 2)  # seed: the dataset's; seed + 1: the tokenizer's extra records
+    os.makedirs(folder, exist_ok=True)
+    for number in range(1, count + 1):
+        render_manifest(make_manifest(rng), rng).save(os.path.join(folder, f"new-page-{number}.jpg"), quality=85)
+
+
 def build_demo(output_dir: str, seed: int = 0, reuse: bool = False) -> tuple[str, str]:
     """Writes the demo dataset and tiny model under `output_dir` (or, with `reuse`, keeps those an
     earlier demo left there, as a resumed run needs); returns their paths."""
@@ -260,4 +272,10 @@ def build_demo(output_dir: str, seed: int = 0, reuse: bool = False) -> tuple[str
         extra = [json.dumps(make_manifest(extra_rng)) for _ in range(EXTRA_TOKENIZER_RECORDS)]
         # Never the test labels: merges fitted to them would inflate the demo's score.
         build_tiny_model(train_demo_tokenizer(labels["train"] + labels["valid"] + extra), model_dir, seed)
+    if not (reuse and os.path.isdir(new_pages_dir(output_dir))):
+        write_new_pages(new_pages_dir(output_dir), seed)
     return dataset_dir, model_dir
+
+
+def new_pages_dir(output_dir: str) -> str:
+    return os.path.join(output_dir, "demo-new-pages")

@@ -111,5 +111,7 @@ class DocumentImages(Dataset, DocumentDataset):
 
 
 def document_row(row: dict) -> dict:
-    """A `--predict` row: the prediction row's keys but the (empty) label, and whether it parses."""
-    return {**{key: row[key] for key in PREDICT_KEYS}, "parsed": parse_json(row["prediction"]) is not None}
+    """A `--predict` row: the prediction row's keys but the (empty) label, whether it parses, and where
+    the photo is one the trained run held out, which (`held_out`)."""
+    return {**{key: row[key] for key in PREDICT_KEYS}, "parsed": parse_json(row["prediction"]) is not None,
+            **({"held_out": row["held_out"]} if row.get("held_out") else {})}  # a photo the run held out

@@ -34,6 +34,8 @@ RUN_OUTPUTS = {
     "demo-dataset": "marks",
     "demo-model": "marks",
     "schema.json": "derived",
+    "held_out.json": "derived",  # the validation and test photos' hashes, for --predict's marks
+    "demo-new-pages": "marks",  # unlabelled pages the demo writes to try --predict on
     "dataset_report.json": "derived",
     "run_settings.json": "derived",
     "training_curves.png": "derived",

@@ -11,6 +11,7 @@ import json
 import os
 import random
 import re
+import shutil
 
 import pytest
 from PIL import Image
@@ -19,7 +20,7 @@ from paligemma_json.confidence import leaf_spans
 from paligemma_json.demo import make_manifest
 from paligemma_json.review import PAGE_OWN_BYTES, PAGE_SIZE, PHOTO_BOX, PHOTO_BYTES, review_order, write_review
 from paligemma_json.schema import infer_schema, with_layout
-from helpers import PageParser, collect_problems, launch_chromium, new_documents, run_script
+from helpers import PageParser, collect_problems, launch_chromium, run_script
 
 PROMPT = "extract data in JSON format"
 THRESHOLD = 0.5
@@ -288,24 +289,32 @@ def test_the_page_writes_numbers_and_strings_as_python_does(chromium, tmp_path):
 
 
 def test_the_loop_on_the_demo_predict_review_export_and_train_on_it(chromium, demo_run, demo_assets, tmp_path):
-    """The README's three commands on the demo's model: --predict on new pages writes review.html; in
-    the browser a flagged string and a number are corrected, a line item deleted, two pages marked
-    reviewed, the export saved in another folder, as a browser's download is; the next run's train
-    split takes those rows, their photos found in the folder the export carries."""
+    """The README's three commands on the demo's model: --predict on the new pages the demo left, with
+    one of its test photos among them (renamed), writes review.html, which marks that photo held out
+    before anything is edited; in the browser a flagged string and a number are corrected, a line item
+    deleted, two pages marked reviewed, the export saved in another folder, as a browser's download is;
+    the next run's train split takes those rows, their photos found in the folder the export carries."""
     import finetune_paligemma2 as flow
     from paligemma_json.corrections import add_corrections
     folder = str(tmp_path / "new-pages")
-    new_documents(folder, count=3)
+    shutil.copytree(os.path.join(demo_run[0], "demo-new-pages"), folder)
+    assert len(os.listdir(folder)) == 6  # the demo's own new pages: --predict has something to read
+    test_photo = json.loads(open(os.path.join(demo_assets[0], "test", "annotations.jsonl")).readline())["image"]
+    shutil.copy(os.path.join(demo_run[0], "demo-dataset", "test", test_photo), os.path.join(folder, "scan-7.jpg"))
     result = run_script("--output-dir", demo_run[0], "--predict", folder)
     assert result.returncode == 0, result.stderr[-2000:]
     page_path = f"{demo_run[0]}/review.html"
     assert f"review: open {page_path} in a browser" in result.stdout
     rows = [json.loads(line) for line in open(f"{demo_run[0]}/predict.jsonl")]
-    parsed = [index for index, row in enumerate(rows) if row["parsed"]]
+    assert {row["image"]: row.get("held_out") for row in rows if row.get("held_out")} == {
+        "scan-7.jpg": f"test's {test_photo}"}  # found by its hash, whatever its name
+    held = next(index for index, row in enumerate(rows) if row.get("held_out"))
+    parsed = [index for index, row in enumerate(rows) if row["parsed"] and index != held]
     assert len(parsed) >= 2, "the demo model writes valid JSON under the constraint"
     first, second = parsed[:2]
     value = json.loads(rows[first]["prediction"])
     with review_page(chromium, page_path) as (page, problems):
+        assert f"held out: test's {test_photo}" in card(page, held).locator(".held-out").text_content()
         flags = flagged(page, first)
         assert flags, "the demo model is unsure of most fields: some are flagged"
         card(page, first).locator(".show-all").check()
