@@ -41,6 +41,7 @@ RUN_OUTPUTS = {
     "predict.jsonl": "derived",  # --predict
     "review.html": "derived",  # --predict's page for checking and correcting it
     "merged": "derived",  # --merge
+    "decoding.jsonl": "derived",  # each decoding's path and cost; a later --predict appends its own lines
 }
 
 
