@@ -673,6 +673,9 @@ def run_check(args) -> Report:
         args.logs_dir = context.logs_dir = os.path.join(out, "logs")
         os.makedirs(args.logs_dir, exist_ok=True)
         context.environment = {"TORCH_LOGS": GOALS_TORCH_LOGS}
+        # One inductor cache for every part: whether it spares a later part its compilation, each run's
+        # decoding.jsonl says (`inductor_cache_hits`, `compile_s`).
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(args.work_dir, "inductor-cache"))
         for part, cap, expected in goals_plan():
             print(f"goals part {part.name}: expected {expected} s on an H100/H200, cap {cap} s", flush=True)
     print(f"gpu_check on {device}: {'smoke, ' if args.smoke else ''}{'quick, ' if args.quick else ''}"
