@@ -823,7 +823,7 @@ MIN_PART_S = 20  # less left than this: a part could not even start its model
 
 def prepare_demo(source: str = "") -> str:
     """The demo run --goals' bf16 agreement decodes, in .whl/demo-run (carried with the wheels): `source`'s
-    final/, demo-dataset/ and run_settings.json, or a --demo trained here first (a few minutes on a CPU)."""
+    final/, demo-dataset/test/ and run_settings.json, or a --demo trained here first (a few minutes on a CPU)."""
     import shutil
     from gpu_check_script import CARRIED_DEMO, SCRIPT
     if not source:
@@ -831,7 +831,7 @@ def prepare_demo(source: str = "") -> str:
         subprocess.run([sys.executable, SCRIPT, "--demo", "--output-dir", source, "--report-to", "none"], check=True,
                        cwd=ROOT)
     shutil.rmtree(CARRIED_DEMO, ignore_errors=True)
-    for name in ("final", "demo-dataset"):
+    for name in ("final", os.path.join("demo-dataset", "test")):  # the model, and the pages it decodes
         shutil.copytree(os.path.join(source, name), os.path.join(CARRIED_DEMO, name))
     shutil.copy(os.path.join(source, "run_settings.json"), CARRIED_DEMO)
     size = sum(os.path.getsize(os.path.join(folder, name)) for folder, _, names in os.walk(CARRIED_DEMO)

@@ -569,23 +569,26 @@ def bf16_agreement(context: Context) -> dict:
 CARRIED_DEMO = os.path.join(ROOT, ".whl", "demo-run")
 
 
-def compare_paths_in_bf16(demo_dir: str, max_new_tokens: int = 0) -> dict:
+def compare_paths_in_bf16(demo_dir: str, max_new_tokens: int = 0, compiled: bool = True) -> dict:
     """Today's path against the compiled step, both in bf16, on the demo run's test pages, free and
     constrained: identical rows, the first differing token of each row that differs, and whether every
     constrained row fits the saved schema. On a GPU the compiled step uses CUDA graphs; on the CPU,
-    inductor's CPU code (what the tests can check). `max_new_tokens` 0: the run's own budget."""
+    inductor's CPU code (what the tests can check). `max_new_tokens` 0: the run's own budget. `compiled`
+    False: the static cache alone, uncompiled (what of a difference the cache's longer, masked sums make)."""
     import torch
     from jsonschema import Draft202012Validator
 
     import finetune_paligemma2 as flow
     from paligemma_json.decoding import FastDecoding
     from paligemma_json.json_text import parse_json
+    from paligemma_json.metrics import compute_metrics
     final_dir = os.path.join(demo_dir, "final")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, processor = flow.load_trained_model(final_dir, torch.bfloat16).eval(), flow.load_processor(final_dir)
     settings = json.load(open(os.path.join(demo_dir, "run_settings.json")))
     budget = max_new_tokens or settings["prediction"]["MAX_NEW_TOKENS"]
-    test = flow.load_splits(os.path.join(demo_dir, "demo-dataset"), "extract data in JSON format")["test"]
+    test_dir = os.path.join(demo_dir, "demo-dataset", "test")  # the test split alone travels
+    test = flow.JSONLDataset(os.path.join(test_dir, "annotations.jsonl"), test_dir, "extract data in JSON format")
     schema = flow.read_saved_schema(final_dir)
     validator = Draft202012Validator(schema)
     result = {"device": device, "pages": len(test), "max_new_tokens": budget}
@@ -594,14 +597,17 @@ def compare_paths_in_bf16(demo_dir: str, max_new_tokens: int = 0) -> dict:
         constraint = flow.build_constraint(schema, processor, constrained)
         rows = {}
         for path in ("today", "compiled"):
-            fast = FastDecoding(True, compiled=True, devices=(device,)) if path == "compiled" else None
+            fast = FastDecoding(True, compiled=compiled, devices=(device,)) if path == "compiled" else None
             generation = flow.GenerationSettings(torch.bfloat16, budget, 1, 8, fast)
             started = time.perf_counter()
-            rows[path] = [row["prediction"] for row in flow.predict_rows(model, processor, test, generation,
-                                                                         constraint=constraint, with_confidence=False)]
+            predicted = list(flow.predict_rows(model, processor, test, generation, constraint=constraint,
+                                               with_confidence=False))
+            rows[path] = [row["prediction"] for row in predicted]
+            result[f"{name}_{path}_field_f1"] = round(compute_metrics(predicted)["field_f1"], 4)  # as right, or not?
             result[f"{name}_{path}_s"] = round(time.perf_counter() - started, 1)
             if fast is not None:
-                result[f"{name}_compiled_path"] = f"fell back: {fast.failed}" if fast.failed else "compiled step"
+                result[f"{name}_compiled_path"] = f"fell back: {fast.failed}" if fast.failed else \
+                    "compiled step" if compiled else "static cache, uncompiled"
         first_differing = []
         for new, old in zip(rows["compiled"], rows["today"]):
             if new != old:
