@@ -347,7 +347,8 @@ def test_goals_smoke_runs_every_part_on_the_cpu_and_prints_the_table(tmp_path):
     results = part_results(result.stdout)
     assert results == {name: "ok" for name in ("goals-run", "decoding", "generation", "bf16-agreement")}, \
         result.stdout[-3000:]
-    table = result.stdout[result.stdout.index("== goals on"):].splitlines()[3:]
+    table = [line for line in result.stdout[result.stdout.index("== goals on"):].splitlines()
+             if line.startswith("| ")][1:]  # the rows, below the header
     assert len(table) == len(gpu_check.GOAL_ROWS) and all("| not measured (CPU) |" in line for line in table), table
     saved = json.loads((out / "gpu_check.json").read_text())
     run = next(part for part in saved["parts"] if part["name"] == "goals-run")["figures"]
