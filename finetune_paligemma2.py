@@ -382,14 +382,13 @@ def collate_fn(batch, processor, dtype: torch.dtype, with_labels: bool = True, p
 # (step 7), the test set (step 8) and new documents (step 10).
 
 # %%
-import time
 from dataclasses import dataclass
 
 from tqdm.auto import tqdm
 
 from paligemma_json.confidence import calibrate_fields, field_confidences
 from paligemma_json.constrained import ChosenTokenProbabilities, build_constraint
-from paligemma_json.decoding import FastDecoding, stop_on_recompiles  # a static cache, a compiled step: a GPU
+from paligemma_json.decoding import FastDecoding, cache_tokens, decode_batch, decoding_split, stop_on_recompiles
 from paligemma_json.distributed import is_sharded, synced_generation
 from paligemma_json.files import append_jsonl, completed_rows
 
@@ -410,7 +409,7 @@ def generate_batch(model, processor, batch, generation: GenerationSettings, cons
     images, eos = len(batch), processor.tokenizer.eos_token_id
     inputs = collate_fn(batch, processor, generation.dtype, with_labels=False).to(model.device)
     prompt_length = inputs["input_ids"].shape[-1]
-    tokens = prompt_length + generation.max_new_tokens
+    tokens = cache_tokens(generation.fast, model, prompt_length, generation.max_new_tokens)  # the split's longest prompt
     fast = generation.fast is not None and generation.fast.use_fast(
         model, generation.num_beams, generation.batch_size, tokens, model.dtype, sharded=is_sharded(model))
     if fast and images < generation.batch_size:  # one compiled shape: filled up with its last image, then dropped
@@ -430,13 +429,9 @@ def generate_batch(model, processor, batch, generation: GenerationSettings, cons
                 logits_processor=processors, stopping_criteria=ahead, return_dict_in_generate=True,
                 synced_gpus=synced_generation(model),  # FSDP: every process steps together
                 **(generation.fast.generate_kwargs(model, generation.batch_size, tokens) if fast else {}))
-    try:
-        recorder, output = decode(fast)
-    except Exception as error:  # no compiler, CUDA graphs failing on this card: today's path, said once
-        if not fast:
-            raise
-        generation.fast.fall_back(error)
-        recorder, output = decode(False)
+    # Timed and counted for decoding.jsonl; where the fast path fails, today's path decodes, said once.
+    recorder, output = decode_batch(generation.fast, decode, fast, images, prompt_length,
+                                    "free" if constraint is None else "constrained", eos)
     probabilities = recorder.probabilities(output.sequences).tolist() if with_confidence else None
     rows = []
     for index, answer in enumerate(output.sequences[:images, prompt_length:].tolist()):
@@ -474,18 +469,17 @@ def predict_rows(model, processor, dataset: JSONLDataset, generation: Generation
 
 
 def predict_to_file(model, processor, dataset: JSONLDataset, path: str, generation: GenerationSettings,
-                    resume: bool = False, shape=None, **decoding) -> list[dict]:
+                    resume: bool = False, shape=None, split: str = "", **decoding) -> list[dict]:
     """`predict_rows` into `path`, each row (`shape(row)` when given) appended and flushed as it is
-    generated; with `resume`, keeps the rows already there and predicts only the rest."""
+    generated; with `resume`, keeps the rows already there and predicts only the rest. Each pass's path
+    and cost: a line printed, and one in decoding.jsonl beside `path` (`split`: the dataset's folder name)."""
     kept = completed_rows(path, dataset.entries) if resume else []
     if kept:
         print(f"predictions: {len(kept)} of {len(dataset)} already in {path}; predicting the rest")
-    started = time.perf_counter()
-    rows = predict_rows(model, processor, dataset, generation, start=len(kept), **decoding)
-    written = append_jsonl(path, kept, map(shape, rows) if shape else rows)
-    if len(written) > len(kept):  # the wait a user feels: decoding, more than training, on a GPU
-        print(f"decoded {len(written) - len(kept)} images in {time.perf_counter() - started:.1f} s "
-              f"({'constrained, then free' if decoding.get('also_free') else 'once each'}): {os.path.basename(path)}")
+    with decoding_split(generation.fast, split or os.path.basename(dataset.image_directory_path), dataset, processor,
+                        os.path.dirname(os.path.abspath(path))):
+        rows = predict_rows(model, processor, dataset, generation, start=len(kept), **decoding)
+        written = append_jsonl(path, kept, map(shape, rows) if shape else rows)
     return written
 
 
@@ -563,6 +557,7 @@ def build_trainer(model, processor, train_dataset, valid_dataset, generation: Ge
                                         pad_multiple=STEADY_MULTIPLE if arguments.torch_compile else 1),
         # Free decoding: the raw model's learning signal, which a constraint would hide.
         predict_rows=functools.partial(predict_rows, generation=generation, with_confidence=False),
+        decoding=generation.fast,  # each validation's decoding recorded in decoding.jsonl
         callbacks=early_stopping(early_stopping_patience),  # on validation field F1
     )
 
@@ -729,7 +724,8 @@ def predict_documents(output_dir: str, path: str, prompt: str, generation: Gener
     def decode(batch):  # where --predict decodes: one batch of readable images at a time
         rows = predict_rows(model, processor, batch, generation, constraint=constraint, temperature=temperature)
         return held_out(rows)
-    tally = backlog.finish(decode, generation.batch_size, threshold)  # appended per batch, then merged in order
+    with decoding_split(generation.fast, "predict", documents, processor, output_dir, launch.rank, launch.processes):
+        tally = backlog.finish(decode, generation.batch_size, threshold)  # appended per batch, then merged in order
     if tally is None:
         return None
     # The review loop: check the flagged fields in a browser, export corrections, train on them.

@@ -65,6 +65,8 @@ class Context:
     log_path: str  # each script run's output tail is appended here
     deadline: float = 0.0  # the current part's cap, as time.time()
     made: dict = field(default_factory=dict)  # what earlier parts left for later ones: paths
+    logs_dir: str = ""  # each run's whole output (default: the work dir's logs/); --goals: $OUT/logs, returned
+    environment: dict = field(default_factory=dict)  # more for every run (--goals: TORCH_LOGS)
 
     def seconds_left(self) -> float:
         return max(1.0, self.deadline - time.time())
@@ -103,20 +105,21 @@ class GpuMemoryPeak:
         self.stop.set()
 
 
-def child_environment() -> dict:
+def child_environment(extra: dict | None = None) -> dict:
     # Unbuffered, so a run cut off at its cap still shows how far it got.
-    return {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", **(extra or {})}
 
 
 def run_logged(command: list[str], context: Context, label: str, timeout: float | None = None) -> dict:
     """Runs `command` in its own process group, killed whole at the part's cap; its output goes to a file
     in the work dir and its tail to the returned log. Returns rc, stdout text, wall seconds, GPU peak."""
-    output_path = os.path.join(context.work_dir, "logs", label.replace(" ", "_") + ".log")
+    output_path = os.path.join(context.logs_dir or os.path.join(context.work_dir, "logs"),
+                               re.sub(r"[^\w.-]+", "_", label) + ".log")
     os.makedirs(os.path.dirname(output_path), exist_ok=True)
     started = time.time()
     with open(output_path, "w") as output, GpuMemoryPeak() as memory:
         process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, cwd=ROOT,
-                                   env=child_environment(), start_new_session=True)
+                                   env=child_environment(context.environment), start_new_session=True)
         try:
             returncode = process.wait(timeout=timeout or context.seconds_left())
         except subprocess.TimeoutExpired:
@@ -222,15 +225,16 @@ def demo(context: Context) -> dict:
     return run
 
 
-def small_dataset(context: Context) -> str:
-    """A few rows of the demo's export per split (the demo part's, else built here)."""
+def small_dataset(context: Context, sizes: dict | None = None, folder: str = "small-export") -> str:
+    """A few rows of the demo's export per split (the demo part's, else built here); `sizes`: how many (None:
+    all of the split)."""
     from paligemma_json.demo import build_demo, demo_paths
     source, model_dir = demo_paths(context.made.get("demo_dir", os.path.join(context.work_dir, "assets")))
     if not (os.path.isdir(source) and os.path.isdir(model_dir)):
         source, model_dir = build_demo(os.path.join(context.work_dir, "assets"))
-    target = os.path.join(context.work_dir, "small-export")
+    target = os.path.join(context.work_dir, folder)
     shutil.rmtree(target, ignore_errors=True)
-    for split, count in SMALL_SPLITS.items():
+    for split, count in (sizes or SMALL_SPLITS).items():
         os.makedirs(os.path.join(target, split))
         with open(os.path.join(source, split, "annotations.jsonl")) as annotations:
             rows = annotations.readlines()[:count]
@@ -250,6 +254,7 @@ def real_width_shape(smoke: bool) -> dict:
 
 
 def real_width_arguments(context: Context, *extra: str) -> list[str]:
+    """The real-width runs' flags; `extra` last, so it overrides (argparse keeps a flag's last value)."""
     steps, batch, tokens = ("2", "1", "8") if context.smoke else ("4", "2", "24")
     return ["--dataset-dir", context.made["small_export"], "--model-id", context.made["real_width_model"],
             "--max-steps", steps, "--save-steps", steps, "--batch-size", batch, "--grad-accum", "1",
@@ -347,27 +352,44 @@ def predict(context: Context) -> dict:
             "parsed": sum(bool(row.get("parsed")) for row in rows)}
 
 
+def decoding_records(output_dir: str, since: int = 0) -> list[dict]:
+    """The lines the script appended to `output_dir`/decoding.jsonl after the first `since`: which path
+    decoded each split and pass, and what it cost. Never a regex over the printed output: a line such as
+    "decoding: constrained to the labels' schema" is printed before any decoding, on every path."""
+    from paligemma_json.decoding import read_records
+    return read_records(output_dir)[since:]
+
+
+RECORD_FIGURES = ("path", "split_wall_s", "seconds", "compile_s", "ms_per_step", "graphs_compiled", "recompilations",
+                  "cudagraph_skips", "reason")
+
+
+def record_figures(record: dict) -> dict:
+    return {key: record.get(key) for key in RECORD_FIGURES}
+
+
 def decoding(context: Context) -> dict:
-    """The decoding issue's test-set row: `--predict` on the demo's 24 test pages with the real-width
-    run's adapter at the labels' budget (218 tokens), today's path (`--no-fast-decoding`) and then the
-    fast one, whose wall time includes its compilation. Each run's own "predicted N images in S s" line."""
+    """The decoding issue's test-set decoding: `--predict` on the demo's 24 test pages with the real-width
+    run's adapter at the labels' budget (218 tokens), the fast path first, then today's (`--no-fast-decoding`).
+    Each run's figures come from the line it appended to decoding.jsonl, which names the path that produced
+    them: `speedup` only where the fast run's path is the compiled step (`fast_path` says otherwise)."""
     lora_dir = context.needs("lora_dir", "real-width-lora")
     images = test_images(context, "demo_export", "decoding-images", 4 if context.smoke else None)
     figures = {"images": len(os.listdir(images))}
-    for label, flags in (("today", ["--no-fast-decoding"]), ("fast", [])):
+    for label, flags in (("fast", []), ("today", ["--no-fast-decoding"])):
+        since = len(decoding_records(lora_dir))
         result = run_script(["--output-dir", lora_dir, "--predict", images, "--max-new-tokens",
                              "8" if context.smoke else "218", "--eval-batch-size", "8", *flags], context,
                             f"decoding-{label}")
         succeeded(result, f"decoding-{label}")
-        # --predict's own line since it streams (issue 33); a per-decoding "decoded" line, where there is one
-        decoded = re.search(r"(?:decoded|predicted) \d+ images in ([\d.]+) s", result["stdout"])
-        if decoded is None:
-            raise RuntimeError(f"decoding-{label}: no 'predicted N images in S s' line")
-        figures[f"{label}_s"] = float(decoded.group(1))
-        fell_back = re.search(r"decoding: .*", result["stdout"])
-        if fell_back:
-            figures[f"{label}_note"] = fell_back.group(0)[:200]
-    figures["speedup"] = round(figures["today_s"] / figures["fast_s"], 2)
+        records = [record for record in decoding_records(lora_dir, since) if record["split"] == "predict"]
+        if len(records) != 1:
+            raise RuntimeError(f"decoding-{label}: {len(records)} lines in decoding.jsonl for its --predict, not 1")
+        figures.update({f"{label}_{key}": value for key, value in record_figures(records[0]).items()})
+        figures[f"{label}_s"] = records[0]["split_wall_s"]
+    if figures["fast_path"] == "compiled step" and figures["today_path"].startswith("dynamic cache"):
+        figures["speedup"] = round(figures["today_s"] / figures["fast_s"], 2)
+        figures["steady_speedup"] = round(figures["today_ms_per_step"] / figures["fast_ms_per_step"], 2)
     if "train_samples_per_s" in context.made:
         figures.update(default_run_projection(context.made["train_samples_per_s"], figures))
     return figures
@@ -380,13 +402,15 @@ def default_run_projection(train_samples_per_s: float, figures: dict) -> dict:
     """A default real run (20 epochs of 150 pages, evaluated every epoch) from the measured rates: its
     training steps, and the pages it decodes (validation at each evaluation, the threshold's pass over
     validation, the test set constrained and free) at each path's seconds per page, compilation included
-    (paid once a run, so the fast path's figure is an upper bound)."""
+    (paid once a run: counted once)."""
     run = DEFAULT_RUN
     pages = run["epochs"] * run["valid"] + run["valid"] + 2 * run["test"]
     projection = {"default_run_training_s": round(run["epochs"] * run["train"] / train_samples_per_s),
                   "default_run_pages_decoded": pages}
-    for label in ("today", "fast"):
-        projection[f"default_run_decoding_{label}_s"] = round(pages * figures[f"{label}_s"] / figures["images"])
+    for label in ("today", "fast"):  # the compilation once, the rest per page
+        compile_s = figures.get(f"{label}_compile_s") or 0
+        per_page = (figures[f"{label}_s"] - compile_s) / figures["images"]
+        projection[f"default_run_decoding_{label}_s"] = round(pages * per_page + compile_s)
     return projection
 
 
@@ -491,6 +515,113 @@ def resume(context: Context) -> dict:
     return figures
 
 
+# --- The goals (--goals): what the decoding issue's goals table needs, nothing else -----------------------
+
+GOALS_SPLITS = {"train": 8, "valid": 2, "test": None}  # the test step on the demo's 24 test pages
+GOALS_TOKENS = 218  # the labels' budget (the demo's labels, at the script's sizing)
+
+
+def goals_run(context: Context) -> dict:
+    """The real-width run as a user runs it (448 px, full depth, LoRA, 4 steps), its test split the demo's
+    24 pages at 218 new tokens: its training and MFU lines, and every decoding it did, from its own
+    decoding.jsonl (validation, the threshold's pass, the test step's constrained and free passes)."""
+    context.made["small_export"] = small_dataset(context, GOALS_SPLITS if not context.smoke else
+                                                 {"train": 8, "valid": 2, "test": 4}, "goals-export")
+    if "real_width_model" not in context.made:
+        model_dir = os.path.join(context.work_dir, "real-width-model")
+        run_child("--build-model", [context.made["demo_model"], model_dir, json.dumps(real_width_shape(context.smoke))],
+                  context, "build real-width model")
+        context.made["real_width_model"] = model_dir
+    tokens = "8" if context.smoke else str(GOALS_TOKENS)
+    test_rows = 4 if context.smoke else 24
+    run = training_run(context, "goals-run", real_width_arguments(context, "--max-new-tokens", tokens,
+                                                                  "--eval-batch-size", "8"), test_rows)
+    context.made["lora_dir"] = output_dir = run.pop("output_dir")
+    speed = re.search(r"the steps alone: ([\d.]+) samples/s", " ".join(run.get("printed", [])))
+    if speed:
+        context.made["train_samples_per_s"] = float(speed.group(1))
+    records = decoding_records(output_dir)
+    figures = {**run, "decodings": [{"split": r["split"], "pass": r["pass"], "images": r["images"], **record_figures(r)}
+                                    for r in records]}
+    test = [r for r in records if r["split"] == "test"]
+    if test:  # the test step: its passes share one split's wall time; the run's compilation, wherever it fell
+        figures.update(test_step_s=test[0]["split_wall_s"], test_paths=sorted({r["path"] for r in test}),
+                       run_compile_s=round(sum(r["compile_s"] for r in records), 1),
+                       test_compile_s=round(sum(r["compile_s"] for r in test), 1))
+    return figures
+
+
+def bf16_agreement(context: Context) -> dict:
+    """The demo's trained model decodes its test pages on both paths in bf16, free and constrained (a child
+    process: `--bf16-agreement`). The demo run comes from `.whl/demo-run` (made here by `gpu_check.py
+    --prepare-demo`, carried with the wheels), else the demo part's, else (--smoke) a short demo trained now."""
+    demo_dir = next((path for path in (CARRIED_DEMO, context.made.get("demo_dir")) if path and
+                     os.path.isdir(os.path.join(path, "final"))), None)
+    if demo_dir is None:
+        if not context.smoke:
+            raise Skipped(f"no trained demo: run `python benchmarks/gpu_check.py --prepare-demo` here first "
+                          f"({CARRIED_DEMO} travels with the wheels)")
+        demo_dir = training_run(context, "demo", ["--demo", "--max-steps", "20", "--report-to", "none",
+                                                  "--max-new-tokens", "16"], test_rows=24)["output_dir"]
+    return run_child("--bf16-agreement", [demo_dir, "8" if context.smoke else "0"], context, "bf16 agreement")
+
+
+CARRIED_DEMO = os.path.join(ROOT, ".whl", "demo-run")
+
+
+def compare_paths_in_bf16(demo_dir: str, max_new_tokens: int = 0, compiled: bool = True) -> dict:
+    """Today's path against the compiled step, both in bf16, on the demo run's test pages, free and
+    constrained: identical rows, the first differing token of each row that differs, and whether every
+    constrained row fits the saved schema. On a GPU the compiled step uses CUDA graphs; on the CPU,
+    inductor's CPU code (what the tests can check). `max_new_tokens` 0: the run's own budget. `compiled`
+    False: the static cache alone, uncompiled (what of a difference the cache's longer, masked sums make)."""
+    import torch
+    from jsonschema import Draft202012Validator
+
+    import finetune_paligemma2 as flow
+    from paligemma_json.decoding import FastDecoding
+    from paligemma_json.json_text import parse_json
+    from paligemma_json.metrics import compute_metrics
+    final_dir = os.path.join(demo_dir, "final")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, processor = flow.load_trained_model(final_dir, torch.bfloat16).eval(), flow.load_processor(final_dir)
+    settings = json.load(open(os.path.join(demo_dir, "run_settings.json")))
+    budget = max_new_tokens or settings["prediction"]["MAX_NEW_TOKENS"]
+    test_dir = os.path.join(demo_dir, "demo-dataset", "test")  # the test split alone travels
+    test = flow.JSONLDataset(os.path.join(test_dir, "annotations.jsonl"), test_dir, "extract data in JSON format")
+    schema = flow.read_saved_schema(final_dir)
+    validator = Draft202012Validator(schema)
+    result = {"device": device, "pages": len(test), "max_new_tokens": budget}
+    for constrained in (False, True):
+        name = "constrained" if constrained else "free"
+        constraint = flow.build_constraint(schema, processor, constrained)
+        rows = {}
+        for path in ("today", "compiled"):
+            fast = FastDecoding(True, compiled=compiled, devices=(device,)) if path == "compiled" else None
+            generation = flow.GenerationSettings(torch.bfloat16, budget, 1, 8, fast)
+            started = time.perf_counter()
+            predicted = list(flow.predict_rows(model, processor, test, generation, constraint=constraint,
+                                               with_confidence=False))
+            rows[path] = [row["prediction"] for row in predicted]
+            result[f"{name}_{path}_field_f1"] = round(compute_metrics(predicted)["field_f1"], 4)  # as right, or not?
+            result[f"{name}_{path}_s"] = round(time.perf_counter() - started, 1)
+            if fast is not None:
+                result[f"{name}_compiled_path"] = f"fell back: {fast.failed}" if fast.failed else \
+                    "compiled step" if compiled else "static cache, uncompiled"
+        first_differing = []
+        for new, old in zip(rows["compiled"], rows["today"]):
+            if new != old:
+                a, b = (processor.tokenizer(text, add_special_tokens=False)["input_ids"] for text in (new, old))
+                first_differing.append(next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b))))
+        result[f"{name}_identical"] = len(test) - len(first_differing)
+        result[f"{name}_first_differing_tokens"] = first_differing
+        if constrained:
+            result["constrained_fit_schema"] = {path: sum(parse_json(text) is not None and
+                                                          validator.is_valid(parse_json(text)) for text in texts)
+                                                for path, texts in rows.items()}
+    return result
+
+
 @dataclass(frozen=True)
 class Part:
     name: str
@@ -510,6 +641,13 @@ PARTS = [
     Part("resume", resume, 150, True),
     Part("decoding", decoding, 240, False),  # the decoding issue's; `--parts decoding,generation` alone
 ]
+# --goals: (part, cap, the time expected on an H100/H200, from the loans so far and the parts' sizes).
+# The caps sum to 530 s, inside 9 minutes: room in a 15-minute loan for the machine's start and one rerun.
+GOALS = [
+    (Part("goals-run", goals_run, 170, False), 120),  # model built ~30 s, loaded ~20, 4 steps, a compile ~60, decoding ~25
+    (Part("decoding", decoding, 120, False), 80),  # two --predict runs of 24 pages: load ~20 s each, one compile
+]
+GOALS_AFTER = [(Part("bf16-agreement", bf16_agreement, 90, False), 50)]  # after generation: the tiny model, 2 compiles
 
 
 # --- Child jobs ------------------------------------------------------------------------------------
@@ -589,6 +727,8 @@ def main(argv=None) -> None:
         result = build_real_width_model(demo_model, target, json.loads(shape))
     elif job == "--compare-merge":
         result = compare_merge(*arguments)
+    elif job == "--bf16-agreement":
+        result = compare_paths_in_bf16(arguments[0], int(arguments[1]))
     else:
         sys.exit(f"{job}: not a job of this file (gpu_check.py runs it: --build-model, --compare-merge)")
     print(json.dumps(result))

@@ -23,10 +23,22 @@ The fast path is used with FAST_DECODING, on a CUDA device, greedy (one beam), w
 today's, said once. If the fast path fails (no compiler, CUDA graphs that fail on a card), the batch
 is decoded again the old way, and so is the rest of the run, said once. Shapes are kept steady so that
 the step is compiled once: a last, smaller batch is filled up with copies of its last image, whose
-outputs are dropped.
+outputs are dropped, and the static cache of a split is sized from its longest prompt plus the token
+budget, so prompts of several lengths share one cache and one compiled step.
+
+Every decoding of a split (validation during training, the threshold's pass, the test set's constrained and
+free passes, `--predict`) is recorded (`decoding_split`): a line `decoded N images in S s (<path>: <cost>)`,
+and the same facts as a JSON line appended to OUTPUT_DIR/decoding.jsonl, so a speed figure always says which
+path produced it (docs/speed.md has the fields). The static cache is released when the split is decoded:
+during training it would otherwise sit beside every training step, which the fit check does not count
+(docs/gpu-memory.md).
 """
 
 import contextlib
+import datetime
+import json
+import os
+import time
 
 import torch
 
@@ -36,6 +48,8 @@ CACHE_ROOM = 1.5  # the static cache, with room for the compiled graphs' own buf
 # spare. Past them the step raises instead of running on uncompiled, and the run falls back to today's
 # path, said once: on an H200 a step compiled again at every token was far slower than today's.
 RECOMPILES_PER_BATCH = 2
+DECODING_RECORD = "decoding.jsonl"  # in OUTPUT_DIR: a line per decoding of a split and pass
+COMPILE_TIME = "_compile.compile_inner"  # torch's own timer of each frame's compilation (torch._dynamo.utils)
 
 
 def stop_on_recompiles(fast: bool):
@@ -87,6 +101,10 @@ class FastDecoding:
         self.failed = None  # the fast path's error, once it failed: the run stays on today's path
         self.said = set()
         self.cache = None  # (batch size, tokens, dtype, device), and the static cache kept for them
+        self.reason = ""  # why the last batch was decoded today's way
+        self.passes = {}  # the current split's tallies, by pass ("constrained", "free")
+        self.prompts = None  # (processor, prefixes) of the split being decoded: its cache is sized by the longest
+        self.longest = None
 
     def say_once(self, line: str) -> None:
         if line not in self.said:
@@ -112,19 +130,33 @@ class FastDecoding:
         if window and tokens > window:
             return (f"{tokens} tokens (prompt and answer) outgrow Gemma 2's sliding window of {window}, and such a "
                     "cache would be compiled again at every step")
-        if model.device.type == "cuda":
+        held = self.cache is not None and self.cache[0] == (batch_size, tokens, model.dtype, model.device)
+        if model.device.type == "cuda" and not held:
             needed = CACHE_ROOM * static_cache_bytes(model.config, batch_size, tokens, dtype)
             free, _ = torch.cuda.mem_get_info(model.device)
+            # What torch has reserved but not used is free to it too (a released cache, training's activations):
+            # mem_get_info sees only what the caching allocator has not taken from the card.
+            free += torch.cuda.memory_reserved(model.device) - torch.cuda.memory_allocated(model.device)
             if free < needed:
                 return (f"its static cache needs about {needed / GIB:.1f} GiB and {free / GIB:.1f} GiB are free "
                         "(a smaller EVAL_BATCH_SIZE or MAX_NEW_TOKENS makes room)")
         return None
 
-    def use_fast(self, *args, **kwargs) -> bool:
-        reason = self.reason_against(*args, **kwargs)
+    def use_fast(self, model, *args, **kwargs) -> bool:
+        reason = self.reason_against(model, *args, **kwargs)
         if reason:
             self.say_once(f"decoding: today's dynamic cache, not the compiled step: {reason}")
+        self.reason = reason or ("FAST_DECODING is off" if not self.enabled else
+                                 f"the fast path failed earlier in this run ({self.failed})" if self.failed else
+                                 f"the fast path is for {'/'.join(self.devices)}, not {model.device.type}")
         return reason is None
+
+    def cache_tokens(self, model, prompt_length: int, max_new_tokens: int) -> int:
+        """The static cache's length: the split's longest prompt (or this batch's, outside a split) plus the
+        budget, so that every batch of the split shares one cache and one compiled step."""
+        if self.prompts is not None and self.longest is None and self.enabled and model.device.type in self.devices:
+            self.longest = longest_prompt(*self.prompts)
+        return max(prompt_length, self.longest or 0) + max_new_tokens
 
     def generate_kwargs(self, model, batch_size: int, tokens: int) -> dict:
         """What `generate` needs for the fast path: `batch_size` sequences of `tokens` (prompt and answer)."""
@@ -159,3 +191,161 @@ class FastDecoding:
         self.failed = f"{type(error).__name__}: {' '.join(str(error).split())[:160]}"
         self.say_once(f"decoding: the static cache and compiled step failed ({self.failed}); decoding this batch "
                       "again, and the rest of the run, with today's dynamic cache")
+
+    # --- What each decoding cost, and which path it took -------------------------------------------
+
+    def decode_batch(self, decode, fast: bool, images: int, prompt_length: int, pass_name: str, eos: int):
+        """`decode(fast)` -> (recorder, output), on today's path again where the fast one fails; timed and
+        counted into the split's tally of `pass_name`."""
+        before, started, fell_back = compile_counts(), time.perf_counter(), None
+        try:
+            recorder, output = decode(fast)
+        except Exception as error:  # no compiler, CUDA graphs failing on this card: today's path, said once
+            if not fast:
+                raise
+            self.fall_back(error)
+            fell_back = self.failed
+            recorder, output = decode(False)
+        sequences = output.sequences
+        if sequences.device.type == "cuda":  # the host may be ahead of the card
+            torch.cuda.synchronize(sequences.device)
+        seconds, after = time.perf_counter() - started, compile_counts()
+        answers = sequences[:images, prompt_length:]
+        ended = answers == eos
+        tokens = torch.where(ended.any(dim=1), ended.int().argmax(dim=1) + 1, answers.shape[1]).sum().item()
+        tally = self.passes.setdefault(pass_name, {
+            "images": 0, "tokens": 0, "steps": 0, "seconds": 0.0, "batches": 0, "fast_batches": 0, "fell_back": None,
+            "reason": "", "steady_s": 0.0, "steady_steps": 0, "device": sequences.device.type,
+            **{key: 0 for key in before}})
+        new = {key: after[key] - before[key] for key in before}
+        steps = sequences.shape[1] - prompt_length
+        tally.update(images=tally["images"] + images, tokens=tally["tokens"] + tokens, steps=tally["steps"] + steps,
+                     seconds=tally["seconds"] + seconds, batches=tally["batches"] + 1,
+                     fast_batches=tally["fast_batches"] + (fast and fell_back is None),
+                     fell_back=tally["fell_back"] or fell_back, reason=tally["reason"] or (self.reason if not fast else ""),
+                     **{key: tally[key] + new[key] for key in new})
+        if not new["graphs"] and fell_back is None:  # a batch that compiled nothing: the steady cost per step
+            tally.update(steady_s=tally["steady_s"] + seconds, steady_steps=tally["steady_steps"] + steps)
+        return recorder, output
+
+    def records(self, split: str, rank: int, processes: int, about: dict) -> list[dict]:
+        """The split's tallies as decoding.jsonl's lines, a line per pass."""
+        records = []
+        for pass_name, t in self.passes.items():
+            if t["fell_back"]:
+                path, reason = "dynamic cache, fallen back", t["fell_back"]
+            elif t["fast_batches"] == 0:
+                path, reason = "dynamic cache", t["reason"]
+            else:
+                path = "compiled step" if self.compiled else "static cache, uncompiled"
+                reason = None if t["fast_batches"] == t["batches"] else \
+                    f"{t['batches'] - t['fast_batches']} of {t['batches']} batches on the dynamic cache: {t['reason']}"
+            steady = t["steady_s"] / t["steady_steps"] if t["steady_steps"] else \
+                (t["seconds"] - t["compile_s"]) / max(t["steps"], 1)
+            cudagraphs = t["device"] == "cuda" and t["fast_batches"] and self.compiled  # torch says its skips there
+            records.append({
+                "split": split, "pass": pass_name, "images": t["images"], "tokens": t["tokens"], "steps": t["steps"],
+                "batches": t["batches"], "seconds": round(t["seconds"], 3), "path": path, "reason": reason,
+                "compile_s": round(t["compile_s"], 3), "ms_per_step": round(1000 * steady, 3),
+                "ms_per_step_from": "batches that compiled nothing" if t["steady_steps"] else "wall less compile_s",
+                "graphs_compiled": t["graphs"], "recompilations": max(0, t["graphs"] - 1),
+                "cudagraph_skips": t["cudagraph_skips"] if cudagraphs else None, "inductor_cache_hits": t["cache_hits"],
+                "cache_tokens": self.cache[0][1] if self.cache else None, "device": t["device"], "rank": rank,
+                "processes": processes, "at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                **about})
+        return records
+
+    def release(self) -> None:
+        """The split is decoded: its static cache goes (the CUDA memory stays reserved by torch, for training or
+        the next split's cache), and the next split is sized afresh."""
+        self.cache, self.prompts, self.longest, self.passes = None, None, None, {}
+
+
+def compile_counts() -> dict:
+    """torch's running counts: graphs compiled, seconds compiling, CUDA-graph skips, inductor cache hits."""
+    from torch._dynamo.utils import compilation_time_metrics, counters
+    return {"graphs": counters["stats"]["unique_graphs"], "compile_s": sum(compilation_time_metrics.get(COMPILE_TIME, [])),
+            "cudagraph_skips": counters["inductor"]["cudagraph_skips"],
+            "cache_hits": counters["inductor"]["fxgraph_cache_hit"]}
+
+
+def longest_prompt(processor, prefixes: list[str]) -> int:
+    """The longest prompt, in tokens, that `collate_fn` makes of these prefixes ("<image>" + prefix, with the
+    image's tokens): asked of the processor itself, with a blank image, once per distinct prefix."""
+    from PIL import Image
+    unique, longest = sorted(set(prefixes)), 0
+    for first in range(0, len(unique), 64):
+        chunk = unique[first:first + 64]
+        inputs = processor(text=["<image>" + prefix for prefix in chunk], images=[Image.new("RGB", (8, 8))] * len(chunk),
+                           return_tensors="pt", padding="longest")
+        longest = max(longest, inputs["input_ids"].shape[-1])
+    return longest
+
+
+def decode_batch(fast_decoding: FastDecoding | None, decode, fast: bool, images: int, prompt_length: int,
+                 pass_name: str, eos: int):
+    """The script's `generate_batch` decodes through this: timed and counted where a run records its decoding."""
+    if fast_decoding is None:
+        return decode(False)
+    return fast_decoding.decode_batch(decode, fast, images, prompt_length, pass_name, eos)
+
+
+def cache_tokens(fast_decoding: FastDecoding | None, model, prompt_length: int, max_new_tokens: int) -> int:
+    if fast_decoding is None:
+        return prompt_length + max_new_tokens
+    return fast_decoding.cache_tokens(model, prompt_length, max_new_tokens)
+
+
+def describe(record: dict) -> str:
+    """The line a user reads: `decoded N images in S s (<path>: <cost>): <split>, <pass>`."""
+    if record["path"].startswith("dynamic cache"):
+        cost = f"{record['reason']}; {record['ms_per_step']:.1f} ms/step"
+    else:
+        graphs = record["graphs_compiled"]
+        compiled = ("nothing compiled" if not graphs else f"compiled once in {record['compile_s']:.1f} s" if graphs == 1
+                    else f"compiled {graphs} graphs in {record['compile_s']:.1f} s, {record['recompilations']} of them again")
+        skips = f", {record['cudagraph_skips']} CUDA-graph skips" if record["cudagraph_skips"] else ""
+        cost = f"{compiled}{skips}; {record['ms_per_step']:.1f} ms/step after"
+    share = f", process {record['rank']} of {record['processes']}" if record["processes"] > 1 else ""
+    return (f"decoded {record['images']} images in {record['seconds']:.1f} s ({record['path']}: {cost}): "
+            f"{record['split']}, {record['pass']}{share}")
+
+
+@contextlib.contextmanager
+def decoding_split(fast_decoding: FastDecoding | None, split: str, dataset, processor, output_dir: str, rank: int = 0,
+                   processes: int = 1, **about):
+    """One decoding of `split` (`dataset`), every pass of it: the static cache sized by its longest prompt, then
+    released; a line printed (by the first process) and a JSON line appended to `output_dir`/decoding.jsonl
+    (by every process, its own share, with its rank) per pass. `about`: more facts for the record (the
+    training step). None: nothing recorded (a test's `GenerationSettings` without a decoding path)."""
+    if fast_decoding is None:
+        yield
+        return
+    fast_decoding.release()
+    fast_decoding.prompts = (processor, [entry["prefix"] for entry in dataset.entries])
+    started = time.perf_counter()
+    try:
+        yield
+        # split_wall_s: what a user waits for the split, every pass, images read and rows written included
+        records = fast_decoding.records(split, rank, processes, {"split_wall_s": round(time.perf_counter() - started, 3),
+                                                                  **about})
+    finally:
+        fast_decoding.release()
+    append_records(records, output_dir, rank == 0)
+
+
+def append_records(records: list[dict], output_dir: str, say: bool = True) -> None:
+    with open(os.path.join(output_dir, DECODING_RECORD), "a", encoding="utf-8") as out:
+        for record in records:
+            out.write(json.dumps(record) + "\n")  # short lines, appended: processes writing together do not tear them
+            if say:
+                print(describe(record))
+
+
+def read_records(output_dir: str) -> list[dict]:
+    """decoding.jsonl's lines, oldest first; none where there is no file."""
+    path = os.path.join(output_dir, DECODING_RECORD)
+    if not os.path.isfile(path):
+        return []
+    with open(path, encoding="utf-8") as lines:
+        return [json.loads(line) for line in lines if line.strip()]

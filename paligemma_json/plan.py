@@ -46,6 +46,7 @@ RUN_OUTPUTS = {
     "review.html": "derived",  # --predict's page (or index of pages) for checking and correcting it
     REVIEW_PAGES: "derived",  # review.html's pages, for more than one page of documents
     "merged": "derived",  # --merge
+    "decoding.jsonl": "derived",  # each decoding's path and cost; a later --predict appends its own lines
 }
 
 

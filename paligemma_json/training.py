@@ -45,6 +45,7 @@ import time
 import torch
 from transformers import Trainer, TrainerCallback
 
+from paligemma_json.decoding import decoding_split
 from paligemma_json.distributed import predict_across_processes
 from paligemma_json.metrics import compute_metrics
 from paligemma_json.speed import training_report
@@ -149,11 +150,12 @@ class SessionStart(TrainerCallback):
 
 
 class ExtractionTrainer(Trainer):
-    """`predict_rows(model, processor, dataset)`: prediction rows for `dataset`, as the script's."""
+    """`predict_rows(model, processor, dataset)`: prediction rows for `dataset`, as the script's. `decoding`:
+    the run's `FastDecoding`, whose record of each validation's decoding goes to OUTPUT_DIR/decoding.jsonl."""
 
-    def __init__(self, *args, predict_rows, **kwargs):
+    def __init__(self, *args, predict_rows, decoding=None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.predict_rows = predict_rows
+        self.predict_rows, self.decoding = predict_rows, decoding
         self.evaluation_seconds = 0.0  # kept out of the training throughput
         self.session_start = SessionStart()  # after --resume, throughput counts this session's tokens only
         self.add_callback(self.session_start)
@@ -162,8 +164,10 @@ class ExtractionTrainer(Trainer):
         started = time.perf_counter()
         metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
-        rows = predict_across_processes(functools.partial(self.predict_rows, self.model, self.processing_class), dataset,
-                                        self.args.process_index, self.args.world_size)
+        with decoding_split(self.decoding, "valid", dataset, self.processing_class, self.args.output_dir,
+                            self.args.process_index, self.args.world_size, step=self.state.global_step):
+            rows = predict_across_processes(functools.partial(self.predict_rows, self.model, self.processing_class),
+                                            dataset, self.args.process_index, self.args.world_size)
         scores = compute_metrics(rows)
         extraction = {f"{metric_key_prefix}_{name}": scores[name] for name in ("field_f1", "json_valid_rate")}
         self.log(extraction)

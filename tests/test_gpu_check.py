@@ -208,6 +208,92 @@ def test_parts_past_the_budget_are_skipped_saying_so(monkeypatch, tmp_path, caps
     assert "part late: skipped (0 s): out of time" in capsys.readouterr().out
 
 
+# --- 5. The decoding part reads decoding.jsonl: a fallback is never taken for a speed-up -------------
+
+def record(path: str, wall: float, **more) -> dict:
+    return {"split": "predict", "pass": "constrained", "images": 24, "path": path, "split_wall_s": wall, "seconds": wall,
+            "compile_s": more.pop("compile_s", 0.0), "ms_per_step": more.pop("ms_per_step", 40.0), "graphs_compiled": 0,
+            "recompilations": 0, "cudagraph_skips": None, "reason": more.pop("reason", None), **more}
+
+
+@pytest.mark.parametrize("fast_path", ["dynamic cache, fallen back", "compiled step"])
+def test_the_decoding_part_reads_which_path_decoded_from_decoding_jsonl(monkeypatch, tmp_path, fast_path):
+    """Each --predict prints "decoding: constrained to the labels' schema (llguidance)" before it decodes,
+    on every path: the part once took that line for the fast run's note and reported a speed-up for a run that
+    had fallen back. Now each run's figures and path come from the line it appended to decoding.jsonl."""
+    lora_dir, images = tmp_path / "run", tmp_path / "images"
+    lora_dir.mkdir()
+    images.mkdir()
+    for index in range(24):
+        (images / f"{index}.jpg").write_bytes(b"")
+    written = {"fast": record(fast_path, 30.0, compile_s=10.0, ms_per_step=12.0, reason="RuntimeError: no graphs"
+                              if "fallen" in fast_path else None),
+               "today": record("dynamic cache", 60.0, reason="--no-fast-decoding")}
+
+    def run_script(arguments, context, label, timeout=None):
+        with open(lora_dir / "decoding.jsonl", "a") as out:
+            out.write(json.dumps(written[label.split("-")[1]]) + "\n")
+        return {"rc": 0, "seconds": 1.0, "stdout": "decoding: constrained to the labels' schema (llguidance)\n"
+                                                     "decoded 24 images in 5.0 s (...): predict, constrained\n"}
+    monkeypatch.setattr(gpu_check_script, "run_script", run_script)
+    monkeypatch.setattr(gpu_check_script, "test_images", lambda *args: str(images))
+    context = gpu_check_script.Context(smoke=False, work_dir=str(tmp_path), log_path=str(tmp_path / "runs.log"),
+                                       made={"lora_dir": str(lora_dir), "train_samples_per_s": 10.0})
+    figures = gpu_check_script.decoding(context)
+    assert (figures["fast_path"], figures["fast_s"], figures["today_s"]) == (fast_path, 30.0, 60.0)
+    if fast_path == "compiled step":
+        assert (figures["speedup"], figures["steady_speedup"]) == (2.0, round(40 / 12, 2))
+        # the compilation once, the rest per page: 20 x 16 + 16 + 2 x 24 pages at (30 - 10) / 24 s, plus 10 s
+        assert figures["default_run_pages_decoded"] == 384
+        assert figures["default_run_decoding_fast_s"] == round(384 * 20 / 24 + 10)
+    else:
+        assert "speedup" not in figures and figures["fast_reason"] == "RuntimeError: no graphs"
+
+
+# --- 6. --goals: the parts in order of value, capped; the table says which path produced each figure ------
+
+def test_the_goals_parts_are_capped_within_nine_minutes_in_order_of_value():
+    plan = gpu_check.goals_plan()
+    assert [part.name for part, _, _ in plan] == ["goals-run", "decoding", "generation", "bf16-agreement"]
+    assert sum(cap for _, cap, _ in plan) <= 540 and all(expected < cap for _, cap, expected in plan)
+
+
+def goals_data(test_paths, fits=24, none_fast_ms=10.0):
+    generation = [{"variant": "none-fast", "s_per_step": none_fast_ms / 1e3, "path": "compiled step"},
+                  {"variant": "constrained-fast", "s_per_step": 0.0115, "extra_s_per_step": 0.0015,
+                   "extra_share": 0.15, "path": "compiled step"},
+                  {"variant": "lora-fast", "skipped": "failed: RecompileLimitExceeded", "path": "fell back: ..."}]
+    parts = [{"name": "goals-run", "status": "ok", "reason": "", "figures": {
+                 "test_step_s": 12.0, "test_paths": test_paths, "run_compile_s": 30.0, "test_compile_s": 0.0,
+                 "printed": ["training: ...", "MFU: 21.0% of ..."]}},
+             {"name": "decoding", "status": "ok", "reason": "", "figures": {
+                 "fast_path": "compiled step", "default_run_decoding_fast_s": 300, "default_run_training_s": 900}},
+             {"name": "generation", "status": "failed", "reason": "failed: RecompileLimitExceeded", "figures": {}},
+             {"name": "bf16-agreement", "status": "skipped", "reason": "no trained demo", "figures": {}}]
+    return {"parts": parts, "generation": generation}
+
+
+def test_the_goals_table_judges_each_row_by_the_path_that_produced_it():
+    goals = {row["row"]: row for row in gpu_check.judge_goals(goals_data(["compiled step"]), smoke=False)}
+    assert [row["row"] for row in goals.values()] == [row[0] for row in gpu_check.GOAL_ROWS]
+    assert goals["plain greedy"]["status"] == "met" and goals["plain greedy"]["path"] == "compiled step"
+    assert goals["schema constraint"]["status"] == "not met"
+    assert goals["unmerged LoRA r8"]["status"].startswith("not measured (part generation failed")
+    assert goals["the test step"]["status"] == "not met"  # 12 s decoding + 30 s compiling at validation > 20 s
+    assert goals["default run"]["status"] == "met"
+    assert goals["bf16 agreement"]["status"] == "not measured (part bf16-agreement skipped: no trained demo)"
+    assert goals["training MFU"]["status"] == "met (reported)"
+    fallen = {row["row"]: row for row in gpu_check.judge_goals(goals_data(["dynamic cache, fallen back"],
+                                                                          none_fast_ms=30), smoke=False)}
+    assert fallen["the test step"]["status"].startswith("not met (the fast path did not produce it")
+    assert fallen["plain greedy"]["status"] == "not met"
+
+
+def test_on_the_cpu_every_goal_is_not_measured():
+    goals = gpu_check.judge_goals(goals_data(["static cache, uncompiled"]), smoke=True)
+    assert {row["status"] for row in goals} == {"not measured (CPU)"}
+
+
 # --- The whole check on the CPU ----------------------------------------------------------------------
 
 def part_results(output: str) -> dict[str, str]:
@@ -248,3 +334,24 @@ def test_smoke_runs_every_part_on_the_cpu(tmp_path):
     saved = json.loads((out / "gpu_check.json").read_text())
     assert [part["name"] for part in saved["parts"]] == SMOKE_PARTS
     assert len(os.listdir(out)) <= 8  # what the device tool returns
+
+
+@pytest.mark.slow
+def test_goals_smoke_runs_every_part_on_the_cpu_and_prints_the_table(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_check.py"), "--goals", "--smoke",
+                             "--work-dir", str(tmp_path / "work")], capture_output=True, text=True, timeout=3000,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OUT": str(out)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = part_results(result.stdout)
+    assert results == {name: "ok" for name in ("goals-run", "decoding", "generation", "bf16-agreement")}, \
+        result.stdout[-3000:]
+    table = [line for line in result.stdout[result.stdout.index("== goals on"):].splitlines()
+             if line.startswith("| ")][1:]  # the rows, below the header
+    assert len(table) == len(gpu_check.GOAL_ROWS) and all("| not measured (CPU) |" in line for line in table), table
+    saved = json.loads((out / "gpu_check.json").read_text())
+    run = next(part for part in saved["parts"] if part["name"] == "goals-run")["figures"]
+    assert {(d["split"], d["pass"]) for d in run["decodings"]} >= {("valid", "free"), ("test", "constrained"),
+                                                                   ("test", "free")}
+    assert os.listdir(out / "logs")  # each run's whole output, torch's logs in it
