@@ -23,7 +23,9 @@ def test_predict_reads_a_folder_or_one_image_with_the_final_model(demo_run):
     rows = [json.loads(line) for line in open(os.path.join(output_dir, "predict.jsonl"))]
     images = sorted(name for name in os.listdir(folder) if name.endswith(".jpg"))
     assert [row["image"] for row in rows] == images
-    assert set(rows[0]) == {"image", "image_path", "prefix", "prediction", "truncated", "confidence", "parsed"}
+    assert set(rows[0]) == {"image", "image_path", "prefix", "prediction", "truncated", "confidence", "parsed",
+                            "held_out"}
+    assert [row["held_out"] for row in rows] == [f"test's {image}" for image in images]  # the run's own test photos
     assert all(0 <= field["confidence"] <= 1 for row in rows for field in row["confidence"])
     assert sum(len(row["confidence"]) for row in rows) >= 24 * 10  # a confidence for every field
     assert sum(row["parsed"] for row in rows) >= 0.8 * len(rows)

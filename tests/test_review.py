@@ -299,8 +299,9 @@ def test_the_loop_on_the_demo_predict_review_export_and_train_on_it(chromium, de
     folder = str(tmp_path / "new-pages")
     shutil.copytree(os.path.join(demo_run[0], "demo-new-pages"), folder)
     assert len(os.listdir(folder)) == 6  # the demo's own new pages: --predict has something to read
-    test_photo = json.loads(open(os.path.join(demo_assets[0], "test", "annotations.jsonl")).readline())["image"]
-    shutil.copy(os.path.join(demo_run[0], "demo-dataset", "test", test_photo), os.path.join(folder, "scan-7.jpg"))
+    test_split = os.path.join(demo_run[0], "demo-dataset", "test")
+    test_photo = json.loads(open(os.path.join(test_split, "annotations.jsonl")).readline())["image"]
+    shutil.copy(os.path.join(test_split, test_photo), os.path.join(folder, "scan-7.jpg"))
     result = run_script("--output-dir", demo_run[0], "--predict", folder)
     assert result.returncode == 0, result.stderr[-2000:]
     page_path = f"{demo_run[0]}/review.html"
