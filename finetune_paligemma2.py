@@ -113,8 +113,8 @@ if __name__ == "__main__":
     run = plan_run(settings)  # which mode, which process writes, what is resumed; clashing flags stop it here
     print(mask_secrets(settings_line(settings, DEFAULTS)))  # what this run changes; --help lists the defaults
     if run.mode == "train":
-        print(f"effective batch: {run.effective_batch} (BATCH_SIZE {BATCH_SIZE} x GRAD_ACCUM {GRAD_ACCUM} x "
-              f"{run.processes} process{'es' if run.processes > 1 else ''}); LEARNING_RATE goes with it")
+        print(f"effective batch: {run.effective_batch} (BATCH_SIZE {BATCH_SIZE or '0, counted as 2'} x GRAD_ACCUM "
+              f"{GRAD_ACCUM} x {run.processes} process{'es' if run.processes > 1 else ''}); LEARNING_RATE goes with it")
     run.prepare_output_dir()  # refuses to mix with an earlier run, or replaces it whole (--overwrite)
 
 # %% [markdown]

@@ -297,6 +297,6 @@ def test_the_script_resolves_batch_size_0_before_the_fit_check_and_the_model(mon
         run_flow(monkeypatch, "--dataset-dir", small_export, "--model-id", demo_assets[1], "--output-dir",
                  str(tmp_path / "out"), "--max-new-tokens", "150", "--no-dataset-report", "--batch-size", "0")
     printed = capsys.readouterr().out
-    assert "effective batch: 8 (" in printed
+    assert "effective batch: 8 (BATCH_SIZE 0, counted as 2 x GRAD_ACCUM 4 x 1 process)" in printed
     picked = printed.index("batch: 4 x accumulation 2 = 8, the largest that fits")
     assert picked < printed.index("memory: estimated peak") and "for LoRA, bf16, batch 4," in printed
