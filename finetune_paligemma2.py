@@ -315,8 +315,9 @@ def load_trained_model(final_dir: str, dtype: torch.dtype, use_qlora: bool = Fal
         return PaliGemmaForConditionalGeneration.from_pretrained(final_dir, dtype=dtype, use_safetensors=True,
                                                                  device_map=device_map)
     from peft import PeftModel
+    named_by = f"base_model_name_or_path in {final_dir}/adapter_config.json"  # a moved base: not --model-id
     base = hub_load(PaliGemmaForConditionalGeneration.from_pretrained, base_id, dtype=dtype, use_safetensors=True,
-                    device_map=device_map, local_files_only=cache_only_for(base_id),
+                    device_map=device_map, local_files_only=cache_only_for(base_id, named_by), named_by=named_by,
                     quantization_config=quantization_config(dtype) if use_qlora else None)
     # peft loads the adapter onto "cuda" whenever there is one, wherever the base is: say where.
     return PeftModel.from_pretrained(base, final_dir, torch_device=str(torch.device(device_map[""])))
@@ -328,12 +329,12 @@ if __name__ == "__main__" and run.mode == "train":
     cache_only = cache_only_for(MODEL_ID)
     processor = load_processor(MODEL_ID, cache_only)
     data = check_data(splits, processor.tokenizer, settings, run, schema)  # MAX_NEW_TOKENS 0 resolved here
+    if BATCH_SIZE == 0:  # the largest micro-batch that fits this card, at 2 x GRAD_ACCUM images a step
+        settings.update(largest_fitting_batch(MODEL_ID, data.settings, torch_dtype, cache_only))
+        data.settings.update(BATCH_SIZE=settings["BATCH_SIZE"], GRAD_ACCUM=settings["GRAD_ACCUM"])
     if run.training_done:
         model = load_trained_model(os.path.join(OUTPUT_DIR, "final"), torch_dtype, USE_QLORA)
     else:
-        if BATCH_SIZE == 0:  # the largest micro-batch that fits this card, at 2 x GRAD_ACCUM images a step
-            settings.update(largest_fitting_batch(MODEL_ID, data.settings, torch_dtype, cache_only))
-            data.settings.update(BATCH_SIZE=settings["BATCH_SIZE"], GRAD_ACCUM=settings["GRAD_ACCUM"])
         if run.writes:  # before anything big loads; it warns and goes on
             check_fit(MODEL_ID, training_setting(data.settings, torch_dtype), cache_only=cache_only)
         model = load_model(MODEL_ID, USE_LORA, USE_QLORA, FREEZE_VISION, LORA_RANK, LORA_TARGET_MODULES,
@@ -741,7 +742,9 @@ def merge_adapter(output_dir: str) -> str:
         raise FlowError(f"{final_dir} holds full weights, not a LoRA adapter: it already loads on its own")
     # fp32, and saved so: peft adds the adapter's change in the base's dtype, and bf16, in the merge or
     # in the saved file, rounds away every part of it below half a bf16 step of the weight.
-    config = hub_load(PaliGemmaConfig.from_pretrained, base_id, local_files_only=cache_only_for(base_id))
+    named_by = f"base_model_name_or_path in {final_dir}/adapter_config.json"
+    config = hub_load(PaliGemmaConfig.from_pretrained, base_id, local_files_only=cache_only_for(base_id, named_by),
+                      named_by=named_by)
     device_map = place_whole_copy(config, torch.float32, prefer_gpu=False, purpose="merge",  # RAM first: no GPU needed
                                   remedy="run --merge where RAM (or a GPU) has that much free; it needs no GPU")
     merged = load_trained_model(final_dir, torch.float32, device_map=device_map).merge_and_unload()

@@ -14,9 +14,9 @@ def gated_message(model_id: str) -> str:
             "then set HF_TOKEN to an access token of that account")
 
 
-def check_folder_or_hub_id(model_id: str) -> None:
+def check_folder_or_hub_id(model_id: str, named_by: str = "--model-id") -> None:
     """A path that is not there (`./typo/model`) is named as such: huggingface_hub would refuse it as a
-    malformed Hub id, two tracebacks deep."""
+    malformed Hub id, two tracebacks deep. `named_by`: where the id came from, for the user to fix."""
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
     if os.path.isdir(model_id):
@@ -24,13 +24,14 @@ def check_folder_or_hub_id(model_id: str) -> None:
     try:
         validate_repo_id(model_id)
     except HFValidationError:
-        raise FlowError(f"no model folder at {model_id}, and it is not a Hub id (owner/name); check --model-id") from None
+        raise FlowError(f"no model folder at {model_id}, and it is not a Hub id (owner/name); "
+                        f"check {named_by}") from None
 
 
-def hub_load(load, model_id: str, **kwargs):
+def hub_load(load, model_id: str, named_by: str = "--model-id", **kwargs):
     """One line instead of a traceback when the Hub cannot give us the model."""
     from huggingface_hub.errors import GatedRepoError
-    check_folder_or_hub_id(model_id)
+    check_folder_or_hub_id(model_id, named_by)
     try:
         return load(model_id, **kwargs)
     except OSError as error:  # transformers wraps the Hub's errors in OSError
@@ -41,12 +42,12 @@ def hub_load(load, model_id: str, **kwargs):
                         "--model-id at a local folder") from None
 
 
-def cache_only_for(model_id: str) -> bool:
+def cache_only_for(model_id: str, named_by: str = "--model-id") -> bool:
     """Whether to load from the local cache alone. Asked once, quickly: otherwise an unreachable
     Hub costs minutes of retries for every file before the first error."""
     from huggingface_hub import HfApi, constants, try_to_load_from_cache
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
-    check_folder_or_hub_id(model_id)
+    check_folder_or_hub_id(model_id, named_by)
     if os.path.isdir(model_id) or constants.HF_HUB_OFFLINE:
         return False
     try:

@@ -73,7 +73,21 @@ def test_a_mistyped_local_path_is_one_line_online_and_offline(monkeypatch, model
         flow.load_processor(model_id)
     assert str(offline.value) == expected
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(HfApi, "model_info", lambda self, repo_id, timeout=None: validate_repo_id(repo_id))  # as the real one
+    # The real model_info validates the id first.
+    monkeypatch.setattr(HfApi, "model_info", lambda self, repo_id, timeout=None: validate_repo_id(repo_id))
     with pytest.raises(flow.FlowError) as online:
         hub.cache_only_for(model_id)
     assert str(online.value) == expected
+
+
+def test_a_moved_base_model_is_named_where_the_adapter_names_it(tmp_path):
+    """--predict, --merge and a finished run's resume read the base from final/adapter_config.json, not
+    from --model-id: the line says which file to fix."""
+    import json
+    final = tmp_path / "final"
+    final.mkdir()
+    (final / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "./moved/base"}))
+    with pytest.raises(flow.FlowError) as error:
+        flow.load_trained_model(str(final), flow.torch.float32)
+    assert str(error.value) == ("no model folder at ./moved/base, and it is not a Hub id (owner/name); check "
+                                f"base_model_name_or_path in {final}/adapter_config.json")
