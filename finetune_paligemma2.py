@@ -168,8 +168,9 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from paligemma_json.constrained import compile_schema
-from paligemma_json.corrections import add_corrections, corrections_paths  # review pages' exports, trained on
+from paligemma_json.corrections import add_corrections  # review pages' exports, trained on with train
 from paligemma_json.documents import DocumentDataset, read_annotations  # the shape every dataset here has
+from paligemma_json.plan import corrections_paths  # CORRECTIONS as a list of files and folders
 from paligemma_json.schema import check_json_labels, label_schema
 
 SPLITS = ("train", "valid", "test")
@@ -246,7 +247,7 @@ from paligemma_json.devices import (attention_implementation, model_device_map, 
                                     training_dtype)  # bf16 from 8.0, else fp32
 from paligemma_json.distributed import loading_device_map, prepare_fsdp_loading
 from paligemma_json.hub import cache_only_for, hub_load
-from paligemma_json.lora import adapter_base, lora_target_modules  # SigLIP has q/k/v_proj too: frozen, it gets none
+from paligemma_json.lora import adapter_base, adapter_base_source, lora_target_modules  # SigLIP's q/k/v too
 from paligemma_json.memory import check_fit, largest_fitting_batch, training_setting  # on a GPU: will it fit?
 from paligemma_json.training import count_parameters, enable_gradient_checkpointing
 
@@ -315,7 +316,7 @@ def load_trained_model(final_dir: str, dtype: torch.dtype, use_qlora: bool = Fal
         return PaliGemmaForConditionalGeneration.from_pretrained(final_dir, dtype=dtype, use_safetensors=True,
                                                                  device_map=device_map)
     from peft import PeftModel
-    named_by = f"base_model_name_or_path in {final_dir}/adapter_config.json"  # a moved base: not --model-id
+    named_by = adapter_base_source(final_dir)  # a moved base is fixed there, not with --model-id
     base = hub_load(PaliGemmaForConditionalGeneration.from_pretrained, base_id, dtype=dtype, use_safetensors=True,
                     device_map=device_map, local_files_only=cache_only_for(base_id, named_by), named_by=named_by,
                     quantization_config=quantization_config(dtype) if use_qlora else None)
@@ -470,17 +471,17 @@ def predict_rows(model, processor, dataset: JSONLDataset, generation: Generation
 
 
 def predict_to_file(model, processor, dataset: JSONLDataset, path: str, generation: GenerationSettings,
-                    resume: bool = False, shape=None, split: str = "", **decoding) -> list[dict]:
-    """`predict_rows` into `path`, each row (`shape(row)` when given) appended and flushed as it is
-    generated; with `resume`, keeps the rows already there and predicts only the rest. Each pass's path
-    and cost: a line printed, and one in decoding.jsonl beside `path` (`split`: the dataset's folder name)."""
+                    resume: bool = False, split: str = "", **decoding) -> list[dict]:
+    """`predict_rows` into `path`, each row appended and flushed as it is generated; with `resume`, keeps
+    the rows already there and predicts only the rest. Each pass's path and cost: a line printed, and one in
+    decoding.jsonl beside `path` (`split`: the dataset's folder name)."""
     kept = completed_rows(path, dataset.entries) if resume else []
     if kept:
         print(f"predictions: {len(kept)} of {len(dataset)} already in {path}; predicting the rest")
     with decoding_split(generation.fast, split or os.path.basename(dataset.image_directory_path), dataset, processor,
                         os.path.dirname(os.path.abspath(path))):
         rows = predict_rows(model, processor, dataset, generation, start=len(kept), **decoding)
-        written = append_jsonl(path, kept, map(shape, rows) if shape else rows)
+        written = append_jsonl(path, kept, rows)
     return written
 
 
@@ -699,9 +700,9 @@ if __name__ == "__main__" and run.mode == "evaluate":
 
 # %%
 from paligemma_json.confidence import prediction_confidence
+from paligemma_json.dataset_report import held_out_marker  # the run's valid and test photos, by their hashes
 from paligemma_json.documents import DocumentImages
 from paligemma_json.model_card import write_merged_card
-from paligemma_json.dataset_report import held_out_marker
 from paligemma_json.plan import Launch, trained_run  # a finished run's final/, or a one-line reason
 from paligemma_json.predict import Backlog, prediction_settings, trained_budget  # streamed, resumable
 from paligemma_json.review import write_review  # pages of flagged fields, edited, exported
@@ -742,7 +743,7 @@ def merge_adapter(output_dir: str) -> str:
         raise FlowError(f"{final_dir} holds full weights, not a LoRA adapter: it already loads on its own")
     # fp32, and saved so: peft adds the adapter's change in the base's dtype, and bf16, in the merge or
     # in the saved file, rounds away every part of it below half a bf16 step of the weight.
-    named_by = f"base_model_name_or_path in {final_dir}/adapter_config.json"
+    named_by = adapter_base_source(final_dir)
     config = hub_load(PaliGemmaConfig.from_pretrained, base_id, local_files_only=cache_only_for(base_id, named_by),
                       named_by=named_by)
     device_map = place_whole_copy(config, torch.float32, prefer_gpu=False, purpose="merge",  # RAM first: no GPU needed

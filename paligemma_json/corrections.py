@@ -17,13 +17,9 @@ from paligemma_json import FlowError
 from paligemma_json.dataset_report import cross_split_leaks
 from paligemma_json.documents import Entry, check_row
 from paligemma_json.json_text import jsonl_rows
+from paligemma_json.plan import corrections_paths  # a notebook's one path as a string, or a list
 
 PATTERN = "corrections*.jsonl"  # what a review page's export is named: corrections-review-002.jsonl
-
-
-def corrections_paths(setting) -> list[str]:
-    """The setting as a list: one path written as a string (in a notebook) is a list of one."""
-    return [setting] if isinstance(setting, str) else list(setting)
 
 
 def correction_files(setting) -> list[str]:

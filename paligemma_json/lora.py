@@ -24,6 +24,23 @@ def is_lora_target(module_name: str, target_modules: list[str] | str) -> bool:
     return any(module_name == target or module_name.endswith("." + target) for target in target_modules)
 
 
+def adapter_parameters(lora_shapes, rank: int, targets: list[str], freeze_vision: bool) -> dict[str, int]:
+    """LoRA's own parameters per tower, rank x (in + out) for each `(name, in, out)` linear of `lora_shapes`
+    (architecture.py) that `targets` adapts as step 4 hands them to peft: what memory.py stores and
+    speed.py counts FLOPs for."""
+    adapted = lora_target_modules(list(targets), freeze_vision)
+    parameters = {"language_model": 0, "vision_tower": 0}
+    for name, fan_in, fan_out in lora_shapes:
+        if is_lora_target(name, adapted):
+            parameters["vision_tower" if "vision_tower" in name else "language_model"] += rank * (fan_in + fan_out)
+    return parameters
+
+
+def adapter_base_source(final_dir: str) -> str:
+    """Where a LoRA run's base model is named, for a message about a base that is not there (moved)."""
+    return f"base_model_name_or_path in {final_dir}/adapter_config.json"
+
+
 def adapter_base(final_dir: str) -> str | None:
     """The base model a LoRA adapter was trained on, or None for full weights."""
     config = read_saved_json(os.path.join(final_dir, "adapter_config.json"))

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from paligemma_json.architecture import Architecture, architecture
-from paligemma_json.lora import is_lora_target, lora_target_modules
+from paligemma_json.lora import adapter_parameters
 from paligemma_json.plan import read_launch
 
 GIB = 1024 ** 3
@@ -124,9 +124,8 @@ class Estimate:
 # --- Weights, gradients and optimizer state --------------------------------------------------------
 
 def lora_parameters(arch: Architecture, setting: TrainingSetting) -> int:
-    targets = lora_target_modules(setting.lora_targets, setting.freeze_vision)  # as step 4 gives them to peft
-    return sum(setting.lora_rank * (fan_in + fan_out) for name, fan_in, fan_out in arch.lora_shapes
-               if is_lora_target(name, targets))
+    return sum(adapter_parameters(arch.lora_shapes, setting.lora_rank, setting.lora_targets,
+                                  setting.freeze_vision).values())
 
 
 def trained_parameters(arch: Architecture, setting: TrainingSetting) -> int:

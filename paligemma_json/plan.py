@@ -190,6 +190,11 @@ class RunPlan:
             atexit.register(remove_if_left_empty, make_output_dir(self.output_dir))
 
 
+def corrections_paths(setting) -> list[str]:
+    """CORRECTIONS as a list of files and folders: one path written as a string (in a notebook) is a list of one."""
+    return [setting] if isinstance(setting, str) else list(setting)
+
+
 def run_mode(evaluate: str, predict: str, merge: bool) -> str:
     chosen = [mode for mode, given in (("evaluate", evaluate), ("predict", predict), ("merge", merge)) if given]
     if len(chosen) > 1:
@@ -225,8 +230,7 @@ def plan_run(settings: dict) -> RunPlan:
                             else f"training from {checkpoint}" if checkpoint
                             else "no checkpoint yet; training from the start"))
     inputs = [] if demo else [settings["DATASET_DIR"], settings["MODEL_ID"]]
-    corrections = settings["CORRECTIONS"]  # a list of files and folders; one path as a string in a notebook
-    inputs += [settings["SCHEMA"], *([corrections] if isinstance(corrections, str) else corrections)]
+    inputs += [settings["SCHEMA"], *corrections_paths(settings["CORRECTIONS"])]
     return RunPlan(mode, output_dir, launch, resume, settings["OVERWRITE"], demo, training_done, checkpoint,
                    (settings["BATCH_SIZE"] or 2) * settings["GRAD_ACCUM"] * launch.processes,  # 0: step 4 keeps 2's
                    reads=tuple(path for path in inputs if path))

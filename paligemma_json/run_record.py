@@ -8,7 +8,7 @@ import os
 
 from paligemma_json import FlowError
 from paligemma_json.files import read_saved_json, write_json_atomically
-from paligemma_json.plan import RunPlan, holds_results, outputs_with, present
+from paligemma_json.plan import RunPlan, corrections_paths, holds_results, outputs_with, present
 
 RECORD_NAME = "run_settings.json"
 
@@ -50,8 +50,7 @@ def run_settings(settings: dict, schema: dict | None, splits: dict, effective_ba
     rows = [(entry["image"], entry["suffix"]) for split in ("train", "valid") for entry in splits[split].entries]
     values = {name: settings[name] for name in TRAINING + PREDICTION if name in settings}
     # The review exports as given (files or folders), beside TRAIN_DATA, the hash their rows enter.
-    given = settings.get("CORRECTIONS") or []  # a notebook may give one path as a string
-    values["CORRECTIONS"] = [given] if isinstance(given, str) else list(given)
+    values["CORRECTIONS"] = corrections_paths(settings.get("CORRECTIONS") or [])
     values.update(MODEL_ID=model_name(settings["MODEL_ID"], settings["OUTPUT_DIR"]), TRAIN_DATA=short_hash(rows),
                   SCHEMA=short_hash(schema), EFFECTIVE_BATCH=effective_batch)
     ignored = ["LORA_RANK", "LORA_TARGET_MODULES"] if not values["USE_LORA"] else []  # a full fine-tune has no adapter

@@ -26,7 +26,7 @@ import torch
 
 from paligemma_json.architecture import architecture, image_tokens
 from paligemma_json.cards import CARDS, find_card  # each card's dense peak, in the dtype it trains in
-from paligemma_json.lora import is_lora_target, lora_target_modules
+from paligemma_json.lora import adapter_parameters
 
 H100_SXM_BF16_DENSE_FLOPS = CARDS["H100 SXM"].peak_flops  # the default card of `mfu`
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float32: "fp32"}
@@ -37,11 +37,7 @@ def parameter_counts(config, lora_rank: int = 0, lora_targets=(), freeze_vision:
     the LM head is tied to the token embeddings and counted as its own matmul. With `lora_rank`, the
     adapters LORA_TARGET_MODULES gives each part (in SigLIP too unless the vision tower is frozen)."""
     arch = architecture(config)
-    targets = lora_target_modules(list(lora_targets), freeze_vision)  # as step 4 hands them to peft
-    adapters = {"language_model": 0, "vision_tower": 0}
-    for name, fan_in, fan_out in arch.lora_shapes if lora_rank else ():
-        if is_lora_target(name, targets):
-            adapters["vision_tower" if "vision_tower" in name else "language_model"] += lora_rank * (fan_in + fan_out)
+    adapters = adapter_parameters(arch.lora_shapes, lora_rank, lora_targets, freeze_vision)
     return {"language_model": arch.language_model_matmul, "vision_tower": arch.vision_tower_matmul,
             "projector": arch.projector_parameters, "lm_head": arch.hidden * arch.vocab,
             "language_adapters": adapters["language_model"], "vision_adapters": adapters["vision_tower"]}
