@@ -21,6 +21,7 @@ def work(demo_assets):
     return {"dataset_dir": dataset_dir, "model_dir": model_dir, "splits": splits, "schema": flow.label_schema(splits)}
 
 
+@pytest.mark.slow  # trains the benchmark's two sides: not CI's (the fast suite is at its budget)
 def test_both_sides_train_and_count_tokens_as_the_trainer_does(work, tmp_path):
     splits = work["splits"]
     processor, model = bench.tutorial_load(work["model_dir"])
@@ -42,6 +43,7 @@ def test_both_sides_train_and_count_tokens_as_the_trainer_does(work, tmp_path):
     assert bench.final_training_loss(trainer.model, processor, splits["train"], samples=8) > 0
 
 
+@pytest.mark.slow  # trains the benchmark's two sides: not CI's (the fast suite is at its budget)
 def test_both_sides_predict(work):
     test = bench.first_rows(work["splits"]["test"], 2)
     processor, model = bench.tutorial_load(work["model_dir"])
@@ -168,6 +170,7 @@ class SlowLossCurve(bench.LossCurve):
         super().__init__(lambda: time.sleep(1.0) or measure(), steps)
 
 
+@pytest.mark.slow  # trains the benchmark's two sides: not CI's (the fast suite is at its budget)
 def test_the_loss_curve_is_measured_without_changing_or_timing_the_training(work, tmp_path, monkeypatch):
     plain = bench.measure_training("ours", work, 48, str(tmp_path / "plain"))
     monkeypatch.setattr(bench, "LossCurve", SlowLossCurve)

@@ -33,7 +33,9 @@ def kill_after_checkpoint(args, checkpoint_dir, timeout=300):
     return process.returncode
 
 
-@pytest.mark.parametrize("mode", [[], ["--use-lora", "--learning-rate", "1e-2"]], ids=["full", "lora"])
+# The full fine-tune's case behind `slow` (36 s): the fast suite reached its 10-minute budget; LoRA, the default, stays.
+@pytest.mark.parametrize("mode", [pytest.param([], id="full", marks=pytest.mark.slow),
+                                  pytest.param(["--use-lora", "--learning-rate", "1e-2"], id="lora")])
 def test_sigkill_then_resume_gives_the_uninterrupted_losses(demo_assets, small_export, tmp_path, mode):
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
     assert run_script(*short_run_args(small_export, demo_assets[1], straight, *mode)).returncode == 0
